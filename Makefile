@@ -1,0 +1,29 @@
+# Every target bootstraps .venv on first use; `make test` is what CI runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check es3_jax porting tests scripts
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check es3_jax porting tests scripts
+
+demo: $(STAMP)
+	$(BIN)/es3 demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,286 @@
+"""The typed configuration tree: the seed's keys (DATA.*, MODEL.*, TRAIN.*) plus MESH.*, EVAL.*, LOG.*.
+
+A config is built from the defaults below, then a YAML file, then `KEY VALUE` overrides from
+the command line (`DATA.USE_PRECOMPUTED True`). Unknown keys and values of the wrong type are
+errors that name the key. Configs are frozen dataclasses (hashable, so they can be static
+arguments of `jax.jit`); sequences are tuples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value the tree does not accept; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    SAV_ROOT: str = "data/sa-v/extracted_frames"
+    USE_PRECOMPUTED: bool = True
+    EMBEDDING_DIR: str = ""
+    NUM_FRAMES: int = 8
+    FRAME_SKIP: int = 4  # in 24-fps frames: 4 = consecutive annotated SA-V frames
+    MAX_OBJECTS: int = 3
+    NUM_WORKERS: int = 8
+    PIXEL_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)
+    PIXEL_STD: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerConfig:
+    """Geometry and settings of the SAM3 video tracker (the frozen teacher)."""
+
+    IMAGE_SIZE: int = 1008
+    BACKBONE_STRIDE: int = 14
+    TRUNK_DIM: int = 1024
+    D_MODEL: int = 256
+    MEM_DIM: int = 64
+    NUM_MASKMEM: int = 7
+    MAX_COND_FRAMES_IN_ATTN: int = 4
+    MAX_OBJ_PTRS_IN_ENCODER: int = 16
+    MEMORY_ATTENTION_LAYERS: int = 4
+    MEMORY_ATTENTION_FFN_DIM: int = 2048
+    MEMORY_ATTENTION_HEADS: int = 1
+    ROPE_THETA: float = 10000.0
+    DECODER_DEPTH: int = 2
+    DECODER_HEADS: int = 8
+    DECODER_MLP_DIM: int = 2048
+    NUM_MULTIMASK_OUTPUTS: int = 3
+    MASK_IN_CHANS: int = 16
+    DYNAMIC_MULTIMASK_STABILITY_DELTA: float = 0.05
+    DYNAMIC_MULTIMASK_STABILITY_THRESH: float = 0.98
+    USE_MEMORY_SELECTION: bool = True
+    MF_THRESHOLD: float = 0.01
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of the trunk's feature map (72 for 1008 px at stride 14)."""
+        return self.IMAGE_SIZE // self.BACKBONE_STRIDE
+
+
+@dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+    ENABLED: bool = True
+    NUM_LATENTS: int = 256
+    NUM_LATENTS_2D: int = 256
+    DEPTH: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryAttentionConfig:
+    NUM_LAYERS: int = 2
+    POOL_SIZE: int = 2
+    INIT_FROM_TEACHER_LAYERS: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    TEACHER: TrackerConfig = TrackerConfig()
+    PERCEIVER: PerceiverConfig = PerceiverConfig()
+    MEMORY_ATTENTION: MemoryAttentionConfig = MemoryAttentionConfig()
+    COMPUTE_DTYPE: str = "auto"  # auto = bfloat16 on accelerators, float32 on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    FOCAL: float = 20.0
+    DICE: float = 1.0
+    IOU: float = 1.0
+    MSE: float = 1.0
+    OBJ_SCORE: float = 0.0
+    FOCAL_ALPHA: float = 0.25
+    FOCAL_GAMMA: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    MODE: str = "distill"
+    LR: float = 3e-4
+    MAX_STEPS: int = 130000
+    WARMUP_STEPS: int = 15000
+    BATCH_SIZE: int = 4  # per device
+    EFFECTIVE_BATCH_SIZE: int = 256
+    WEIGHT_DECAY: float = 0.1
+    CLIP_GRAD: float = 0.1
+    MEMORY_SOURCE: str = "teacher"
+    EVAL_EVERY: int = 5000
+    SAVE_EVERY: int = 10000
+    KEEP_LATEST: int = 3
+    MAX_BAD_STEPS: int = 10
+    SEED: int = 0
+    LOSS: LossConfig = LossConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    DATA: int = -1  # -1: every device not used by the other axes
+    FSDP: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    DATASET: str = "davis"
+    DATA_ROOT: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    EVERY: int = 50
+    TENSORBOARD: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    DATA: DataConfig = DataConfig()
+    MODEL: ModelConfig = ModelConfig()
+    TRAIN: TrainConfig = TrainConfig()
+    MESH: MeshConfig = MeshConfig()
+    EVAL: EvalConfig = EvalConfig()
+    LOG: LogConfig = LogConfig()
+
+
+C = TypeVar("C")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`, accepting the string forms a command line gives; ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, Sequence, list):
+        (elem, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list of {_type_name(elem)}, got {value!r}")
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config tree")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a bool (True/False), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def merge(node: C, data: Mapping[str, Any], prefix: str = "") -> C:
+    """A copy of the config `node` with the values of the nested mapping `data` applied."""
+    if not isinstance(data, Mapping):
+        section = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{section}: is a section; expected a mapping of its keys, got {data!r}")
+    hints = _hints(type(node))
+    changes = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key {dotted} (known here: {known})")
+        tp = hints[key]
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(tp):
+            changes[key] = merge(current, value if value is not None else {}, f"{dotted}.")
+        else:
+            changes[key] = _coerce(value, tp, dotted)
+    return dataclasses.replace(node, **changes)
+
+
+def override(cfg: C, key: str, value: str) -> C:
+    """Set one dotted key from its command-line string form."""
+    parts = key.split(".")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    return merge(cfg, nested)
+
+
+def apply_overrides(cfg: C, pairs: Sequence[str]) -> C:
+    """Apply `KEY VALUE KEY VALUE ...` as given on a command line."""
+    if len(pairs) % 2:
+        raise ConfigError(f"overrides come in KEY VALUE pairs; {pairs[-1]!r} has no value")
+    for key, value in zip(pairs[0::2], pairs[1::2], strict=True):
+        cfg = override(cfg, key, value)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or `base`), then the YAML file at `path`, then `KEY VALUE` overrides."""
+    cfg = base if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        try:
+            cfg = merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(dump(cfg))
+
+
+def from_dict(data: Mapping[str, Any], cls: type[C] = Config) -> C:  # type: ignore[assignment]
+    return merge(cls(), data)

@@ -1,0 +1,122 @@
+"""Thin layer factories with the numerics the upstream PyTorch code uses.
+
+Everything is channels-last: images are `[B, H, W, C]`, token sequences `[B, N, C]`.
+Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU of `torch.nn.GELU()`; JAX defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(dim: int, *, eps: float, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.LayerNorm:
+    """LayerNorm over the last axis, statistics in float32 with the two-pass variance torch uses.
+
+    `eps` is explicit because upstream mixes 1e-5 (`nn.LayerNorm`) and 1e-6 (`LayerNorm2d`).
+    """
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
+def linear(
+    din: int, dout: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype: Dtype = jnp.float32
+) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def conv(
+    din: int,
+    dout: int,
+    kernel: int,
+    *,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Conv:
+    """A 2-D convolution with torch's symmetric explicit padding (never 'SAME', which pads (0, 1) at stride 2)."""
+    return nnx.Conv(
+        din,
+        dout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class ConvTranspose2x2(nnx.Module):
+    """`nn.ConvTranspose2d(kernel_size=2, stride=2)`: each input pixel writes its own 2×2 output block.
+
+    Written as an einsum so no kernel-flip convention is involved. `kernel` is `[2, 2, Cin, Cout]`
+    (torch's `[Cin, Cout, 2, 2]` permuted (2, 3, 0, 1)).
+    """
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (2, 2, din, dout), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, Cin]` -> `[B, 2H, 2W, Cout]`."""
+        b, h, w, _ = x.shape
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("bhwi,yxio->bhywxo", x.astype(self.dtype), kernel)
+        y = y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+        return y + self.bias[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """A stack of Linear layers with an activation between them (none after the last).
+
+    The shape of SAM's `MLP` heads: `dims = [in, hidden, ..., out]`.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        *,
+        rngs: nnx.Rngs,
+        activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+        dtype: Dtype = jnp.float32,
+    ):
+        self.layers = nnx.List(
+            [linear(a, b, rngs=rngs, dtype=dtype) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.activation(x)
+        return x
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int, *, antialias: bool = False) -> jax.Array:
+    """`F.interpolate(mode='bilinear', align_corners=False)` on `[B, H, W, C]` (half-pixel centres).
+
+    `antialias=True` matches torch's antialiased down-sampling (a triangle filter widened by the
+    scale factor); for up-sampling it is the same as plain bilinear.
+    """
+    b, _, _, c = x.shape
+    return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=antialias)

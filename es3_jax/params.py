@@ -1,0 +1,105 @@
+"""Parameter trees of NNX modules as plain nested dicts, and strict binding of loaded values.
+
+Checkpoints and key tables speak of parameters by dotted path
+(`memory_attention.layers.0.norm1.scale`); NNX modules hold them as `nnx.Param`s. `bind`
+builds a module abstractly and fills every parameter from a nested dict, refusing (in one
+error that lists them all) missing, unexpected and mis-shaped entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+class ParamMismatchError(ValueError):
+    """Loaded parameters do not fit the module: lists every missing, unexpected and mis-shaped path."""
+
+    def __init__(
+        self,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple, tuple]],
+        source: str = "",
+    ):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"parameters do not match the module{f' ({source})' if source else ''}:"]
+        lines += [f"  missing: {p}" for p in missing]
+        lines += [f"  unexpected: {p}" for p in unexpected]
+        lines += [f"  shape mismatch: {p}: got {got}, expected {want}" for p, got, want in mismatched]
+        super().__init__("\n".join(lines))
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """Nested dict -> `{dotted path: leaf}`."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, object]) -> dict:
+    """`{dotted path: leaf}` -> nested dict; purely numeric segments become int keys (list indices)."""
+    tree: dict = {}
+    for path, value in flat.items():
+        parts = [int(p) if p.isdigit() else p for p in path.split(".")]
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def param_dict(module: nnx.Module) -> dict:
+    """The module's `nnx.Param` values as a nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def abstract_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, ...]]:
+    """`{dotted path: shape}` of every `nnx.Param` the factory's module has, without allocating it."""
+    abstract = nnx.eval_shape(factory)
+    return {p: tuple(v.shape) for p, v in flatten(param_dict(abstract)).items()}
+
+
+def check_params(flat: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], source: str = "") -> None:
+    """Raise `ParamMismatchError` unless `flat` has exactly the expected paths and shapes."""
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    mismatched = [
+        (p, tuple(np.shape(flat[p])), expected[p])
+        for p in sorted(set(flat) & set(expected))
+        if tuple(np.shape(flat[p])) != expected[p]
+    ]
+    if missing or unexpected or mismatched:
+        raise ParamMismatchError(missing, unexpected, mismatched, source)
+
+
+def bind(factory: Callable[[], M], params: Mapping, source: str = "") -> M:
+    """Build the factory's module with its parameters taken from `params` (nested dict), strictly.
+
+    Values are cast to each parameter's dtype (float32). Modules hold nothing but
+    parameters: tables such as position encodings are recomputed, never stored.
+    """
+    abstract = nnx.eval_shape(factory)
+    graphdef, param_state, rest = nnx.split(abstract, nnx.Param, ...)
+    expected_tree = nnx.to_pure_dict(param_state)
+    expected = {p: tuple(v.shape) for p, v in flatten(expected_tree).items()}
+    flat = flatten(params)
+    check_params(flat, expected, source)
+    dtypes = {p: v.dtype for p, v in flatten(expected_tree).items()}
+    filled = unflatten({p: jnp.asarray(np.asarray(v), dtype=dtypes[p]) for p, v in flat.items()})
+    nnx.replace_by_pure_dict(param_state, filled)
+    if jax.tree.leaves(rest):
+        raise TypeError(f"{type(abstract).__name__} holds state other than nnx.Param; bind() cannot fill it")
+    return nnx.merge(graphdef, param_state, rest)
