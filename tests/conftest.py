@@ -17,3 +17,17 @@ try:
     flags.FLAGS.mark_as_parsed()
 except ImportError:
     pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List every parity figure the run measured against the upstream implementations."""
+    import sys
+
+    module = sys.modules.get("tests.upstream")
+    figures = getattr(module, "PARITY_FIGURES", [])
+    if not figures:
+        return
+    terminalreporter.section("parity against upstream (relative error = max|ours - ref| / max|ref|)")
+    for name, err, tol in figures:
+        mark = "ok" if err <= tol else "FAIL"
+        terminalreporter.write_line(f"{err:.2e}  (<= {tol:.0e} {mark})  {name}")

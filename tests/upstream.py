@@ -130,9 +130,14 @@ def relative_error(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+# Every figure measured in this session, printed at the end of the run by tests/conftest.py.
+PARITY_FIGURES: list[tuple[str, float, float]] = []
+
+
 def report(name: str, ours, ref, tol: float) -> float:
-    """Print and check one parity figure."""
+    """Record, print and check one parity figure."""
     err = relative_error(ours, ref)
+    PARITY_FIGURES.append((name, err, tol))
     print(f"[parity] {name}: relative error {err:.3e} (tolerance {tol:.0e})")
     assert err <= tol, f"{name}: relative error {err:.3e} exceeds {tol:.0e}"
     return err

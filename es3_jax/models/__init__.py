@@ -1,0 +1,1 @@
+"""Flax NNX modules of the SAM3 tracker and the es3 student, one file per component."""
