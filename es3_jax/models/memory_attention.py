@@ -1,0 +1,206 @@
+"""SAM3's memory attention: conditions the current frame's features on the memory bank.
+
+A stack of pre-norm layers (self-attention, cross-attention to the memories, ReLU FFN) over the
+current frame's tokens, with axial RoPE on the queries (from the query grid) and on the keys
+(angles given by the caller, so any key can carry any position, and angle 0 leaves a key
+unrotated). The same code serves the teacher and the student variants:
+
+* key positions are an input (`key_angles`), so compressed memories bring their own;
+* `key_mask` masks unused slots of a fixed-size memory bank exactly;
+* `kv_transform` rewrites the projected, rotated keys and values before attention (e.g. p×p pooling
+  with a log(p²) logit bias) without a second copy of the layer;
+* the number of layers is a constructor argument and `select_layers` picks teacher layers to
+  initialise a shallower stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from es3_jax.nn.attention import Attention
+from es3_jax.nn.layers import Dtype, layer_norm, linear
+from es3_jax.nn.rope import axial_angles, grid_positions
+
+# Upstream adds the query positional encoding to the input at this weight (`pos_enc_at_input`).
+INPUT_POS_WEIGHT = 0.1
+LAYER_NORM_EPS = 1e-5
+
+
+class ProjectedMemory(NamedTuple):
+    """The cross-attention's keys and values after projection and RoPE, with per-key logit terms.
+
+    k, v: `[B, Nk, H, Dh]`; bias: additive logits `[B, Nk]` (or `[Nk]`) or None; mask: bool
+    `[B, Nk]` (True = attend) or None.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+
+
+KVTransform = Callable[[ProjectedMemory], ProjectedMemory]
+
+
+def memory_key_angles(
+    grid_h: int,
+    grid_w: int,
+    num_frames: int,
+    num_ptr_tokens: int,
+    head_dim: int,
+    theta: float = 10000.0,
+) -> jax.Array:
+    """RoPE angles of the teacher's memory layout -> `[num_frames·grid_h·grid_w + num_ptr_tokens, Dh/2]`.
+
+    Spatial frames are contiguous blocks on the query grid, so key m gets the angles of grid
+    position `m mod (grid_h·grid_w)`; the object-pointer tokens come last with angle 0 (no rotation).
+    """
+    frame = axial_angles(grid_positions(grid_h, grid_w), head_dim, theta)
+    return jnp.concatenate(
+        [jnp.tile(frame, (num_frames, 1)), jnp.zeros((num_ptr_tokens, head_dim // 2), jnp.float32)]
+    )
+
+
+def select_layers(params: Mapping, layers: Sequence[int]) -> dict:
+    """Parameters of a `MemoryAttention` with `len(layers)` layers, copied from the chosen layers of `params`.
+
+    `params` is a nested parameter dict of a deeper stack (list indices as int keys); the final
+    norm is shared.
+    """
+    source = params["layers"]
+    missing = [i for i in layers if i not in source]
+    if missing:
+        raise ValueError(f"layers {missing} not in the source stack (it has {sorted(source)})")
+    return {"layers": {n: source[i] for n, i in enumerate(layers)}, "norm": params["norm"]}
+
+
+def _key_axis(x: jax.Array | None) -> jax.Array | None:
+    """Per-key `[B, Nk]` (or `[Nk]`) -> broadcastable against logits `[B, H, Nq, Nk]`."""
+    return None if x is None else jnp.expand_dims(x, (-2, -3))
+
+
+class MemoryAttentionLayer(nnx.Module):
+    """One pre-norm layer: RoPE self-attention, RoPE cross-attention to the memories, ReLU FFN."""
+
+    def __init__(
+        self,
+        d_model: int,
+        kv_dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+    ):
+        self.self_attn = Attention(d_model, num_heads, rngs=rngs, dtype=dtype)
+        self.cross_attn_image = Attention(d_model, num_heads, kv_in_dim=kv_dim, rngs=rngs, dtype=dtype)
+        self.linear1 = linear(d_model, ffn_dim, rngs=rngs, dtype=dtype)
+        self.linear2 = linear(ffn_dim, d_model, rngs=rngs, dtype=dtype)
+        self.norm1 = layer_norm(d_model, eps=LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(d_model, eps=LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+        self.norm3 = layer_norm(d_model, eps=LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array,
+        memory_pos: jax.Array,
+        *,
+        query_angles: jax.Array,
+        key_angles: jax.Array,
+        key_mask: jax.Array | None = None,
+        kv_transform: KVTransform | None = None,
+    ) -> jax.Array:
+        """x `[B, Nq, C]`, memory and memory_pos `[B, Nk, Ckv]` -> `[B, Nq, C]`.
+
+        query_angles `[Nq, Dh/2]`; key_angles `[Nk, Dh/2]` or `[B, Nk, Dh/2]`; key_mask `[B, Nk]`.
+        """
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, h, q_angles=query_angles, k_angles=query_angles)
+
+        h = self.norm2(x)
+        # Keys see the memory's positional term (added before k_proj); values never do.
+        q, k, v = self.cross_attn_image.project_qkv(
+            h, memory + memory_pos, memory, q_angles=query_angles, k_angles=key_angles
+        )
+        projected = ProjectedMemory(k, v, None, key_mask)
+        if kv_transform is not None:
+            projected = kv_transform(projected)
+        x = x + self.cross_attn_image.attend_projected(
+            q, projected.k, projected.v, bias=_key_axis(projected.bias), mask=_key_axis(projected.mask)
+        )
+
+        h = self.norm3(x)
+        return x + self.linear2(jax.nn.relu(self.linear1(h)))
+
+
+class MemoryAttention(nnx.Module):
+    """SAM3's `transformer.encoder`: `num_layers` `MemoryAttentionLayer`s and a final LayerNorm."""
+
+    def __init__(
+        self,
+        num_layers: int = 4,
+        d_model: int = 256,
+        kv_dim: int = 64,
+        ffn_dim: int = 2048,
+        num_heads: int = 1,
+        rope_theta: float = 10000.0,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+    ):
+        self.head_dim = d_model // num_heads
+        self.rope_theta = rope_theta
+        self.layers = nnx.List(
+            [
+                MemoryAttentionLayer(d_model, kv_dim, ffn_dim, num_heads, rngs=rngs, dtype=dtype)
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm = layer_norm(d_model, eps=LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+
+    def __call__(
+        self,
+        src: jax.Array,
+        src_pos: jax.Array,
+        memory: jax.Array,
+        memory_pos: jax.Array,
+        *,
+        query_grid: tuple[int, int],
+        key_angles: jax.Array,
+        key_mask: jax.Array | None = None,
+        kv_transform: KVTransform | None = None,
+    ) -> jax.Array:
+        """Memory-conditioned features of the current frame.
+
+        src, src_pos: `[B, Nq, C]`, the frame's tokens (row-major on `query_grid = (H, W)`, Nq = H·W)
+        and their sine encoding. memory, memory_pos: `[B, Nk, Ckv]`. key_angles: `[Nk, Dh/2]` or
+        `[B, Nk, Dh/2]` (see `memory_key_angles`). key_mask: `[B, Nk]` bool, False = the slot is
+        ignored exactly; a query row needs at least one valid key. kv_transform: applied to the
+        projected, rotated memory in every layer. Returns `[B, Nq, C]`.
+        """
+        grid_h, grid_w = query_grid
+        if grid_h * grid_w != src.shape[1]:
+            raise ValueError(f"query_grid {query_grid} does not hold the {src.shape[1]} query tokens")
+        if key_angles.shape[-2] != memory.shape[1]:
+            raise ValueError(
+                f"key_angles has {key_angles.shape[-2]} rows for {memory.shape[1]} memory tokens"
+            )
+        query_angles = axial_angles(grid_positions(grid_h, grid_w), self.head_dim, self.rope_theta)
+        x = src + INPUT_POS_WEIGHT * src_pos
+        for layer in self.layers:
+            x = layer(
+                x,
+                memory,
+                memory_pos,
+                query_angles=query_angles,
+                key_angles=key_angles,
+                key_mask=key_mask,
+                kv_transform=kv_transform,
+            )
+        return self.norm(x)
