@@ -29,10 +29,17 @@ def _install_cpu_shims() -> None:
         return
     original = pe.PositionEmbeddingSine.__init__
 
-    def cpu_init(self, num_pos_feats, temperature=10000, normalize=True, scale=None,
-                 precompute_resolution=None):
-        original(self, num_pos_feats, temperature=temperature, normalize=normalize, scale=scale,
-                 precompute_resolution=None)
+    def cpu_init(
+        self, num_pos_feats, temperature=10000, normalize=True, scale=None, precompute_resolution=None
+    ):
+        original(
+            self,
+            num_pos_feats,
+            temperature=temperature,
+            normalize=normalize,
+            scale=scale,
+            precompute_resolution=None,
+        )
 
     cpu_init._es3_cpu = True
     pe.PositionEmbeddingSine.__init__ = cpu_init
@@ -49,28 +56,35 @@ def fresh_seed() -> int:
     return seed
 
 
+def _is_embedding(name: str) -> bool:
+    """Learned tokens and embedding tables (drawn at unit scale), as opposed to weight matrices."""
+    parts = [p for p in name.removesuffix(".weight").split(".") if not p.isdigit()]
+    return any(s in parts[-1] for s in ("token", "embed", "tpos_enc", "no_obj_ptr", "gaussian"))
+
+
 def randomize_(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Overwrite every float parameter and buffer with fresh random values; return the state dict.
 
     Upstream initialisation leaves many tensors at 0 or 1 (biases, layer scales of 1e-6,
-    norms), which would make parity checks blind to those parameters. Matrices get
-    `N(0, 1/fan_in)`, norm scales `1 + N(0, 0.1)`, everything else `N(0, 0.1)`-ish.
+    norms), which would make parity checks blind to those parameters. Weight matrices get
+    `N(0, 1/fan_in)`, learned tokens and embeddings `N(0, 1)`, norm scales `1 + N(0, 0.1)`,
+    layer scales `0.5 + N(0, 0.1)`, biases `N(0, 0.1)`.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():
             if not t.is_floating_point():
                 continue
-            if t.ndim >= 2 and "token" not in name and "embed" not in name and "tpos_enc" not in name:
-                fan_in = math.prod(t.shape[1:]) if t.ndim > 2 else t.shape[1]
-                std = 1.0 / math.sqrt(max(fan_in, 1))
-                t.copy_(torch.randn(t.shape, generator=g) * std)
+            if _is_embedding(name):
+                t.copy_(torch.randn(t.shape, generator=g))
+            elif t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(max(math.prod(t.shape[1:]), 1)))
             elif "norm" in name and name.endswith("weight"):
                 t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=g))
             elif name.endswith("gamma"):
                 t.copy_(0.5 + 0.1 * torch.randn(t.shape, generator=g))
             else:
-                t.copy_(torch.randn(t.shape, generator=g) * (1.0 if t.ndim >= 2 else 0.1))
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
     return module.state_dict()
 
 
