@@ -72,7 +72,9 @@ def abstract_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, .
     return {p: tuple(v.shape) for p, v in flatten(param_dict(abstract)).items()}
 
 
-def check_params(flat: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], source: str = "") -> None:
+def check_params(
+    flat: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], source: str = ""
+) -> None:
     """Raise `ParamMismatchError` unless `flat` has exactly the expected paths and shapes."""
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))

@@ -36,7 +36,9 @@ def _string_keys(tree: Mapping) -> dict:
     return {str(k): _string_keys(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
-def save(output_dir: str | Path, params: Mapping, cfg: config_lib.Config, report: Mapping | None = None) -> Path:
+def save(
+    output_dir: str | Path, params: Mapping, cfg: config_lib.Config, report: Mapping | None = None
+) -> Path:
     """Write a weights folder. The folder appears complete or not at all: it is assembled
     under a temporary name beside `output_dir` and renamed into place."""
     import orbax.checkpoint as ocp

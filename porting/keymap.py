@@ -179,7 +179,10 @@ MASK_DECODER = Component(
         ),
         linear("transformer.layers.{i}.mlp.lin1", "transformer.layers.{i}.mlp.lin1"),
         linear("transformer.layers.{i}.mlp.lin2", "transformer.layers.{i}.mlp.lin2"),
-        *(norm(f"transformer.layers.{{i}}.norm{n}", f"transformer.layers.{{i}}.norm{n}") for n in range(1, 5)),
+        *(
+            norm(f"transformer.layers.{{i}}.norm{n}", f"transformer.layers.{{i}}.norm{n}")
+            for n in range(1, 5)
+        ),
         attention("transformer.final_attn_token_to_image", "transformer.final_attn_token_to_image"),
         norm("transformer.norm_final_attn", "transformer.norm_final_attn"),
         param("iou_token.weight", "iou_token"),
@@ -317,8 +320,10 @@ TRANSFORMERS_RENAMES: tuple[tuple[str, str], ...] = (
     ("object_pointer_proj.proj_out", "tracker.obj_ptr_proj.layers.2"),
     ("temporal_positional_encoding_projection_layer", "tracker.obj_ptr_tpos_proj"),
     # prompt encoder
-    ("shared_image_embedding.positional_embedding",
-     "tracker.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (
+        "shared_image_embedding.positional_embedding",
+        "tracker.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    ),
     ("prompt_encoder.mask_embed.conv1", "tracker.sam_prompt_encoder.mask_downscaling.0"),
     ("prompt_encoder.mask_embed.layer_norm1", "tracker.sam_prompt_encoder.mask_downscaling.1"),
     ("prompt_encoder.mask_embed.conv2", "tracker.sam_prompt_encoder.mask_downscaling.3"),
@@ -327,21 +332,41 @@ TRANSFORMERS_RENAMES: tuple[tuple[str, str], ...] = (
     ("prompt_encoder.no_mask_embed", "tracker.sam_prompt_encoder.no_mask_embed"),
     ("prompt_encoder.not_a_point_embed", "tracker.sam_prompt_encoder.not_a_point_embed"),
     # mask decoder
-    ("mask_decoder.transformer.layers.{i}.self_attn.o_proj",
-     "tracker.sam_mask_decoder.transformer.layers.{i}.self_attn.out_proj"),
-    ("mask_decoder.transformer.layers.{i}.cross_attn_token_to_image.o_proj",
-     "tracker.sam_mask_decoder.transformer.layers.{i}.cross_attn_token_to_image.out_proj"),
-    ("mask_decoder.transformer.layers.{i}.cross_attn_image_to_token.o_proj",
-     "tracker.sam_mask_decoder.transformer.layers.{i}.cross_attn_image_to_token.out_proj"),
-    ("mask_decoder.transformer.layers.{i}.mlp.proj_in", "tracker.sam_mask_decoder.transformer.layers.{i}.mlp.lin1"),
-    ("mask_decoder.transformer.layers.{i}.mlp.proj_out", "tracker.sam_mask_decoder.transformer.layers.{i}.mlp.lin2"),
+    (
+        "mask_decoder.transformer.layers.{i}.self_attn.o_proj",
+        "tracker.sam_mask_decoder.transformer.layers.{i}.self_attn.out_proj",
+    ),
+    (
+        "mask_decoder.transformer.layers.{i}.cross_attn_token_to_image.o_proj",
+        "tracker.sam_mask_decoder.transformer.layers.{i}.cross_attn_token_to_image.out_proj",
+    ),
+    (
+        "mask_decoder.transformer.layers.{i}.cross_attn_image_to_token.o_proj",
+        "tracker.sam_mask_decoder.transformer.layers.{i}.cross_attn_image_to_token.out_proj",
+    ),
+    (
+        "mask_decoder.transformer.layers.{i}.mlp.proj_in",
+        "tracker.sam_mask_decoder.transformer.layers.{i}.mlp.lin1",
+    ),
+    (
+        "mask_decoder.transformer.layers.{i}.mlp.proj_out",
+        "tracker.sam_mask_decoder.transformer.layers.{i}.mlp.lin2",
+    ),
     *(
-        (f"mask_decoder.transformer.layers.{{i}}.layer_norm{n}", f"tracker.sam_mask_decoder.transformer.layers.{{i}}.norm{n}")
+        (
+            f"mask_decoder.transformer.layers.{{i}}.layer_norm{n}",
+            f"tracker.sam_mask_decoder.transformer.layers.{{i}}.norm{n}",
+        )
         for n in range(1, 5)
     ),
-    ("mask_decoder.transformer.final_attn_token_to_image.o_proj",
-     "tracker.sam_mask_decoder.transformer.final_attn_token_to_image.out_proj"),
-    ("mask_decoder.transformer.layer_norm_final_attn", "tracker.sam_mask_decoder.transformer.norm_final_attn"),
+    (
+        "mask_decoder.transformer.final_attn_token_to_image.o_proj",
+        "tracker.sam_mask_decoder.transformer.final_attn_token_to_image.out_proj",
+    ),
+    (
+        "mask_decoder.transformer.layer_norm_final_attn",
+        "tracker.sam_mask_decoder.transformer.norm_final_attn",
+    ),
     ("mask_decoder.upscale_conv1", "tracker.sam_mask_decoder.output_upscaling.0"),
     ("mask_decoder.upscale_layer_norm", "tracker.sam_mask_decoder.output_upscaling.1"),
     ("mask_decoder.upscale_conv2", "tracker.sam_mask_decoder.output_upscaling.3"),
@@ -352,9 +377,14 @@ TRANSFORMERS_RENAMES: tuple[tuple[str, str], ...] = (
     ),
     ("mask_decoder", "tracker.sam_mask_decoder"),
     # memory attention
-    ("memory_attention.layers.{i}.self_attn.o_proj", "tracker.transformer.encoder.layers.{i}.self_attn.out_proj"),
-    ("memory_attention.layers.{i}.cross_attn_image.o_proj",
-     "tracker.transformer.encoder.layers.{i}.cross_attn_image.out_proj"),
+    (
+        "memory_attention.layers.{i}.self_attn.o_proj",
+        "tracker.transformer.encoder.layers.{i}.self_attn.out_proj",
+    ),
+    (
+        "memory_attention.layers.{i}.cross_attn_image.o_proj",
+        "tracker.transformer.encoder.layers.{i}.cross_attn_image.out_proj",
+    ),
     *(
         (f"memory_attention.layers.{{i}}.layer_norm{n}", f"tracker.transformer.encoder.layers.{{i}}.norm{n}")
         for n in range(1, 4)
@@ -363,26 +393,49 @@ TRANSFORMERS_RENAMES: tuple[tuple[str, str], ...] = (
     ("memory_attention", "tracker.transformer.encoder"),
     # memory encoder
     *(
-        (f"memory_encoder.mask_downsampler.layers.{s}.conv", f"tracker.maskmem_backbone.mask_downsampler.encoder.{3 * s}")
+        (
+            f"memory_encoder.mask_downsampler.layers.{s}.conv",
+            f"tracker.maskmem_backbone.mask_downsampler.encoder.{3 * s}",
+        )
         for s in range(4)
     ),
     *(
-        (f"memory_encoder.mask_downsampler.layers.{s}.layer_norm",
-         f"tracker.maskmem_backbone.mask_downsampler.encoder.{3 * s + 1}")
+        (
+            f"memory_encoder.mask_downsampler.layers.{s}.layer_norm",
+            f"tracker.maskmem_backbone.mask_downsampler.encoder.{3 * s + 1}",
+        )
         for s in range(4)
     ),
     ("memory_encoder.mask_downsampler.final_conv", "tracker.maskmem_backbone.mask_downsampler.encoder.12"),
     ("memory_encoder.feature_projection", "tracker.maskmem_backbone.pix_feat_proj"),
     ("memory_encoder.memory_fuser.layers.{i}.scale", "tracker.maskmem_backbone.fuser.layers.{i}.gamma"),
-    ("memory_encoder.memory_fuser.layers.{i}.depthwise_conv", "tracker.maskmem_backbone.fuser.layers.{i}.dwconv"),
+    (
+        "memory_encoder.memory_fuser.layers.{i}.depthwise_conv",
+        "tracker.maskmem_backbone.fuser.layers.{i}.dwconv",
+    ),
     ("memory_encoder.memory_fuser.layers.{i}.layer_norm", "tracker.maskmem_backbone.fuser.layers.{i}.norm"),
-    ("memory_encoder.memory_fuser.layers.{i}.pointwise_conv1", "tracker.maskmem_backbone.fuser.layers.{i}.pwconv1"),
-    ("memory_encoder.memory_fuser.layers.{i}.pointwise_conv2", "tracker.maskmem_backbone.fuser.layers.{i}.pwconv2"),
+    (
+        "memory_encoder.memory_fuser.layers.{i}.pointwise_conv1",
+        "tracker.maskmem_backbone.fuser.layers.{i}.pwconv1",
+    ),
+    (
+        "memory_encoder.memory_fuser.layers.{i}.pointwise_conv2",
+        "tracker.maskmem_backbone.fuser.layers.{i}.pwconv2",
+    ),
     ("memory_encoder.projection", "tracker.maskmem_backbone.out_proj"),
     # tracker neck
-    ("vision_encoder.neck.fpn_layers.0.scale_layers.0", "detector.backbone.vision_backbone.sam2_convs.0.dconv_2x2_0"),
-    ("vision_encoder.neck.fpn_layers.0.scale_layers.2", "detector.backbone.vision_backbone.sam2_convs.0.dconv_2x2_1"),
-    ("vision_encoder.neck.fpn_layers.1.scale_layers.0", "detector.backbone.vision_backbone.sam2_convs.1.dconv_2x2"),
+    (
+        "vision_encoder.neck.fpn_layers.0.scale_layers.0",
+        "detector.backbone.vision_backbone.sam2_convs.0.dconv_2x2_0",
+    ),
+    (
+        "vision_encoder.neck.fpn_layers.0.scale_layers.2",
+        "detector.backbone.vision_backbone.sam2_convs.0.dconv_2x2_1",
+    ),
+    (
+        "vision_encoder.neck.fpn_layers.1.scale_layers.0",
+        "detector.backbone.vision_backbone.sam2_convs.1.dconv_2x2",
+    ),
     ("vision_encoder.neck.fpn_layers.{l}.proj1", "detector.backbone.vision_backbone.sam2_convs.{l}.conv_1x1"),
     ("vision_encoder.neck.fpn_layers.{l}.proj2", "detector.backbone.vision_backbone.sam2_convs.{l}.conv_3x3"),
 )

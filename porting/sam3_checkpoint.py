@@ -216,8 +216,10 @@ def port_state_dict(
         if expected is not None and path in expected:
             want = expected[path]
             if transform.jax_shape(value.shape) != tuple(want):
-                torch_shape = tuple(want) if transform.perm is None else tuple(
-                    want[i] for i in np.argsort(transform.perm)
+                torch_shape = (
+                    tuple(want)
+                    if transform.perm is None
+                    else tuple(want[i] for i in np.argsort(transform.perm))
                 )
                 mismatched.append(f"{key}: shape {tuple(value.shape)}, expected {torch_shape}")
                 continue

@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 # Parity with PyTorch needs true float32 matmuls (XLA may use lower precision on GPUs).
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -58,11 +58,16 @@ def test_overrides_parse_each_type():
     cfg = config_lib.load(
         CONFIGS / "efficient_memory.yaml",
         [
-            "DATA.USE_PRECOMPUTED", "False",
-            "TRAIN.LR", "1e-3",
-            "TRAIN.MAX_STEPS", "20",
-            "DATA.EMBEDDING_DIR", "/x/y",
-            "MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS", "[0, 3]",
+            "DATA.USE_PRECOMPUTED",
+            "False",
+            "TRAIN.LR",
+            "1e-3",
+            "TRAIN.MAX_STEPS",
+            "20",
+            "DATA.EMBEDDING_DIR",
+            "/x/y",
+            "MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS",
+            "[0, 3]",
         ],
     )
     assert cfg.DATA.USE_PRECOMPUTED is False

@@ -15,10 +15,9 @@ pytestmark = pytest.mark.parity
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from porting.sam3_checkpoint import port_state_dict, read_state_dict
-
     from es3_jax.models.neck import TrackerNeck
     from es3_jax.params import bind
+    from porting.sam3_checkpoint import port_state_dict, read_state_dict
 
     seed = upstream.fresh_seed()
     tracker = upstream.build_tracker(seed)
