@@ -5,12 +5,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from es3_jax import tracker_weights
 from es3_jax.cli import main
-from es3_jax.params import flatten
+from es3_jax.models.neck import TrackerNeck
+from es3_jax.params import bind, flatten
 from porting.keymap import TRACKER_TABLE
 from porting.sam3_checkpoint import port_checkpoint, sam3_to_transformers
 from tests import upstream
@@ -20,9 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sam3_model():
+def upstream_parts():
     seed = upstream.fresh_seed()
-    return upstream.sam3_checkpoint_dict(upstream.build_tracker(seed), upstream.build_neck(seed))
+    return upstream.build_tracker(seed), upstream.build_neck(seed)
+
+
+@pytest.fixture(scope="module")
+def sam3_model(upstream_parts):
+    return upstream.sam3_checkpoint_dict(*upstream_parts)
 
 
 def assert_params_equal_source(params, model):
@@ -112,9 +120,10 @@ def test_refuses_existing_output_and_unreadable_input(tmp_path, capsys):
     assert (tmp_path / "w" / "keep.txt").read_text() == "user data"
 
 
-def test_transformers_layout_ports_to_the_same_params(tmp_path, sam3_model):
+def test_transformers_layout_ports_to_the_same_params(tmp_path, sam3_model, upstream_parts):
     """The sam3 weights renamed into transformers' layout load strictly into the real
-    `Sam3TrackerVideoModel`; its saved safetensors port to bit-identical es3 params."""
+    `Sam3TrackerVideoModel`; its saved safetensors port to bit-identical es3 params, and the
+    neck built from them matches upstream sam3."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -138,3 +147,11 @@ def test_transformers_layout_ports_to_the_same_params(tmp_path, sam3_model):
     assert set(flat_hf) == set(flat_pt)
     for path in flat_pt:
         assert np.asarray(flat_hf[path]).tobytes() == np.asarray(flat_pt[path]).tobytes(), path
+
+    neck = bind(lambda: TrackerNeck(rngs=nnx.Rngs(0)), from_hf.params["neck"], "transformers layout")
+    x = torch.randn(1, 1024, 8, 8)
+    ours, _ = neck(jnp.asarray(upstream.nchw_to_nhwc(x)))
+    with torch.no_grad():
+        for level in range(3):
+            ref = upstream.nchw_to_nhwc(upstream_parts[1].sam2_convs[level](x))
+            upstream.report(f"neck level {level} from the transformers layout", ours[level], ref, 1e-5)
