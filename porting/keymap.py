@@ -278,25 +278,22 @@ class KeyTable:
 
     def to_jax(self, torch_key: str) -> tuple[str, Transform] | None:
         """The es3 path and transform for a torch key, or None when no rule matches."""
-        hits = [(c, m) for c in self._compiled if (m := c.torch_re.match(torch_key))]
-        if len(hits) > 1:
-            names = ", ".join(c.torch_template for c, _ in hits)
-            raise ValueError(f"key table is ambiguous: {torch_key!r} matches {names}")
-        if not hits:
-            return None
-        c, m = hits[0]
-        return c.jax_template.format(**m.groupdict()), c.rule.transform
+        return self._lookup(torch_key, to_torch=False)
 
     def to_torch(self, jax_path: str) -> tuple[str, Transform] | None:
         """The torch key and transform for an es3 path, or None when no rule matches."""
-        hits = [(c, m) for c in self._compiled if (m := c.jax_re.match(jax_path))]
+        return self._lookup(jax_path, to_torch=True)
+
+    def _lookup(self, name: str, *, to_torch: bool) -> tuple[str, Transform] | None:
+        hits = [(c, m) for c in self._compiled if (m := (c.jax_re if to_torch else c.torch_re).match(name))]
         if len(hits) > 1:
-            names = ", ".join(c.jax_template for c, _ in hits)
-            raise ValueError(f"key table is ambiguous: {jax_path!r} matches {names}")
+            names = ", ".join(c.jax_template if to_torch else c.torch_template for c, _ in hits)
+            raise ValueError(f"key table is ambiguous: {name!r} matches {names}")
         if not hits:
             return None
         c, m = hits[0]
-        return c.torch_template.format(**m.groupdict()), c.rule.transform
+        target = c.torch_template if to_torch else c.jax_template
+        return target.format(**m.groupdict()), c.rule.transform
 
 
 TRACKER_TABLE = KeyTable(TRACKER_COMPONENTS, TRACKER_NAMESPACES)

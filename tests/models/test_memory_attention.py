@@ -30,16 +30,8 @@ PTR_TOKENS_PER_POINTER = 4  # a 256-d object pointer is split into 4 tokens of t
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """(upstream tracker, its `sam3.pt` params for `memory_attention`), weights drawn fresh."""
-    from porting.sam3_checkpoint import port_state_dict, read_state_dict
-
-    seed = upstream.fresh_seed()
-    tracker = upstream.build_tracker(seed)
-    neck = upstream.build_neck(seed)
-    path = upstream.save_sam3_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "sam3.pt", upstream.sam3_checkpoint_dict(tracker, neck)
-    )
-    ported = port_state_dict(read_state_dict(path))
-    return tracker, ported.params["memory_attention"]
+    _, tracker, _, params = upstream.ported_reference(tmp_path_factory.mktemp("ckpt"))
+    return tracker, params["memory_attention"]
 
 
 def _bind(params, num_layers: int = 4) -> MemoryAttention:

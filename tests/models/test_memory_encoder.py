@@ -26,16 +26,10 @@ GRID = 16
 def setup(tmp_path_factory):
     from es3_jax.models.memory_encoder import MemoryEncoder
     from es3_jax.params import bind
-    from porting.sam3_checkpoint import port_state_dict, read_state_dict
 
-    seed = upstream.fresh_seed()
-    tracker = upstream.build_tracker(seed)
-    path = upstream.save_sam3_checkpoint(
-        tmp_path_factory.mktemp("memenc") / "sam3.pt", upstream.sam3_checkpoint_dict(tracker)
-    )
-    ported = port_state_dict(read_state_dict(path))
-    ours = bind(lambda: MemoryEncoder(256, 64, rngs=nnx.Rngs(0)), ported.params["memory_encoder"])
-    no_obj = jnp.asarray(ported.params["no_obj_embed_spatial"])
+    seed, tracker, _, params = upstream.ported_reference(tmp_path_factory.mktemp("memenc"))
+    ours = bind(lambda: MemoryEncoder(256, 64, rngs=nnx.Rngs(0)), params["memory_encoder"])
+    no_obj = jnp.asarray(params["no_obj_embed_spatial"])
     return seed, tracker, ours, no_obj
 
 

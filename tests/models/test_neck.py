@@ -17,16 +17,9 @@ pytestmark = pytest.mark.parity
 def setup(tmp_path_factory):
     from es3_jax.models.neck import TrackerNeck
     from es3_jax.params import bind
-    from porting.sam3_checkpoint import port_state_dict, read_state_dict
 
-    seed = upstream.fresh_seed()
-    tracker = upstream.build_tracker(seed)
-    neck = upstream.build_neck(seed)
-    path = upstream.save_sam3_checkpoint(
-        tmp_path_factory.mktemp("neck") / "sam3.pt", upstream.sam3_checkpoint_dict(tracker, neck)
-    )
-    ported = port_state_dict(read_state_dict(path))
-    ours = bind(lambda: TrackerNeck(1024, 256, rngs=nnx.Rngs(0)), ported.params["neck"])
+    seed, _, neck, params = upstream.ported_reference(tmp_path_factory.mktemp("neck"))
+    ours = bind(lambda: TrackerNeck(1024, 256, rngs=nnx.Rngs(0)), params["neck"])
     return seed, neck, ours
 
 
