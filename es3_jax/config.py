@@ -200,16 +200,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def merge(node: C, data: Mapping[str, Any], prefix: str = "") -> C:
     """A copy of the config `node` with the values of the nested mapping `data` applied."""
     if not isinstance(data, Mapping):
         section = prefix.rstrip(".") or "config"
         raise ConfigError(f"{section}: is a section; expected a mapping of its keys, got {data!r}")
-    hints = _hints(type(node))
+    hints = typing.get_type_hints(type(node))
     changes = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -280,7 +276,3 @@ def dump(cfg: Any) -> str:
 
 def save(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(dump(cfg))
-
-
-def from_dict(data: Mapping[str, Any], cls: type[C] = Config) -> C:  # type: ignore[assignment]
-    return merge(cls(), data)

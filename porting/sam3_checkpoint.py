@@ -13,7 +13,6 @@ Accepted inputs:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -273,7 +272,3 @@ def format_report(result: PortResult) -> str:
     for group, n in result.unused.items():
         lines.append(f"unused: {n} keys of the {group}")
     return "\n".join(lines)
-
-
-def write_report(result: PortResult, path: Path) -> None:
-    path.write_text(json.dumps(result.summary(), indent=2) + "\n")
