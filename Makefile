@@ -13,14 +13,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check es3_jax porting tests
+	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check es3_jax porting tests
+	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
 
 demo: $(STAMP)
 	$(BIN)/es3 demo

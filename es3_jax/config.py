@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from es3_jax.errors import Es3Error
 
-class ConfigError(ValueError):
+
+class ConfigError(Es3Error):
     """A config key or value the tree does not accept; the message names the dotted key."""
 
 

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from es3_jax.errors import Es3Error
+
 M = TypeVar("M", bound=nnx.Module)
 
 
-class ParamMismatchError(ValueError):
+class ParamMismatchError(Es3Error):
     """Loaded parameters do not fit the module: lists every missing, unexpected and mis-shaped path."""
 
     def __init__(

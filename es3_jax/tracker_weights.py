@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from es3_jax import config as config_lib
+from es3_jax.errors import Es3Error
 from es3_jax.params import flatten, unflatten
 
 PARAMS_DIR = "params"
@@ -28,7 +29,7 @@ CONFIG_FILE = "config.yaml"
 REPORT_FILE = "port.json"
 
 
-class WeightsError(ValueError):
+class WeightsError(Es3Error):
     """A weights folder that is missing, incomplete or unreadable; the message names the path."""
 
 

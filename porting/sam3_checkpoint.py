@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from es3_jax.errors import Es3Error
 from es3_jax.params import unflatten
 from porting.keymap import (
     SAM3_POINT_EMBED,
@@ -43,7 +44,7 @@ _UNUSED_GROUPS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Es3Error):
     """A checkpoint that cannot be read or does not fit es3; the message names the file and keys."""
 
 

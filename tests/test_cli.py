@@ -11,7 +11,7 @@ from es3_jax.cli import main
 def test_top_level_help_lists_commands():
     run = subprocess.run([sys.executable, "-m", "es3_jax.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0
-    for word in ("port", "demo", "sam3.pt", "transformers"):
+    for word in ("port", "demo", "PyTorch", "embedded default"):
         assert word in run.stdout
 
 

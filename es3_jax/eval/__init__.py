@@ -1,0 +1,1 @@
+"""Evaluation: J&F metrics and semi-supervised VOS over a dataset."""

@@ -1,0 +1,1 @@
+"""Training: losses, optimiser, sharding, checkpoints, the trainer."""
