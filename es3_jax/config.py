@@ -33,8 +33,23 @@ class DataConfig:
     FRAME_SKIP: int = 4  # in 24-fps frames: 4 = consecutive annotated SA-V frames
     MAX_OBJECTS: int = 3
     NUM_WORKERS: int = 8
+    # Training clips (es3_jax/data/clips.py, pipeline.py). Annotations: `<video>_manual.json` files in
+    # ANNOTATION_DIR or its direct subfolders ("" = SAV_ROOT); "manual" | "auto" | "both".
+    ANNOTATION_DIR: str = ""
+    ANNOTATION: str = "manual"
+    REVERSE_PROB: float = 0.0
+    # Held-out videos, chosen by a hash of the name: VAL_VIDEOS of them, or VAL_SPLIT of all when 0.
+    VAL_SPLIT: float = 0.05
+    VAL_VIDEOS: int = 0
+    MASK_SIZE: int = 0  # side of the ground-truth masks; 0 = MODEL.TEACHER.IMAGE_SIZE
+    PREFETCH: int = 2  # batches buffered per worker
     PIXEL_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)
     PIXEL_STD: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # The embedding store (`es3 embed`): dtype of the stored trunk features ("bfloat16" or "float32"),
+    # frames per shard file (one frame per chunk inside it) and the blosc-zstd level.
+    EMBEDDING_DTYPE: str = "bfloat16"
+    EMBEDDING_SHARD_FRAMES: int = 16
+    EMBEDDING_CLEVEL: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +85,36 @@ class TrackerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrunkConfig:
+    """The SAM3 ViT trunk (`sam3/model_builder.py:69-96`); its input size is `MODEL.TEACHER.IMAGE_SIZE`."""
+
+    PATCH_SIZE: int = 14
+    WIDTH: int = 1024
+    DEPTH: int = 32
+    NUM_HEADS: int = 16
+    MLP_DIM: int = 4736
+    WINDOW_SIZE: int = 24
+    GLOBAL_BLOCKS: tuple[int, ...] = (7, 15, 23, 31)  # the output is that of the last one
+    PRETRAIN_IMAGE_SIZE: int = 336  # the abs pos-embed table is (336/14)² = 24×24, tiled to the grid
+
+
+@dataclasses.dataclass(frozen=True)
 class PerceiverConfig:
+    """The student's Perceiver Resampler (DESIGN.md D5); off = raw memory frames."""
+
     ENABLED: bool = True
     NUM_LATENTS: int = 256
-    NUM_LATENTS_2D: int = 256
+    NUM_LATENTS_2D: int = 256  # a square: the g×g grid of window latents
     DEPTH: int = 2
+    HEADS: int = 1
+    FF_MULT: int = 4
+    WINDOW_SIZE: int = 4  # memory pixels per 2-D latent window side (the memory is resized to g·WINDOW_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryAttentionConfig:
+    """The student's memory attention (D4, D6): the teacher's layer design, fewer layers, p×p pooling."""
+
     NUM_LAYERS: int = 2
     POOL_SIZE: int = 2
     INIT_FROM_TEACHER_LAYERS: tuple[int, ...] = ()
@@ -87,6 +123,7 @@ class MemoryAttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     TEACHER: TrackerConfig = TrackerConfig()
+    TRUNK: TrunkConfig = TrunkConfig()
     PERCEIVER: PerceiverConfig = PerceiverConfig()
     MEMORY_ATTENTION: MemoryAttentionConfig = MemoryAttentionConfig()
     COMPUTE_DTYPE: str = "auto"  # auto = bfloat16 on accelerators, float32 on CPU
@@ -126,6 +163,12 @@ class TrainConfig:
 class MeshConfig:
     DATA: int = -1  # -1: every device not used by the other axes
     FSDP: int = 1
+    # Parameter partition rules, first match wins: "<regex on the dotted param path>=<spec>", the spec
+    # one mesh axis name or "_" (replicated) per array dimension, e.g. "linear1.kernel=_,fsdp".
+    PARAM_RULES: tuple[str, ...] = ()
+    # Without a matching rule, a parameter at least this large is sharded over fsdp along its largest
+    # divisible dimension; smaller ones are replicated.
+    FSDP_MIN_SIZE_MB: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +299,32 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Co
             cfg = merge(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
-    return apply_overrides(cfg, overrides)
+    return validate(apply_overrides(cfg, overrides))
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values that are each well typed but do not fit together; the message names the keys."""
+    trunk, teacher = cfg.MODEL.TRUNK, cfg.MODEL.TEACHER
+    if trunk.WIDTH != teacher.TRUNK_DIM:
+        raise ConfigError(
+            f"MODEL.TRUNK.WIDTH ({trunk.WIDTH}) must equal MODEL.TEACHER.TRUNK_DIM ({teacher.TRUNK_DIM})"
+        )
+    if trunk.PATCH_SIZE != teacher.BACKBONE_STRIDE:
+        raise ConfigError(
+            f"MODEL.TRUNK.PATCH_SIZE ({trunk.PATCH_SIZE}) must equal MODEL.TEACHER.BACKBONE_STRIDE "
+            f"({teacher.BACKBONE_STRIDE})"
+        )
+    if not trunk.GLOBAL_BLOCKS or not all(0 <= i < trunk.DEPTH for i in trunk.GLOBAL_BLOCKS):
+        raise ConfigError(
+            f"MODEL.TRUNK.GLOBAL_BLOCKS {list(trunk.GLOBAL_BLOCKS)} must be a non-empty list of block "
+            f"indices below MODEL.TRUNK.DEPTH ({trunk.DEPTH})"
+        )
+    if trunk.WIDTH % trunk.NUM_HEADS or (trunk.WIDTH // trunk.NUM_HEADS) % 4:
+        raise ConfigError(
+            f"MODEL.TRUNK.NUM_HEADS ({trunk.NUM_HEADS}) must divide MODEL.TRUNK.WIDTH ({trunk.WIDTH}) "
+            "into heads whose width is a multiple of 4 (2-D RoPE)"
+        )
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

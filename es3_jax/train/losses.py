@@ -1,0 +1,130 @@
+"""Training losses: SAM2's mask losses on the decoded masks and the feature distillation term.
+
+Conventions follow SAM2 training (`MultiStepMultiMasksAndIous`): per object and frame, a sigmoid
+focal loss and a dice loss on the mask logits at the model's input resolution, an L1 loss between
+the predicted IoU and the IoU the mask actually reaches, and a focal/BCE object-score loss. With
+several candidate masks, the mask and dice losses supervise the candidate with the lowest
+weighted sum of the two, and the IoU loss supervises every candidate. Mask losses count only on
+frames where the object is present. Sums over frames and objects are divided by the number of
+objects, so the loss does not depend on how objects are batched. Everything in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from es3_jax.config import LossConfig
+
+
+class MaskLosses(NamedTuple):
+    """Loss terms summed over frames and objects, divided by the number of objects (scalars)."""
+
+    focal: jax.Array
+    dice: jax.Array
+    iou: jax.Array
+    obj_score: jax.Array
+
+
+def sigmoid_focal(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
+    """Per-pixel focal loss; logits and targets of the same shape. alpha < 0 disables the class weight."""
+    logits = logits.astype(jnp.float32)
+    targets = targets.astype(jnp.float32)
+    prob = jax.nn.sigmoid(logits)
+    ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma if gamma else ce
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def focal_per_mask(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
+    """Mean focal loss per mask: logits `[..., H, W]`, targets broadcastable -> `[...]`."""
+    return sigmoid_focal(logits, jnp.broadcast_to(targets, logits.shape), alpha, gamma).mean(axis=(-2, -1))
+
+
+def dice_per_mask(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """1 - (2|P∩T| + 1) / (|P| + |T| + 1) with soft P = sigmoid(logits): `[..., H, W]` -> `[...]`."""
+    prob = jax.nn.sigmoid(logits.astype(jnp.float32))
+    targets = jnp.broadcast_to(targets, logits.shape).astype(jnp.float32)
+    numerator = 2 * (prob * targets).sum(axis=(-2, -1))
+    denominator = prob.sum(axis=(-2, -1)) + targets.sum(axis=(-2, -1))
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def mask_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """IoU of the binarised logits (> 0) with the targets: `[..., H, W]` -> `[...]`; 0 when both are empty."""
+    pred = logits > 0
+    gt = jnp.broadcast_to(targets, logits.shape) > 0
+    inter = (pred & gt).sum(axis=(-2, -1)).astype(jnp.float32)
+    union = (pred | gt).sum(axis=(-2, -1)).astype(jnp.float32)
+    return inter / jnp.maximum(union, 1.0)
+
+
+def mask_losses(
+    logits: jax.Array,
+    iou_pred: jax.Array,
+    obj_score_logits: jax.Array,
+    targets: jax.Array,
+    valid: jax.Array,
+    cfg: LossConfig,
+) -> MaskLosses:
+    """SAM2's mask losses for a batch of frames and objects.
+
+    logits: `[..., M, H, W]` candidate mask logits (M = 1, or the multimask outputs);
+    iou_pred: `[..., M]`; obj_score_logits: `[...]`; targets: `[..., H, W]` bool ground truth;
+    valid: `[...]` bool, False for padded objects and for frames that carry no loss (e.g.
+    conditioning frames). The leading dims `...` are e.g. `[B, T, O]`.
+    """
+    valid = valid.astype(jnp.float32)
+    targets = targets[..., None, :, :]
+    focal = focal_per_mask(logits, targets, cfg.FOCAL_ALPHA, cfg.FOCAL_GAMMA)
+    dice = dice_per_mask(logits, targets)
+    iou_l1 = jnp.abs(iou_pred.astype(jnp.float32) - mask_iou(logits, targets))
+
+    best = jnp.argmin(cfg.FOCAL * focal + cfg.DICE * dice, axis=-1)
+    pick = lambda x: jnp.take_along_axis(x, best[..., None], axis=-1)[..., 0]  # noqa: E731
+    present = (targets.reshape(*targets.shape[:-2], -1).any(axis=-1)[..., 0]).astype(jnp.float32)
+    # Without the object on this frame its mask is not supervised; the object score learns the absence.
+    mask_weight = valid * present
+    num_objects = jnp.maximum(_num_objects(valid), 1.0)
+    obj = sigmoid_focal(obj_score_logits, present, -1.0, 0.0)
+    return MaskLosses(
+        focal=(pick(focal) * mask_weight).sum() / num_objects,
+        dice=(pick(dice) * mask_weight).sum() / num_objects,
+        iou=(iou_l1.mean(axis=-1) * mask_weight).sum() / num_objects,
+        obj_score=(obj * valid).sum() / num_objects,
+    )
+
+
+def _num_objects(valid: jax.Array) -> jax.Array:
+    """Objects that carry a loss on some frame: `valid [..., T, O]` -> a scalar count."""
+    if valid.ndim < 2:
+        return valid.sum()
+    return valid.any(axis=-2).sum().astype(jnp.float32)
+
+
+def feature_mse(student: jax.Array, teacher: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared error between memory-conditioned features over the valid entries.
+
+    student, teacher: `[..., N, C]`; valid: `[...]` bool (frames and objects that count).
+    """
+    sq = ((student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)) ** 2).mean(
+        axis=(-2, -1)
+    )
+    valid = valid.astype(jnp.float32)
+    return (sq * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+
+def total_loss(masks: MaskLosses, mse: jax.Array | None, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    """Weighted sum `FOCAL·focal + DICE·dice + IOU·iou + MSE·mse + OBJ_SCORE·obj_score` and its terms."""
+    terms = {"focal": masks.focal, "dice": masks.dice, "iou": masks.iou, "obj_score": masks.obj_score}
+    total = cfg.FOCAL * masks.focal + cfg.DICE * masks.dice + cfg.IOU * masks.iou + cfg.OBJ_SCORE * masks.obj_score
+    if mse is not None:
+        terms["mse"] = mse
+        total = total + cfg.MSE * mse
+    terms["total"] = total
+    return total, terms
