@@ -37,6 +37,7 @@ class DataConfig:
     # ANNOTATION_DIR or its direct subfolders ("" = SAV_ROOT); "manual" | "auto" | "both".
     ANNOTATION_DIR: str = ""
     ANNOTATION: str = "manual"
+    DAVIS_ROOT: str = ""  # also train on this DAVIS 2017 root's "train" split ("" = off)
     REVERSE_PROB: float = 0.0
     # Held-out videos, chosen by a hash of the name: VAL_VIDEOS of them, or VAL_SPLIT of all when 0.
     VAL_SPLIT: float = 0.05
@@ -122,6 +123,9 @@ class MemoryAttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # The frozen teacher (distill) or the tracker to fine-tune: a sam3.pt, an es3 weights folder
+    # (`es3 port`, or `<output_dir>/weights` of a training run); "" = random weights from TRAIN.SEED.
+    TEACHER_WEIGHTS: str = ""
     TEACHER: TrackerConfig = TrackerConfig()
     TRUNK: TrunkConfig = TrunkConfig()
     PERCEIVER: PerceiverConfig = PerceiverConfig()
@@ -142,7 +146,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    MODE: str = "distill"
+    MODE: str = "distill"  # distill | finetune
+    # Tracker parts TRAIN.MODE finetune trains (others stay frozen); any of neck, memory_encoder,
+    # memory_attention, prompt_encoder, mask_decoder, obj_ptr_proj, obj_ptr_tpos_proj, ...
+    FINETUNE_MODULES: tuple[str, ...] = ("memory_attention", "memory_encoder", "mask_decoder")
     LR: float = 3e-4
     MAX_STEPS: int = 130000
     WARMUP_STEPS: int = 15000

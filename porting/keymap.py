@@ -216,6 +216,46 @@ TRACKER_HEADS = Component(
     ignored=("no_mem_pos_enc",),
 )
 
+# --- STUDENT: the student memory path as the export writes it ---------------------------------
+#
+# The perceiver keeps EdgeTAM's module names under `tracker.spatial_perceiver.` (`to_kv` fused:
+# keys in rows 0..D-1, values in rows D..2D-1; FFNs as `nn.Sequential(LayerNorm, Linear, GELU,
+# Linear)`). The student memory attention replaces the teacher's under MEMORY_ATTENTION's own
+# keys (`tracker.transformer.encoder.`, any number of layers), so upstream sam3 reads it unchanged.
+
+
+def _perceiver_linears(t: str) -> list[Rule]:
+    return [Rule(f"{t}.{p}.weight", f"{t}.{p}.kernel", LINEAR) for p in ("to_q", "to_kv", "to_out")]
+
+
+def _perceiver_ff(t: str) -> list[Rule]:
+    return [
+        *norm(f"{t}.0", f"{t}.norm"),
+        Rule(f"{t}.1.weight", f"{t}.up.kernel", LINEAR),
+        Rule(f"{t}.3.weight", f"{t}.down.kernel", LINEAR),
+    ]
+
+
+SPATIAL_PERCEIVER = Component(
+    "spatial_perceiver",
+    "tracker.spatial_perceiver.",
+    "spatial_perceiver.",
+    _rules(
+        param("latents", "latents"),
+        param("latents_2d", "latents_2d"),
+        norm("layers.{i}.attn.norm_x", "layers.{i}.attn.norm_x"),
+        norm("layers.{i}.attn.norm_latents", "layers.{i}.attn.norm_latents"),
+        _perceiver_linears("layers.{i}.attn"),
+        _perceiver_ff("layers.{i}.ff"),
+        norm("layers.{i}.self_attn.norm", "layers.{i}.self_attn.norm"),
+        _perceiver_linears("layers.{i}.self_attn"),
+        _perceiver_ff("layers.{i}.self_ff"),
+        norm("norm", "norm"),
+    ),
+)
+
+STUDENT_COMPONENTS: tuple[Component, ...] = (SPATIAL_PERCEIVER, MEMORY_ATTENTION)
+
 TRACKER_COMPONENTS: tuple[Component, ...] = (
     NECK,
     MEMORY_ENCODER,
@@ -223,6 +263,53 @@ TRACKER_COMPONENTS: tuple[Component, ...] = (
     PROMPT_ENCODER,
     MASK_DECODER,
     TRACKER_HEADS,
+    SPATIAL_PERCEIVER,  # present in merged student exports only
+)
+
+
+@dataclass(frozen=True)
+class DropLeadingTokens(Transform):
+    """Drop the first `n` entries of axis 1: sam3's ViT `pos_embed` `[1, 1 + P², C]` -> `[1, P², C]`.
+
+    Row 0 belongs to a class token the ViT is built without (`retain_cls_token=False`), so it
+    never reaches the features. Going back, it is written as zeros.
+    """
+
+    name: str = "drop_leading_tokens"
+    n: int = 1
+
+    def to_jax(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x[:, self.n :])
+
+    def to_torch(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.zeros_like(x[:, : self.n]), x], axis=1)
+
+    def jax_shape(self, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(torch_shape) != 3:
+            return tuple(torch_shape)  # reported as a shape mismatch by the caller
+        return (torch_shape[0], torch_shape[1] - self.n, torch_shape[2])
+
+    def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (jax_shape[0], jax_shape[1] + self.n, *jax_shape[2:])
+
+
+TRUNK = Component(
+    "trunk",
+    "detector.backbone.vision_backbone.trunk.",
+    "trunk.",
+    _rules(
+        [Rule("pos_embed", "pos_embed", DropLeadingTokens())],
+        [Rule("patch_embed.proj.weight", "patch_embed.proj.kernel", CONV)],
+        norm("ln_pre", "ln_pre"),
+        norm("blocks.{i}.norm1", "blocks.{i}.norm1"),
+        linear("blocks.{i}.attn.qkv", "blocks.{i}.attn.qkv"),
+        linear("blocks.{i}.attn.proj", "blocks.{i}.attn.proj"),
+        norm("blocks.{i}.norm2", "blocks.{i}.norm2"),
+        linear("blocks.{i}.mlp.fc1", "blocks.{i}.mlp.fc1"),
+        linear("blocks.{i}.mlp.fc2", "blocks.{i}.mlp.fc2"),
+    ),
+    # Complex64 RoPE tables (persistent buffers), recomputed from the geometry.
+    ignored=("blocks.{i}.attn.freqs_cis",),
 )
 
 # Everything under these torch prefixes must be consumed or explicitly ignored.
@@ -297,6 +384,10 @@ class KeyTable:
 
 
 TRACKER_TABLE = KeyTable(TRACKER_COMPONENTS, TRACKER_NAMESPACES)
+# The student's keys alone, in both directions (export: es3 student params -> torch keys).
+STUDENT_TABLE = KeyTable(STUDENT_COMPONENTS, tuple(c.torch_prefix for c in STUDENT_COMPONENTS))
+# Read by `es3 embed` (`porting.sam3_checkpoint.port_trunk`), apart from the tracker's table.
+TRUNK_TABLE = KeyTable((TRUNK,), (TRUNK.torch_prefix,))
 
 
 # --- The Hugging Face transformers layout (`Sam3TrackerVideoModel`) -------------------------------
@@ -474,3 +565,26 @@ class PrefixRenames:
 
 
 TRANSFORMERS_TABLE = PrefixRenames(TRANSFORMERS_RENAMES)
+
+# The trunk in transformers (`Sam3ViTModel`): under `vision_encoder.backbone.` in a saved
+# `Sam3TrackerVideoModel` / `Sam3Model`, under `detector_model.vision_encoder.backbone.` in the hub's
+# `facebook/sam3`. Renames are relative to those prefixes and to the sam3.pt trunk prefix. Two
+# tensors also change shape: q/k/v projections are fused into `qkv` (rows q | k | v), and the position
+# table has no class-token row.
+TRANSFORMERS_TRUNK_PREFIXES: tuple[str, ...] = (
+    "detector_model.vision_encoder.backbone.",
+    "vision_encoder.backbone.",
+)
+TRANSFORMERS_TRUNK_TABLE = PrefixRenames(
+    (
+        ("embeddings.patch_embeddings.projection", "patch_embed.proj"),
+        ("embeddings.position_embeddings", "pos_embed"),
+        ("layer_norm", "ln_pre"),
+        ("layers.{i}.layer_norm1", "blocks.{i}.norm1"),
+        ("layers.{i}.layer_norm2", "blocks.{i}.norm2"),
+        ("layers.{i}.attention.o_proj", "blocks.{i}.attn.proj"),
+        ("layers.{i}.attention", "blocks.{i}.attn"),
+        ("layers.{i}.mlp", "blocks.{i}.mlp"),
+    )
+)
+TRANSFORMERS_TRUNK_QKV = ("q_proj", "k_proj", "v_proj")

@@ -28,6 +28,10 @@ from porting.keymap import (
     TRANSFORMERS_ALIASES,
     TRANSFORMERS_POINT_EMBED,
     TRANSFORMERS_TABLE,
+    TRANSFORMERS_TRUNK_PREFIXES,
+    TRANSFORMERS_TRUNK_QKV,
+    TRANSFORMERS_TRUNK_TABLE,
+    TRUNK_TABLE,
     KeyTable,
 )
 
@@ -273,3 +277,149 @@ def format_report(result: PortResult) -> str:
     for group, n in result.unused.items():
         lines.append(f"unused: {n} keys of the {group}")
     return "\n".join(lines)
+
+
+# --- The ViT trunk (read by `es3 embed`) ------------------------------------------------------
+
+
+def transformers_trunk_to_sam3(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The transformers trunk keys of `sd` (see `TRANSFORMERS_TRUNK_PREFIXES`) in the sam3.pt layout.
+
+    q/k/v projections are fused into `qkv`; the position table gets back the class-token row it
+    lacks, as zeros (the port drops that row again: the ViT never uses it).
+    """
+    prefix = next((p for p in TRANSFORMERS_TRUNK_PREFIXES if any(k.startswith(p) for k in sd)), None)
+    if prefix is None:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    split: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name = key.removeprefix(prefix)
+        renamed = TRANSFORMERS_TRUNK_TABLE.forward(name) or name
+        module, _, leaf = renamed.rpartition(".")
+        head, _, proj = module.rpartition(".")
+        if proj in TRANSFORMERS_TRUNK_QKV and head.endswith(".attn"):
+            split.setdefault(f"{head}.qkv.{leaf}", {})[proj] = np.asarray(value)
+            continue
+        if renamed == "pos_embed":
+            value = np.asarray(value)
+            value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
+        out[TRUNK_PREFIX + renamed] = np.asarray(value)
+    for fused, parts in split.items():
+        if set(parts) == set(TRANSFORMERS_TRUNK_QKV):
+            out[TRUNK_PREFIX + fused] = np.concatenate([parts[p] for p in TRANSFORMERS_TRUNK_QKV], axis=0)
+        else:  # an incomplete triple stays visible, under its own names, as unexpected keys
+            for p, v in parts.items():
+                out[TRUNK_PREFIX + fused.replace(".qkv.", f".{p}.")] = v
+    return out
+
+
+def _checkpoint_trunk_shapes(trunk: Mapping[str, np.ndarray], source: str) -> dict[str, tuple[int, ...]]:
+    """The es3 parameter shapes of the ViT whose geometry the checkpoint's own tensors give."""
+    from flax import nnx
+
+    from es3_jax.models.trunk import ViTTrunk
+    from es3_jax.params import abstract_shapes
+
+    probes = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
+    absent = [TRUNK_PREFIX + k for k in probes if k not in trunk]
+    if absent:
+        raise CheckpointError(
+            f"{source}: the ViT trunk lacks the keys that give its geometry: {', '.join(absent)}"
+        )
+    width, _, patch, _ = trunk["patch_embed.proj.weight"].shape
+    grid = round((trunk["pos_embed"].shape[1] - 1) ** 0.5)
+    depth = 1 + max(int(i) for k in trunk if k.startswith("blocks.") and (i := k.split(".")[1]).isdigit())
+    mlp_dim = trunk["blocks.0.mlp.fc1.weight"].shape[0]
+    try:
+        return abstract_shapes(
+            lambda: ViTTrunk(
+                patch, patch, width, depth, 1, mlp_dim, 1, (depth - 1,), grid * patch, rngs=nnx.Rngs(0)
+            )
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the ViT trunk's tensors give no valid geometry: {e}") from e
+
+
+def port_trunk(
+    source: str | Path | Mapping[str, np.ndarray], *, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict:
+    """The SAM3 ViT trunk of a checkpoint as nested es3 parameters of `ViTTrunk`, strictly.
+
+    `source`: a sam3.pt-layout checkpoint (keys `detector.backbone.vision_backbone.trunk.*`), a
+    transformers one (`[detector_model.]vision_encoder.backbone.*`), as a path or a state dict.
+    `expected`: `{path inside the trunk: shape}`, e.g.
+    `es3_jax.params.abstract_shapes(lambda: trunk_from_config(cfg))`; without it, the geometry is
+    read from the checkpoint itself (depth, widths, patch, pretraining grid) and every block must
+    be complete and consistent with it. Missing, unexpected and mis-shaped keys are listed together
+    in one `CheckpointError`; so is a checkpoint without a trunk or with a foreign one (a stage-1
+    student backbone). The complex RoPE buffers (`attn.freqs_cis`) are skipped: they are recomputed.
+    """
+    if isinstance(source, Mapping):
+        sd, name = source, "<state dict>"
+    else:
+        sd, name = read_state_dict(source), str(source)
+    if any(k.startswith(TRUNK_PREFIX) for k in sd):
+        trunk_sd = {k: np.asarray(v) for k, v in sd.items() if k.startswith(TRUNK_PREFIX)}
+    else:
+        trunk_sd = transformers_trunk_to_sam3(sd)
+    if not trunk_sd:
+        raise CheckpointError(
+            f"{name}: no trunk in this checkpoint (no key under {TRUNK_PREFIX} nor the transformers "
+            f"{' / '.join(TRANSFORMERS_TRUNK_PREFIXES)}); `es3 embed` needs SAM3's ViT weights, e.g. sam3.pt"
+        )
+    known = [k for k in trunk_sd if TRUNK_TABLE.to_jax(k) is not None or TRUNK_TABLE.is_ignored(k)]
+    if 2 * len(known) < len(trunk_sd):
+        examples = ", ".join(sorted(set(trunk_sd) - set(known))[:3])
+        raise CheckpointError(
+            f"{name}: the trunk is not SAM3's ViT ({len(trunk_sd) - len(known)} of {len(trunk_sd)} keys "
+            f"under {TRUNK_PREFIX} do not fit it, e.g. {examples}); a stage-1 student backbone? "
+            "Embeddings for the tracker need the SAM3 ViT trunk"
+        )
+    if expected is None:
+        relative = {k.removeprefix(TRUNK_PREFIX): v for k, v in trunk_sd.items()}
+        expected = _checkpoint_trunk_shapes(relative, name)
+    jax_prefix = TRUNK_TABLE.components[0].jax_prefix
+    flat: dict[str, np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for key in sorted(trunk_sd):
+        if TRUNK_TABLE.is_ignored(key):
+            continue
+        mapped = TRUNK_TABLE.to_jax(key)
+        path = None if mapped is None else mapped[0].removeprefix(jax_prefix)
+        if path is None or path not in expected:
+            unexpected.append(key)
+            continue
+        transform = mapped[1]
+        value = trunk_sd[key]
+        if transform.jax_shape(value.shape) != tuple(expected[path]):
+            want = TRUNK_TABLE.to_torch(jax_prefix + path)[1]
+            mismatched.append(
+                f"{key}: shape {tuple(value.shape)}, expected {_torch_shape(want, expected[path])}"
+            )
+            continue
+        flat[path] = transform.to_jax(value)
+    bad = {m.split(":")[0] for m in mismatched}
+    missing = [
+        k
+        for p in sorted(set(expected) - set(flat))
+        if (k := TRUNK_TABLE.to_torch(jax_prefix + p)[0]) not in bad
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{name}: the checkpoint's trunk does not match the SAM3 ViT es3 expects:"]
+        lines += [f"  missing key: {k}" for k in missing]
+        lines += [f"  unexpected key: {k}" for k in unexpected]
+        lines += [f"  shape mismatch: {k}" for k in mismatched]
+        raise CheckpointError("\n".join(lines))
+    return unflatten(flat)
+
+
+def _torch_shape(transform, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape whose JAX layout is `jax_shape` under `transform`."""
+    if hasattr(transform, "torch_shape"):
+        return tuple(transform.torch_shape(tuple(jax_shape)))
+    if transform.perm is None:
+        return tuple(jax_shape)
+    return tuple(jax_shape[i] for i in np.argsort(transform.perm))

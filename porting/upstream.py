@@ -97,3 +97,188 @@ def build_neck(seed: int) -> torch.nn.Module:
     neck.eval()
     randomize_(neck, seed)
     return neck
+
+
+SAM3_GLOBAL_BLOCKS = (7, 15, 23, 31)
+
+
+def build_trunk(
+    seed: int,
+    *,
+    depth: int | None = None,
+    img_size: int = 1008,
+    global_blocks: tuple[int, ...] | None = None,
+    window_size: int = 24,
+    embed_dim: int = 1024,
+    num_heads: int = 16,
+    mlp_dim: int = 4736,
+    pretrain_img_size: int = 336,
+) -> torch.nn.Module:
+    """The upstream SAM3 ViT trunk (`_create_vit_backbone`'s settings) in eval mode with fresh random weights.
+
+    `depth` reduces the number of blocks (default: all 32); the global blocks default to SAM3's that
+    lie below it, or the last block when none does (upstream's output is the last global block's).
+    The other arguments shrink the geometry for fast tests.
+    """
+    from sam3.model.vitdet import ViT
+
+    depth = 32 if depth is None else depth
+    if global_blocks is None:
+        global_blocks = tuple(i for i in SAM3_GLOBAL_BLOCKS if i < depth) or (depth - 1,)
+    trunk = ViT(
+        img_size=img_size,
+        pretrain_img_size=pretrain_img_size,
+        patch_size=14,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_dim / embed_dim,
+        norm_layer="LayerNorm",
+        drop_path_rate=0.1,
+        qkv_bias=True,
+        use_abs_pos=True,
+        tile_abs_pos=True,
+        global_att_blocks=global_blocks,
+        rel_pos_blocks=(),
+        use_rope=True,
+        use_interp_rope=True,
+        window_size=window_size,
+        pretrain_use_cls_token=True,
+        retain_cls_token=False,
+        ln_pre=True,
+        ln_post=False,
+        return_interm_layers=False,
+        bias_patch_embed=False,
+    )
+    if trunk.blocks[0].mlp.fc1.out_features != mlp_dim:
+        raise ValueError(f"mlp_dim {mlp_dim} is not reachable as int(embed_dim * ratio) upstream")
+    trunk.eval()
+    randomize_(trunk, seed)
+    return trunk
+
+
+def build_tracker_predictor(seed: int, *, image_size: int = 1008, memory_selection: bool = False):
+    """The upstream `Sam3TrackerPredictor` as `build_tracker` configures it, at any input size.
+
+    Only the geometry changes with `image_size` (grid = image_size / 14; the memory encoder's mask
+    size is 16 × grid, as 1152 is for 72): the parameters and their shapes are SAM3's, so the
+    model reads a sam3.pt layout. Eval mode, every weight drawn fresh from `seed`.
+    """
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+    from sam3.model_builder import _create_tracker_maskmem_backbone, _create_tracker_transformer
+
+    maskmem = _create_tracker_maskmem_backbone()
+    mask_size = image_size // 14 * 16
+    maskmem.mask_downsampler.interpol_size = [mask_size, mask_size]
+    model = Sam3TrackerPredictor(
+        image_size=image_size,
+        num_maskmem=7,
+        backbone=None,
+        backbone_stride=14,
+        transformer=_create_tracker_transformer(),
+        maskmem_backbone=maskmem,
+        multimask_output_in_sam=True,
+        forward_backbone_per_frame_for_eval=True,
+        trim_past_non_cond_mem_for_eval=False,
+        multimask_output_for_tracking=True,
+        multimask_min_pt_num=0,
+        multimask_max_pt_num=1,
+        always_start_from_first_ann_frame=False,
+        non_overlap_masks_for_mem_enc=False,
+        non_overlap_masks_for_output=False,
+        max_cond_frames_in_attn=4,
+        offload_output_to_cpu_for_eval=False,
+        sam_mask_decoder_extra_args={
+            "dynamic_multimask_via_stability": True,
+            "dynamic_multimask_stability_delta": 0.05,
+            "dynamic_multimask_stability_thresh": 0.98,
+        },
+        clear_non_cond_mem_around_input=True,
+        fill_hole_area=0,
+        use_memory_selection=memory_selection,
+    )
+    model.eval()
+    randomize_(model, seed)
+    return model
+
+
+def tracker_features(tracker: torch.nn.Module, neck: torch.nn.Module, trunk_features) -> dict:
+    """Upstream cached backbone outputs `{frame: (image, backbone_out)}` from trunk features `[T, g, g, C]`.
+
+    Levels 0-2 of `sam2_convs` with their sine PEs, levels 0/1 projected by the decoder's
+    `conv_s0`/`conv_s1` as `Sam3TrackerBase.forward_image` does.
+    """
+    cached = {}
+    with torch.no_grad():
+        for t in range(trunk_features.shape[0]):
+            x = torch.as_tensor(trunk_features[t : t + 1]).float().permute(0, 3, 1, 2)
+            levels = [neck.sam2_convs[i](x) for i in range(3)]
+            pos = [neck.position_encoding(level).to(level.dtype) for level in levels]
+            levels[0] = tracker.sam_mask_decoder.conv_s0(levels[0])
+            levels[1] = tracker.sam_mask_decoder.conv_s1(levels[1])
+            cached[t] = (torch.zeros(1, 3, 1, 1), {"backbone_fpn": levels, "vision_pos_enc": pos})
+    return cached
+
+
+def track_with_masks(
+    tracker: torch.nn.Module,
+    neck: torch.nn.Module,
+    trunk_features,
+    video_size: tuple[int, int],
+    masks: dict,
+    *,
+    start_frame_idx: int | None = None,
+    reverse: bool = False,
+) -> list:
+    """Run the upstream predictor on trunk features `[T, g, g, C]` with mask prompts.
+
+    masks: `{obj_id: (frame_idx, mask [H, W] bool)}`. Returns `[(frame_idx, obj_ids, logits [O, H, W])]`
+    in processing order, logits at video resolution (float32 numpy).
+    """
+    cached = tracker_features(tracker, neck, trunk_features)
+    with torch.inference_mode():
+        state = tracker.init_state(
+            video_height=video_size[0],
+            video_width=video_size[1],
+            num_frames=trunk_features.shape[0],
+            cached_features=cached,
+            offload_video_to_cpu=True,
+            offload_state_to_cpu=True,
+        )
+        for obj_id, (frame_idx, mask) in masks.items():
+            tracker.add_new_mask(state, frame_idx, obj_id, torch.as_tensor(mask))
+        results = []
+        for frame_idx, obj_ids, _, video_res, _ in tracker.propagate_in_video(
+            state,
+            start_frame_idx=start_frame_idx,
+            max_frame_num_to_track=None,
+            reverse=reverse,
+            tqdm_disable=True,
+            propagate_preflight=True,
+        ):
+            results.append((frame_idx, list(obj_ids), video_res[:, 0].float().numpy().copy()))
+    return results
+
+
+def trunk_call(trunk: torch.nn.Module, batch: int, image_size: int):
+    """A no-argument call that runs `trunk` on a fixed random batch and returns when it is done.
+
+    On CUDA under bfloat16 autocast, as SAM3's predictor runs; float32 on CPU. Returns
+    `(call, device, dtype description)` for the benchmarks.
+    """
+    import contextlib
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    trunk = trunk.to(device)
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def call():
+        with torch.inference_mode(), autocast:
+            out = trunk(images)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return call, device, "bfloat16 autocast" if cuda else "float32"

@@ -1,0 +1,453 @@
+"""The embedding store: pre-computed trunk features, one TensorStore zarr v3 array per video.
+
+Layout (DESIGN.md D9):
+```
+<root>/global_metadata.json        dataset-level record, written by process 0 at the end of a run
+<root>/<video>/features.zarr/      [T, h, w, C] bfloat16 (or float32); one frame per chunk,
+                                   shards of 16 frames, blosc-zstd with byte shuffle
+<root>/<video>/metadata.json       frame names, shape, dtype, trunk, normalisation; written last
+```
+A video is complete exactly when its `metadata.json` exists: the array is written (and synced)
+first and the metadata is renamed into place last, so an interrupted writer never leaves a video
+that reads as complete. One writer per video; writes cover whole shards.
+
+Readers open nothing until the first `read`, keep one TensorStore handle per video and process
+(TensorStore is not fork-safe: a store object is picklable and re-opens lazily in each worker),
+and refuse a store whose trunk or normalisation differs from what they expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from es3_jax.errors import Es3Error
+
+FORMAT = "es3-embeddings"
+VERSION = 1
+ARRAY = "features.zarr"
+METADATA = "metadata.json"
+GLOBAL_METADATA = "global_metadata.json"
+LAYOUT = "THWC"
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+# What makes two sets of features interchangeable; a store mixing values of these is refused.
+IDENTITY_KEYS = ("trunk", "pixel_mean", "pixel_std", "image_size")
+
+
+class StoreError(Es3Error):
+    """An embedding store that is missing, incomplete or does not match; names the path and values."""
+
+
+def identity(
+    trunk: str, pixel_mean: Sequence[float], pixel_std: Sequence[float], image_size: int
+) -> dict[str, Any]:
+    """The identity record of a set of features (the keys of `expect`)."""
+    return {
+        "trunk": str(trunk),
+        "pixel_mean": [float(x) for x in pixel_mean],
+        "pixel_std": [float(x) for x in pixel_std],
+        "image_size": int(image_size),
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-7 * max(1.0, abs(float(b)))
+    return a == b
+
+
+def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """StoreError naming both values for every key of `expected` that `found` contradicts."""
+    bad = [k for k in expected if not _same(found.get(k), expected[k])]
+    if bad:
+        lines = [f"  {k}: the store has {found.get(k)!r}, expected {expected[k]!r}" for k in bad]
+        raise StoreError(f"embedding store {where} was written with different settings:\n" + "\n".join(lines))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file, or none, or the whole new one; durable on return."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read {path}: {e}") from e
+
+
+def _array_spec(path: Path, shape: Sequence[int], dtype: str, shard_frames: int, clevel: int) -> dict:
+    frame = [1, *shape[1:]]
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_frames, *shape[1:]]}},
+            "chunk_key_encoding": {"name": "default"},
+            "fill_value": 0,
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": frame,
+                        "codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {
+                                "name": "blosc",
+                                "configuration": {
+                                    "cname": "zstd",
+                                    "clevel": clevel,
+                                    "shuffle": "shuffle",
+                                    "typesize": DTYPES[dtype].itemsize,
+                                    "blocksize": 0,
+                                },
+                            },
+                        ],
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                        "index_location": "end",
+                    },
+                }
+            ],
+            "dimension_names": ["frame", "h", "w", "c"],
+        },
+    }
+
+
+def _context(read_threads: int = 8):
+    import tensorstore as ts
+
+    # No chunk cache: frames are read once per clip, and cached handles grow RSS (tensorstore#223).
+    return ts.Context(
+        {
+            "cache_pool": {"total_bytes_limit": 0},
+            "data_copy_concurrency": {"limit": read_threads},
+            "file_io_concurrency": {"limit": read_threads},
+        }
+    )
+
+
+class EmbeddingStore:
+    """Random access to stored trunk features, and the writer side used by `es3 embed`.
+
+    `expect` (keys of `identity()`: trunk, pixel_mean, pixel_std, image_size; any subset) is
+    checked against the global and per-video metadata; a mismatch raises StoreError naming both.
+    Construction opens nothing; the object pickles to its root and `expect`.
+    """
+
+    def __init__(self, root: str | Path, *, expect: dict | None = None):
+        self.root = Path(root)
+        self.expect = dict(expect) if expect else None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._context = None
+        self._arrays: dict[str, Any] = {}
+        self._meta: dict[str, dict] = {}
+        self._index: dict[str, dict[str, int]] = {}
+        self._videos: list[str] | None = None
+        self._global_checked = False
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "expect": self.expect}
+
+    def __setstate__(self, state: dict) -> None:
+        self.root, self.expect = state["root"], state["expect"]
+        self._reset()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.root)!r})"
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:  # forked: handles of the parent must not be used here
+            self._reset()
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def global_metadata(self) -> dict | None:
+        """The dataset-level record, or None before a run has finished."""
+        try:
+            return _read_json(self.root / GLOBAL_METADATA)
+        except FileNotFoundError:
+            return None
+
+    def _check_global(self) -> None:
+        if self._global_checked or not self.expect:
+            return
+        meta = self.global_metadata()
+        if meta is not None:
+            check_identity(meta, self.expect, str(self.root / GLOBAL_METADATA))
+        self._global_checked = True
+
+    def videos(self) -> list[str]:
+        """Names of the complete videos (their metadata.json exists), sorted."""
+        self._check_process()
+        if self._videos is None:
+            if not self.root.is_dir():
+                raise StoreError(f"embedding store not found: {self.root}")
+            self._check_global()
+            self._videos = sorted(
+                p.name for p in self.root.iterdir() if p.is_dir() and (p / METADATA).is_file()
+            )
+        return list(self._videos)
+
+    def is_complete(self, video: str) -> bool:
+        return (self.root / video / METADATA).is_file()
+
+    def metadata(self, video: str) -> dict:
+        """Per-video metadata: frame_names, num_frames, shape [T, h, w, C], dtype, trunk, pixel_mean/std,
+        image_size, ... StoreError when the video is absent or incomplete, or does not match `expect`."""
+        self._check_process()
+        meta = self._meta.get(video)
+        if meta is None:
+            path = self.root / video / METADATA
+            try:
+                meta = _read_json(path)
+            except FileNotFoundError:
+                state = "incomplete" if (self.root / video).is_dir() else "not in the store"
+                raise StoreError(f"video {video!r} is {state}: no {path}") from None
+            if meta.get("format") != FORMAT:
+                raise StoreError(f"{path}: not an es3 embedding store (format {meta.get('format')!r})")
+            self._check_global()
+            if self.expect:
+                check_identity(meta, self.expect, str(path))
+            self._meta[video] = meta
+        return meta
+
+    def frame_index(self, video: str, stem: str) -> int:
+        """Position of the frame named `stem` (e.g. "00004") in the video's stored array."""
+        index = self._index.get(video)
+        if index is None:
+            index = {name: i for i, name in enumerate(self.metadata(video)["frame_names"])}
+            self._index[video] = index
+        try:
+            return index[stem]
+        except KeyError:
+            raise StoreError(f"video {video!r} has no frame {stem!r} in {self.root}") from None
+
+    def _array(self, video: str):
+        self._check_process()
+        arr = self._arrays.get(video)
+        if arr is not None:
+            return arr
+        meta = self.metadata(video)
+        import tensorstore as ts
+
+        with self._lock:
+            arr = self._arrays.get(video)
+            if arr is None:
+                if self._context is None:
+                    self._context = _context()
+                path = self.root / video / meta.get("array", ARRAY)
+                try:
+                    arr = ts.open(
+                        {
+                            "driver": "zarr3",
+                            "kvstore": {"driver": "file", "path": str(path)},
+                            "recheck_cached_data": False,
+                            "recheck_cached_metadata": False,
+                        },
+                        read=True,
+                        context=self._context,
+                    ).result()
+                except ValueError as e:
+                    raise StoreError(f"cannot open {path}: {e}") from e
+                if list(arr.shape) != list(meta["shape"]):
+                    raise StoreError(f"{path}: array shape {list(arr.shape)} != metadata {meta['shape']}")
+                self._arrays[video] = arr
+        return arr
+
+    def read(self, video: str, frames: Sequence[int], *, dtype=None) -> np.ndarray:
+        """Features of `frames` (indices into the video's frame list, any order, repeats allowed):
+        `[len(frames), h, w, C]` in the stored dtype (ml_dtypes.bfloat16 by default) or `dtype`.
+        Safe to call from several threads at once."""
+        arr = self._array(video)
+        idx = np.asarray(frames, dtype=np.int64).reshape(-1)
+        n = arr.shape[0]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise StoreError(f"video {video!r} has {n} frames; asked for frames {idx.tolist()}")
+        if idx.size == 0:
+            out = np.zeros((0, *arr.shape[1:]), arr.dtype.numpy_dtype)
+        else:
+            try:
+                out = arr[idx].read().result()
+            except ValueError as e:
+                raise StoreError(
+                    f"reading video {video!r} frames {idx.tolist()} from {self.root}: {e}"
+                ) from e
+        return out if dtype is None else out.astype(dtype)
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def existing_identity(self) -> tuple[dict, str] | None:
+        """The identity the store was written with (global metadata, else a complete video), or None."""
+        meta = self.global_metadata()
+        if meta is not None:
+            return meta, str(self.root / GLOBAL_METADATA)
+        if self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if (p / METADATA).is_file():
+                    return _read_json(p / METADATA), str(p / METADATA)
+        return None
+
+    def check_writable(self, ident: Mapping[str, Any], dtype: str) -> None:
+        """StoreError when the store already holds features of another trunk, normalisation or dtype."""
+        found = self.existing_identity()
+        if found is not None:
+            check_identity(found[0], {**ident, "dtype": dtype}, found[1])
+
+    def complete_and_current(self, video: str, frame_names: Sequence[str], ident: Mapping[str, Any]) -> bool:
+        """True when `video` is complete with exactly these frames; StoreError when it was written with
+        another identity; False when it must be (re)written."""
+        path = self.root / video / METADATA
+        try:
+            meta = _read_json(path)
+        except (FileNotFoundError, StoreError):
+            return False
+        check_identity(meta, ident, str(path))
+        return meta.get("frame_names") == list(frame_names)
+
+    def begin_video(
+        self,
+        video: str,
+        *,
+        frame_names: Sequence[str],
+        feature_shape: Sequence[int],
+        dtype: str,
+        ident: Mapping[str, Any],
+        shard_frames: int = 16,
+        clevel: int = 3,
+        extra: Mapping[str, Any] | None = None,
+    ) -> VideoWriter:
+        """Start (re)writing `video`: whatever was there is removed first, metadata before data."""
+        if dtype not in DTYPES:
+            raise StoreError(f"embedding dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if not frame_names:
+            raise StoreError(f"video {video!r} has no frames to store")
+        folder = self.root / video
+        (folder / METADATA).unlink(missing_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        shape = [len(frame_names), *(int(s) for s in feature_shape)]
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "video": video,
+            "num_frames": len(frame_names),
+            "frame_names": list(frame_names),
+            "shape": shape,
+            "dtype": dtype,
+            "layout": LAYOUT,
+            "array": ARRAY,
+            "shard_frames": int(shard_frames),
+            "compression": {"codec": "blosc", "cname": "zstd", "clevel": int(clevel), "shuffle": "byte"},
+            **dict(ident),
+            **dict(extra or {}),
+        }
+        return VideoWriter(folder, meta, _array_spec(folder / ARRAY, shape, dtype, shard_frames, clevel))
+
+    def write_global_metadata(self, record: Mapping[str, Any]) -> Path:
+        path = self.root / GLOBAL_METADATA
+        write_json_atomic(path, {"format": FORMAT, "version": VERSION, **dict(record)})
+        return path
+
+
+class VideoWriter:
+    """Writes one video's frames in order, whole shards at a time, and its metadata last."""
+
+    def __init__(self, folder: Path, meta: dict, spec: dict):
+        import tensorstore as ts
+
+        self.folder, self.meta = folder, meta
+        self.num_frames = meta["num_frames"]
+        self.shard = meta["shard_frames"]
+        self._dtype = DTYPES[meta["dtype"]]
+        self._array = ts.open(spec, create=True, context=_context()).result()
+        self._pending: list[np.ndarray] = []
+        self._buffered = 0
+        self._written = 0
+        self._futures: list[Any] = []
+
+    @property
+    def frames_received(self) -> int:
+        return self._written + self._buffered
+
+    def write(self, start: int, features: np.ndarray) -> None:
+        """Frames `[start, start + n)` as `[n, h, w, C]`; calls must follow frame order."""
+        if start != self.frames_received:
+            raise ValueError(
+                f"{self.folder.name}: frames arrive out of order ({start} != {self.frames_received})"
+            )
+        n = features.shape[0]
+        if start + n > self.num_frames or list(features.shape[1:]) != self.meta["shape"][1:]:
+            raise ValueError(
+                f"{self.folder.name}: block {features.shape} at {start} does not fit {self.meta['shape']}"
+            )
+        self._pending.append(np.asarray(features).astype(self._dtype, copy=False))
+        self._buffered += n
+        while self._buffered >= self.shard or (self._buffered and self.frames_received == self.num_frames):
+            self._flush_shard()
+
+    def _flush_shard(self) -> None:
+        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        n = min(self.shard, block.shape[0])
+        lo = self._written
+        self._futures.append(self._array[lo : lo + n].write(block[:n]))
+        rest = block[n:]
+        self._pending = [rest] if rest.shape[0] else []
+        self._buffered = rest.shape[0]
+        self._written += n
+
+    def commit(self) -> dict:
+        """Wait for the data, then publish the metadata (the video becomes complete); returns it."""
+        if self.frames_received != self.num_frames:
+            raise ValueError(
+                f"{self.folder.name}: {self.frames_received} of {self.num_frames} frames written"
+            )
+        for f in self._futures:
+            f.result()
+        self._futures = []
+        meta = {**self.meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.folder / METADATA, meta)
+        return meta
+
+    def abort(self) -> None:
+        """Drop the partial video (it was never visible as complete)."""
+        for f in self._futures:
+            with contextlib.suppress(Exception):  # the data is being thrown away
+                f.result()
+        self._futures = []
+        shutil.rmtree(self.folder, ignore_errors=True)
