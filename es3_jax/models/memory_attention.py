@@ -10,11 +10,15 @@ unrotated). The same code serves the teacher and the student variants:
 * `kv_transform` rewrites the projected, rotated keys and values before attention (e.g. p×p pooling
   with a log(p²) logit bias) without a second copy of the layer;
 * the number of layers is a constructor argument and `select_layers` picks teacher layers to
-  initialise a shallower stack.
+  initialise a shallower stack;
+* `pooled_memory` is the student's kv_transform: EfficientTAM's Eq. 5 p×p pooling of the spatial
+  tokens of every memory frame with a log(p²) logit bonus, object pointers untouched.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -64,6 +68,54 @@ def memory_key_angles(
     return jnp.concatenate(
         [jnp.tile(frame, (num_frames, 1)), jnp.zeros((num_ptr_tokens, head_dim // 2), jnp.float32)]
     )
+
+
+def pool_memory(
+    memory: ProjectedMemory, *, num_frames: int, prefix: int, grid: tuple[int, int], pool: int
+) -> ProjectedMemory:
+    """EfficientTAM Eq. 5 pooling of projected, rotated keys and values (a `KVTransform`).
+
+    The memory holds `num_frames` frames of `prefix + gh·gw` tokens each (`prefix` unpooled
+    tokens, e.g. global latents, then a row-major `grid = (gh, gw)`), then any number of
+    object-pointer tokens. Each frame's grid is averaged over `pool × pool` cells and the pooled
+    tokens get `log(pool²)` added to their logits: exactly full attention over every pooled
+    token repeated `pool²` times. Prefix and pointer tokens are kept as they are. A pooled
+    token is valid when its whole cell is. Output order: per frame `[prefix | pooled grid]`,
+    then the pointers.
+    """
+    gh, gw = grid
+    if gh % pool or gw % pool:
+        raise ValueError(f"pool size {pool} does not divide the memory grid {grid}")
+    if memory.bias is not None:
+        raise ValueError("pool_memory expects memory without a logit bias")
+    per_frame = prefix + gh * gw
+    spatial = num_frames * per_frame
+    if memory.k.shape[1] < spatial:
+        raise ValueError(f"{memory.k.shape[1]} memory tokens cannot hold {num_frames} frames of {per_frame}")
+    ph, pw = gh // pool, gw // pool
+
+    def pooled(t: jax.Array, reduce) -> jax.Array:
+        b, rest = t.shape[0], t.shape[2:]
+        frames = t[:, :spatial].reshape(b, num_frames, per_frame, *rest)
+        cells = frames[:, :, prefix:].reshape(b, num_frames, ph, pool, pw, pool, *rest)
+        cells = reduce(cells, axis=(3, 5)).reshape(b, num_frames, ph * pw, *rest)
+        frames = jnp.concatenate([frames[:, :, :prefix], cells], axis=2).reshape(b, -1, *rest)
+        return jnp.concatenate([frames, t[:, spatial:]], axis=1)
+
+    frame_bias = jnp.concatenate(
+        [jnp.zeros((prefix,), jnp.float32), jnp.full((ph * pw,), math.log(pool * pool), jnp.float32)]
+    )
+    num_ptr = memory.k.shape[1] - spatial
+    bias = jnp.concatenate([jnp.tile(frame_bias, num_frames), jnp.zeros((num_ptr,), jnp.float32)])
+    mask = None if memory.mask is None else pooled(memory.mask, jnp.all)
+    return ProjectedMemory(pooled(memory.k, jnp.mean), pooled(memory.v, jnp.mean), bias, mask)
+
+
+def pooled_memory(num_frames: int, prefix: int, grid: tuple[int, int], pool: int) -> KVTransform | None:
+    """The `pool_memory` transform for this layout, or None when `pool` is 1 (nothing to pool)."""
+    if pool == 1:
+        return None
+    return functools.partial(pool_memory, num_frames=num_frames, prefix=prefix, grid=grid, pool=pool)
 
 
 def select_layers(params: Mapping, layers: Sequence[int]) -> dict:

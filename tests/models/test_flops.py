@@ -1,0 +1,115 @@
+"""The FLOP and parameter account (`es3_jax.models.flops`) against XLA's count and upstream's modules."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from es3_jax import config
+from es3_jax.models.flops import memory_path_cost, total
+from es3_jax.models.memory_attention import MemoryAttention
+from es3_jax.models.memory_encoder import MemoryEncoder
+from es3_jax.models.memory_path import RawMemory
+from es3_jax.models.student import student_from_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GRID, FRAMES, POINTER_TOKENS = 16, 7, 64
+
+
+# Reduced 2-D latent grids on the 16×16 test map: 16×16 -> 4×4, 18×18 -> 6×6 (resized to 24×24).
+REDUCED_2D = {256: 16, 324: 36}
+
+
+def _config(name: str) -> config.Config:
+    cfg = config.load(CONFIGS / f"{name}.yaml")
+    reduced = REDUCED_2D[cfg.MODEL.PERCEIVER.NUM_LATENTS_2D]
+    return config.apply_overrides(cfg, ["MODEL.PERCEIVER.NUM_LATENTS_2D", str(reduced)])
+
+
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+@pytest.mark.parametrize(
+    "name", ["teacher", "efficient_memory", "edgetam_like", "efficienttam_like", "efficient_memory_324"]
+)
+def test_memory_attention_flops_match_xla(name):
+    """Our count leaves out softmax, norms and RoPE: XLA's count is at most 3% above it."""
+    cfg = _config("efficient_memory" if name == "teacher" else name)
+    costs = memory_path_cost(cfg, teacher=name == "teacher", grid=GRID)
+    if name == "teacher":
+        module, tokens = MemoryAttention(4, rngs=nnx.Rngs(0)), GRID * GRID
+    else:
+        module = student_from_config(cfg)
+        tokens = module.compress(jnp.zeros((1, GRID, GRID, 64)), jnp.zeros((1, GRID, GRID, 64)))[0].shape[1]
+    graphdef, state = nnx.split(module)
+
+    def step(state, src, frames, pointers):
+        merged = nnx.merge(graphdef, state)
+        memory = RawMemory(merged) if name == "teacher" else merged
+        return memory(
+            src,
+            src,
+            query_grid=(GRID, GRID),
+            frames=frames,
+            frames_pos=frames,
+            frame_valid=jnp.ones((1, FRAMES), bool),
+            pointers=pointers,
+            pointers_pos=pointers,
+            pointer_valid=jnp.ones((1, POINTER_TOKENS), bool),
+        )
+
+    xla = _xla_flops(
+        step,
+        state,
+        jnp.zeros((1, GRID * GRID, 256)),
+        jnp.zeros((1, FRAMES, tokens, 64)),
+        jnp.zeros((1, POINTER_TOKENS, 64)),
+    )
+    ours = total(costs, "memory_attention").flops
+    print(f"[flops] {name} memory attention: ours {ours / 1e9:.3f} GFLOP, XLA {xla / 1e9:.3f}")
+    assert 1.0 <= xla / ours <= 1.03
+
+
+def test_encoder_and_perceiver_flops_match_xla():
+    """Small maps: elementwise work (norms, GELU) is up to 20% of XLA's count here."""
+    cfg = _config("efficient_memory")
+    costs = memory_path_cost(cfg, grid=GRID)
+    encoder_def, encoder = nnx.split(MemoryEncoder(rngs=nnx.Rngs(0)))
+    xla = _xla_flops(
+        lambda s, pix, mask: nnx.merge(encoder_def, s)(pix, mask),
+        encoder,
+        jnp.zeros((1, GRID, GRID, 256)),
+        jnp.zeros((1, 16 * GRID, 16 * GRID, 1)),
+    )
+    assert 1.0 <= xla / costs["memory_encoder"].flops <= 1.2
+    perceiver_def, perceiver = nnx.split(student_from_config(cfg).spatial_perceiver)
+    xla = _xla_flops(
+        lambda s, f: nnx.merge(perceiver_def, s)(f, f), perceiver, jnp.zeros((1, GRID, GRID, 64))
+    )
+    assert 1.0 <= xla / costs["perceiver"].flops <= 1.2
+
+
+def test_steady_state_geometry_and_parameter_counts():
+    cfg = config.load(CONFIGS / "efficient_memory.yaml")
+    teacher = memory_path_cost(cfg, teacher=True)
+    student = memory_path_cost(cfg)
+    # 4 layers × (logits + weighted sum) of 5184 queries over 7·5184 + 16·4 = 36,352 keys at width 256.
+    assert teacher["memory_attention.cross_attention"].flops == 4 * 4 * 5184 * 36_352 * 256
+    # 2 layers over 7 × (256 global + 8×8 pooled latents) + 64 pointer tokens.
+    assert student["memory_attention.cross_attention"].flops == 2 * 4 * 5184 * (7 * 320 + 64) * 256
+    assert student["perceiver"].params == 230_784  # EdgeTAM's spatial_perceiver
+
+
+def test_parameter_counts_match_upstream():
+    from tests import upstream
+
+    tracker = upstream.build_tracker(0)
+    cfg = config.load(CONFIGS / "efficient_memory.yaml")
+    teacher = memory_path_cost(cfg, teacher=True)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert total(teacher, "memory_attention").params == count(tracker.transformer.encoder)
+    assert teacher["memory_encoder"].params == count(tracker.maskmem_backbone)
