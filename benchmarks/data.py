@@ -1,0 +1,130 @@
+"""Input pipeline throughput: clips/s and MB/s with W worker processes, beside one training step's needs.
+
+Reads a given embedding store and SA-V folder (`--config` / overrides: DATA.EMBEDDING_DIR, DATA.SAV_ROOT),
+or (by default when DATA.EMBEDDING_DIR is empty, or with --synthetic) writes synthetic SA-V videos and a store of random trunk features of the config's
+geometry (MODEL.TEACHER.IMAGE_SIZE // BACKBONE_STRIDE squared x TRUNK_DIM). Random features do not
+compress, so disk reads are a worst case. Each record is one worker count: the pipeline's sustained
+rate after warm-up, the bytes one per-process batch carries (what one training step consumes), and the
+training steps per second that rate could feed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HELP = "data pipeline: clips/s and MB/s with W workers, against one training step's consumption"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from es3_jax.commands.common import add_config_args
+
+    p.add_argument("--workers", default="0,2", help="worker process counts to measure, comma-separated")
+    p.add_argument("--batch", type=int, default=0, help="per-process batch (default: TRAIN.BATCH_SIZE)")
+    p.add_argument("--batches", type=int, default=6, help="batches timed per worker count, after warm-up")
+    p.add_argument("--warmup", type=int, default=2, help="batches read before timing (worker start-up)")
+    p.add_argument("--videos", type=int, default=4, help="synthetic videos when no store is given")
+    p.add_argument("--frames", type=int, default=12, help="annotated frames per synthetic video")
+    p.add_argument(
+        "--synthetic", action="store_true", help="measure synthetic data even when DATA.EMBEDDING_DIR is set"
+    )
+    p.add_argument("--dir", default=None, help="where to write the synthetic data (default: a temp folder)")
+    add_config_args(p)
+
+
+def _synthetic(cfg, root: Path, videos: int, frames: int):
+    """Synthetic SA-V videos and a store of random features for them; returns the config pointing there."""
+    from es3_jax.data import embedding_store, sav, synthetic
+
+    t = cfg.MODEL.TEACHER
+    grid = t.IMAGE_SIZE // t.BACKBONE_STRIDE
+    synthetic.make_synthetic(root / "frames", videos, num_frames=frames, height=240, width=320)
+    store = embedding_store.EmbeddingStore(root / "store")
+    ident = embedding_store.identity("random", cfg.DATA.PIXEL_MEAN, cfg.DATA.PIXEL_STD, t.IMAGE_SIZE)
+    rng = np.random.default_rng(0)
+    for name in sorted(p.name for p in (root / "frames").iterdir() if p.is_dir()):
+        stems = sav.list_frame_stems(root / "frames" / name)
+        w = store.begin_video(
+            name,
+            frame_names=stems,
+            feature_shape=(grid, grid, t.TRUNK_DIM),
+            dtype=cfg.DATA.EMBEDDING_DTYPE,
+            ident=ident,
+            shard_frames=cfg.DATA.EMBEDDING_SHARD_FRAMES,
+            clevel=cfg.DATA.EMBEDDING_CLEVEL,
+        )
+        for i in range(len(stems)):
+            w.write(i, rng.standard_normal((1, grid, grid, t.TRUNK_DIM), np.float32))
+        w.commit()
+    data = dataclasses.replace(
+        cfg.DATA,
+        SAV_ROOT=str(root / "frames"),
+        EMBEDDING_DIR=str(root / "store"),
+        VAL_VIDEOS=0,
+        VAL_SPLIT=0.0,
+    )
+    return dataclasses.replace(cfg, DATA=data)
+
+
+def _measure(cfg, workers: int, batch: int, batches: int, warmup: int) -> dict:
+    from es3_jax.data import pipeline
+
+    pipe = pipeline.build_pipeline(
+        cfg, batch_size=batch, process_index=0, process_count=1, num_workers=workers
+    )
+    it = iter(pipe)
+    try:
+        start = time.perf_counter()
+        first = next(it)
+        for _ in range(warmup - 1):
+            next(it)
+        startup = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        secs = time.perf_counter() - start
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    step_mb = sum(v.nbytes for v in first.values()) / 1e6
+    features = "embeddings" if "embeddings" in first else "images"
+    return {
+        "workers": workers,
+        "batch": batch,
+        "clips/s": batches * batch / secs,
+        "MB/s": batches * step_mb / secs,
+        "MB/step": step_mb,
+        f"{features} MB/step": first[features].nbytes / 1e6,
+        "masks MB/step": first["masks"].nbytes / 1e6,
+        "steps/s fed": batches / secs,
+        "warmup_s": startup,
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from es3_jax.commands.common import load_config
+
+    cfg = load_config(args)
+    batch = args.batch or cfg.TRAIN.BATCH_SIZE
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.synthetic or not cfg.DATA.EMBEDDING_DIR:
+            cfg = _synthetic(cfg, Path(tmp), args.videos, args.frames)
+        t = cfg.MODEL.TEACHER
+        grid = t.IMAGE_SIZE // t.BACKBONE_STRIDE
+        records = []
+        for w in workers:
+            r = _measure(cfg, w, batch, args.batches, args.warmup)
+            records.append(
+                {
+                    "config": f"{t.IMAGE_SIZE}px {grid}x{grid}x{t.TRUNK_DIM} T={cfg.DATA.NUM_FRAMES} "
+                    f"O={cfg.DATA.MAX_OBJECTS} masks {cfg.DATA.MASK_SIZE or t.IMAGE_SIZE}",
+                    **r,
+                }
+            )
+    return records

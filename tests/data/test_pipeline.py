@@ -1,0 +1,281 @@
+"""The grain pipeline on synthetic SA-V videos and a real embedding store: batch contents, determinism,
+resuming from a saved iterator state, host sharding, and a 2-process global batch."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from es3_jax import config as config_lib
+from es3_jax.data import embedding_store, frames, pipeline, sav, synthetic
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_VIDEOS = 7
+FEATURE = (2, 2, 4)  # h, w, C of the fake trunk features
+
+
+def _features(video: int, num_frames: int) -> np.ndarray:
+    """[T, h, w, C] with the video index in channel 0 and the frame position in channel 1 (exact in bf16)."""
+    f = np.zeros((num_frames, *FEATURE), np.float32)
+    f[..., 0] = video
+    f[..., 1] = np.arange(num_frames)[:, None, None]
+    return f
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sav")
+    frames_root, store_root = root / "frames", root / "store"
+    names = synthetic.make_synthetic(frames_root, NUM_VIDEOS, seed=3, num_frames=12, height=48, width=64)
+    store = embedding_store.EmbeddingStore(store_root)
+    ident = embedding_store.identity("test-trunk", (0.5,) * 3, (0.5,) * 3, 56)
+    for i, name in enumerate(names):
+        stems = sav.list_frame_stems(frames_root / name)
+        w = store.begin_video(name, frame_names=stems, feature_shape=FEATURE, dtype="bfloat16", ident=ident)
+        w.write(0, _features(i, len(stems)))
+        w.commit()
+    cfg = config_lib.load(
+        overrides=[
+            *("DATA.SAV_ROOT", str(frames_root), "DATA.EMBEDDING_DIR", str(store_root)),
+            *(
+                "DATA.NUM_FRAMES",
+                "4",
+                "DATA.MAX_OBJECTS",
+                "2",
+                "DATA.MASK_SIZE",
+                "40",
+                "DATA.VAL_VIDEOS",
+                "1",
+            ),
+            *("DATA.REVERSE_PROB", "0.5", "DATA.NUM_WORKERS", "0", "MODEL.TEACHER.IMAGE_SIZE", "56"),
+        ]
+    )
+    return cfg, names
+
+
+def _build(cfg, **kw):
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return pipeline.build_pipeline(cfg, **kw)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_contents(dataset):
+    cfg, names = dataset
+    pipe = _build(cfg)
+    assert not pipe.problems and len(pipe.videos) == NUM_VIDEOS - 1 and pipe.steps_per_epoch == 3
+    for batch in _take(iter(pipe), 4):
+        assert batch["embeddings"].shape == (2, 4, *FEATURE) and batch["embeddings"].dtype.name == "bfloat16"
+        assert batch["masks"].shape == (2, 4, 2, 40, 40) and batch["masks"].dtype == bool
+        assert batch["object_valid"].shape == (2, 2) and batch["object_ids"].dtype == np.int32
+        assert batch["frame_indices"].shape == (2, 4) and batch["clip_valid"].all()
+        for b in range(2):
+            entry = pipe.loader.entries[batch["video_index"][b]]
+            emb = batch["embeddings"][b].astype(np.float32)
+            np.testing.assert_array_equal(emb[..., 0], names.index(entry.name))
+            np.testing.assert_array_equal(emb[:, 0, 0, 1], batch["frame_indices"][b])
+            np.testing.assert_array_equal(batch["frame_numbers"][b], 4 * batch["frame_indices"][b])
+            step = np.diff(batch["frame_numbers"][b])
+            np.testing.assert_array_equal(step, -4 if batch["reversed"][b] else 4)
+            valid = batch["object_valid"][b]
+            assert valid[0] and (batch["object_ids"][b][~valid] == -1).all()
+            ann = sav.read_sav_json(entry.annotation[0])
+            for o in np.flatnonzero(valid):
+                for t, a in enumerate(batch["frame_indices"][b]):
+                    gt = ann.masks(int(a), [int(batch["object_ids"][b, o])])
+                    np.testing.assert_array_equal(batch["masks"][b, t, o], pipeline._resize_masks(gt, 40)[0])
+                assert batch["masks"][b, 0, o].any()  # visible on the clip's first frame
+            assert not batch["masks"][b][:, ~valid].any()
+
+
+def test_frames_instead_of_embeddings(dataset):
+    cfg, _ = dataset
+    cfg = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, USE_PRECOMPUTED=False))
+    pipe = _build(cfg, batch_size=1)
+    batch = next(iter(pipe))
+    assert "embeddings" not in batch and batch["images"].shape == (1, 4, 56, 56, 3)
+    entry = pipe.loader.entries[batch["video_index"][0]]
+    folder = Path(cfg.DATA.SAV_ROOT) / entry.name
+    paths = [folder / f"{n:05d}.jpg" for n in batch["frame_numbers"][0]]
+    np.testing.assert_array_equal(batch["images"][0], frames.load_frames(paths, 56, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_same_seed_same_batches_and_epochs_differ(dataset):
+    cfg, _ = dataset
+    a = _take(iter(_build(cfg)), 6)
+    _assert_same(a, _take(iter(_build(cfg)), 6))
+    assert not np.array_equal(a[0]["masks"], _take(iter(_build(cfg, seed=1)), 1)[0]["masks"])
+    per_epoch = [np.sort(np.concatenate([b["video_index"] for b in a[e * 3 : e * 3 + 3]])) for e in range(2)]
+    np.testing.assert_array_equal(per_epoch[0], per_epoch[1])  # every epoch draws 6 of the 6 train videos
+    np.testing.assert_array_equal(per_epoch[0], np.arange(6))
+
+
+def test_resume_from_iterator_state(dataset):
+    cfg, _ = dataset
+    it = iter(_build(cfg))
+    _take(it, 2)
+    state = it.get_state()
+    rest = _take(it, 5)
+    resumed = iter(_build(cfg))
+    resumed.set_state(state)
+    _assert_same(rest, _take(resumed, 5))
+    _assert_same(rest, _take(_build(cfg).iterator(start_step=2), 5))
+
+
+def test_resume_with_worker_processes_through_orbax(dataset, tmp_path):
+    """2 spawned workers (the store opens inside them); the state goes through an orbax checkpoint."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    cfg, _ = dataset
+    it = iter(_build(cfg, num_workers=2))
+    try:
+        _take(it, 3)
+        with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+            mgr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+            mgr.wait_until_finished()
+        rest = _take(it, 4)
+    finally:
+        it.close()
+    resumed = iter(_build(cfg, num_workers=2))
+    try:
+        with ocp.CheckpointManager(tmp_path / "ckpt") as mgr:
+            mgr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+        _assert_same(rest, _take(resumed, 4))
+    finally:
+        resumed.close()
+    _assert_same(rest, _take(iter(_build(cfg)), 7)[3:])  # workers change nothing
+
+
+def test_processes_read_disjoint_clips_covering_the_epoch(dataset):
+    cfg, _ = dataset
+    single = _take(iter(_build(cfg, batch_size=2)), 3)  # one epoch, global batch 2
+    parts = [_build(cfg, batch_size=1, process_index=p, process_count=2) for p in range(2)]
+    assert [p.steps_per_epoch for p in parts] == [3, 3]
+    local = [_take(iter(p), 3) for p in parts]
+    seen = [np.concatenate([b["video_index"] for b in batches]) for batches in local]
+    assert not set(seen[0]) & set(seen[1]) and sorted([*seen[0], *seen[1]]) == list(range(6))
+    for k in range(3):  # the global batch does not depend on the number of processes
+        glued = {key: np.concatenate([local[0][k][key], local[1][k][key]]) for key in single[k]}
+        _assert_same([single[k]], [glued])
+
+
+def test_validation_split(dataset):
+    cfg, _ = dataset
+    train = _build(cfg)
+    val = _build(cfg, split="val", batch_size=4)
+    assert len(val.videos) == 1 and not set(val.videos) & set(train.videos)
+    batches = list(val)
+    assert len(batches) == 1 and batches[0]["clip_valid"].tolist() == [True, False, False, False]
+    again = next(iter(_build(cfg, split="val", batch_size=4, seed=9)))
+    _assert_same(batches, [again])  # validation clips are fixed
+    assert not batches[0]["reversed"].any()
+    assert (
+        pipeline.split_videos([f"v{i}" for i in range(100)], 0.05)[1]
+        == pipeline.split_videos([f"v{i}" for i in range(100, 0, -1)], 0.05)[1]
+    )
+
+
+def test_bad_config_and_too_few_videos(dataset):
+    cfg, _ = dataset
+    bad = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, FRAME_SKIP=6))
+    with pytest.raises(pipeline.PipelineError, match="FRAME_SKIP"):
+        _build(bad)
+    with pytest.raises(pipeline.PipelineError, match="fewer than one global batch"):
+        _build(cfg, batch_size=7)
+    long = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, NUM_FRAMES=13))
+    with pytest.raises(pipeline.PipelineError, match="no 13-frame clip"):
+        _build(long)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    from jax.experimental import multihost_utils
+    from es3_jax import config as config_lib
+    from es3_jax.data import pipeline
+    cfg = config_lib.load(overrides=sys.argv[4:])
+    pipe = pipeline.build_pipeline(cfg, batch_size=2, num_epochs=1)   # process index/count from jax
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    local, glob = [], []
+    for batch in pipe:
+        g = pipeline.to_global(batch, mesh)
+        assert g["masks"].shape[0] == 4 and g["embeddings"].shape[0] == 4
+        local.append(batch["video_index"].tolist())
+        glob.append(np.asarray(multihost_utils.process_allgather(g["video_index"], tiled=True)).tolist())
+        total = jax.jit(lambda x: x.astype(np.float32).sum())(g["embeddings"][..., 0])
+        glob[-1].append(float(total))
+    json.dump({"local": local, "global": glob}, open(out, "w"))
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_two_processes_build_global_batches(dataset, tmp_path):
+    """Two jax.distributed processes on localhost: disjoint local clips, equal batch counts, and the
+    global batch assembled by make_array_from_process_local_data is their concatenation."""
+    import socket
+
+    cfg, names = dataset
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [
+        *("DATA.SAV_ROOT", cfg.DATA.SAV_ROOT, "DATA.EMBEDDING_DIR", cfg.DATA.EMBEDDING_DIR),
+        *("DATA.NUM_FRAMES", "4", "DATA.MAX_OBJECTS", "2", "DATA.MASK_SIZE", "16", "DATA.VAL_VIDEOS", "2"),
+        *("DATA.NUM_WORKERS", "0", "MODEL.TEACHER.IMAGE_SIZE", "56"),
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(p), str(port), str(tmp_path / f"out{p}.json"), *overrides],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for p in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    out = [json.loads((tmp_path / f"out{p}.json").read_text()) for p in range(2)]
+    assert len(out[0]["local"]) == len(out[1]["local"]) == 1  # 5 train videos, global batch 4
+    seen = [[v for batch in o["local"] for v in batch] for o in out]
+    assert not set(seen[0]) & set(seen[1])
+    train = _build(dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, VAL_VIDEOS=2)))
+    order = [int(train.loader.clip(0, s)[0].video) for s in range(4)]
+    assert seen[0] + seen[1] == order  # the epoch's first global batch, process 0 then 1
+    for o in out:
+        *videos, total = o["global"][0]
+        assert videos == seen[0] + seen[1]
+        index_of = {n: i for i, n in enumerate(names)}
+        expected = sum(index_of[train.videos[v]] for v in videos) * 4 * int(np.prod(FEATURE[:2]))
+        assert total == expected

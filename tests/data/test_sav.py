@@ -1,0 +1,159 @@
+"""SA-V annotation parsing on the sam2 example video, and the index's per-video problem reports."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from es3_jax.data import sav
+
+FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "sav_example"
+MANUAL = FIXTURES / "sav_000001_manual.json"
+AUTO = FIXTURES / "sav_000001_auto.json"
+
+needs_fixture = pytest.mark.skipif(not MANUAL.is_file(), reason="fixture sav_example not available")
+
+
+@needs_fixture
+def test_manual_json_fields():
+    ann = sav.read_sav_json(MANUAL)
+    assert ann.video_id == "sav_000001"
+    assert (ann.num_frames, ann.height, ann.width) == (483, 848, 480)
+    assert ann.num_annotated == 121 and ann.num_objects == 5
+    assert ann.frame_numbers[-1] == 480 and ann.frame_numbers[1] == 4
+    assert ann.masklet_types == ("manual",) * 5 and ann.stability is None
+    assert all(isinstance(f, int) for f in ann.first_appeared)
+    # Object 3 first appears at annotated index 113 = 24-fps frame 452.
+    assert ann.first_appeared[3] == 113
+    areas = ann.areas()
+    assert areas.shape == (121, 5)
+    assert np.flatnonzero(areas[:, 3])[0] == 113 and ann.frame_numbers[113] == 452
+    np.testing.assert_array_equal(
+        [int(np.flatnonzero(areas[:, k])[0]) for k in range(5)], list(ann.first_appeared)
+    )
+
+
+@needs_fixture
+def test_masks_shapes_areas_and_rle_round_trip():
+    ann = sav.read_sav_json(MANUAL)
+    masks = ann.masks(0)
+    assert masks.shape == (5, 848, 480) and masks.dtype == np.uint8
+    np.testing.assert_array_equal(masks.reshape(5, -1).sum(1), ann.areas()[0])
+    assert masks[3].sum() == 0  # invisible = empty RLE
+    raw = json.loads(MANUAL.read_text())["masklet"]
+    for i in (0, 60, 113, 120):
+        for k, m in enumerate(ann.masks(i)):
+            assert sav.encode_mask(m) == raw[i][k]  # identical counts string
+    # The masks of a subset, in the order asked for.
+    np.testing.assert_array_equal(ann.masks(113, [3, 1]), ann.masks(113)[[3, 1]])
+    assert sav.decode_rle(None, (4, 5)).shape == (4, 5)
+
+
+@needs_fixture
+def test_auto_and_both():
+    auto = sav.read_sav_json(AUTO)
+    assert auto.num_objects == 9 and auto.first_appeared == (0,) * 9
+    assert auto.stability.shape == (121, 9)
+    both = sav.merge_annotations([sav.read_sav_json(MANUAL), auto])
+    assert both.num_objects == 14
+    assert both.masklet_types == ("manual",) * 5 + ("auto",) * 9
+    assert both.stability.shape == (121, 14) and np.isnan(both.stability[:, :5]).all()
+    np.testing.assert_array_equal(both.masks(7, [6]), auto.masks(7, [1]))
+
+
+def _write_frames(folder: Path, numbers, size=(848, 480)):
+    folder.mkdir(parents=True)
+    img = Image.new("RGB", (size[1], size[0]))
+    for n in numbers:
+        img.save(folder / f"{n:05d}.jpg")
+
+
+@needs_fixture
+def test_scan_reports_bad_videos_and_keeps_good_ones(tmp_path):
+    """A good video is indexed; bad ones are reported per video and skipped."""
+    root = tmp_path / "frames"
+    ann_dir = tmp_path / "sav_train" / "sav_000"  # SA-V ships annotations in chunk subfolders
+    ann_dir.mkdir(parents=True)
+    good = list(range(0, 481, 4))
+    data = json.loads(MANUAL.read_text())
+    for name in ("good", "missing_frames", "wrong_size", "bad_rle", "never_visible", "broken"):
+        d = dict(data, video_id=name)
+        if name == "bad_rle":
+            d["masklet"] = [list(f) for f in data["masklet"]]
+            d["masklet"][5][0] = dict(d["masklet"][5][0], size=[100, 100])
+        if name == "never_visible":  # object 2 drops out, the video stays
+            empty = sav.encode_mask(np.zeros((848, 480), np.uint8))
+            d["masklet"] = [[*f[:2], empty, *f[3:]] for f in data["masklet"]]
+        text = json.dumps(d) if name != "broken" else "{not json"
+        (ann_dir / f"{name}_manual.json").write_text(text)
+        numbers = good[:-3] if name == "missing_frames" else good
+        _write_frames(root / name, numbers, (480, 848) if name == "wrong_size" else (848, 480))
+    _write_frames(root / "no_annotation", good[:2])
+    entries, problems = sav.scan_sav(root, tmp_path / "sav_train")
+    assert [e.name for e in entries] == ["good", "never_visible"]
+    reasons = {p.video: p for p in problems}
+    assert set(reasons) == {
+        "missing_frames",
+        "wrong_size",
+        "bad_rle",
+        "never_visible",
+        "broken",
+        "no_annotation",
+    }
+    assert "3 annotated frames have no frame" in reasons["missing_frames"].reason
+    assert "frames are 480x848" in reasons["wrong_size"].reason
+    assert "RLE sizes" in reasons["bad_rle"].reason
+    assert not reasons["never_visible"].skipped and "[2]" in reasons["never_visible"].reason
+    assert "broken_manual.json" in reasons["broken"].reason
+    e = entries[0]
+    assert e.stems[113] == "00452" and e.frame_numbers[113] == 452 and e.frame_positions[113] == 113
+    assert e.visible.shape == (121, 5) and e.objects == (0, 1, 2, 3, 4)
+    assert entries[1].objects == (0, 1, 3, 4)
+    masks = sav.load_masks(entries[1], [113, 114], [2])  # kept object 2 is annotation object 3
+    ref = sav.read_sav_json(MANUAL)
+    np.testing.assert_array_equal(masks[:, 0], np.stack([ref.masks(a, [3])[0] for a in (113, 114)]))
+
+
+@needs_fixture
+def test_scan_with_store_frame_names_and_both(tmp_path):
+    """Frames named by an embedding store (all 24-fps frames): positions index that list."""
+    (tmp_path / "ann").mkdir()
+    shutil.copy(MANUAL, tmp_path / "ann" / MANUAL.name)
+    shutil.copy(AUTO, tmp_path / "ann" / AUTO.name)
+    stems = [f"{i:05d}" for i in range(483)]
+    entries, problems = sav.scan_sav(
+        None, tmp_path / "ann", annotation="both", frame_stems=lambda v: stems if v == "sav_000001" else None
+    )
+    assert not problems and len(entries) == 1
+    e = entries[0]
+    assert e.frame_positions[10] == 40 and e.stems[10] == "00040" and e.visible.shape == (121, 14)
+    with pytest.raises(sav.SavError, match=r"DATA\.ANNOTATION"):
+        sav.scan_sav(None, tmp_path / "ann", annotation="all", frame_stems=lambda v: stems)
+
+
+def test_davis_training_source(tmp_path):
+    """DAVIS palette PNGs: ids are objects, 255 is void; every frame is annotated."""
+    from es3_jax.data.masks import write_palette_png
+
+    frames = tmp_path / "JPEGImages" / "480p" / "seq"
+    anns = tmp_path / "Annotations" / "480p" / "seq"
+    _write_frames(frames, range(6), (12, 16))
+    anns.mkdir(parents=True)
+    for t in range(6):
+        ids = np.zeros((12, 16), np.uint8)
+        ids[t : t + 3, 2:6] = 1
+        ids[0, :] = 255
+        if t >= 3:
+            ids[8:11, 10:14] = 3  # object 3 appears on frame 3
+        write_palette_png(anns / f"{t:05d}.png", ids)
+    entries, problems = sav.scan_davis(tmp_path, "train")
+    assert not problems and len(entries) == 1
+    e = entries[0]
+    assert e.objects == (1, 3) and e.source == "davis" and (e.height, e.width) == (12, 16)
+    np.testing.assert_array_equal(e.visible[:, 1], [0, 0, 0, 1, 1, 1])
+    masks = sav.load_masks(e, [4, 1], [1, 0])
+    assert masks.shape == (2, 2, 12, 16) and masks[0, 0].sum() == 12 and masks[1, 0].sum() == 0
+    assert masks[1, 1, 1:4, 2:6].all() and masks[1, 1].sum() == 12
