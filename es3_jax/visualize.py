@@ -1,0 +1,78 @@
+"""Pictures of tracking results a person can look at: mask overlays, a grid of frames, an animated GIF."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from es3_jax.data.masks import DAVIS_PALETTE
+
+
+def overlay(
+    image: np.ndarray, ids: np.ndarray, palette: np.ndarray = DAVIS_PALETTE, alpha: float = 0.5
+) -> np.ndarray:
+    """Blend object colours over a frame and outline each object.
+
+    image `[H, W, 3]` uint8, ids `[H, W]` object ids (0 = background) -> `[H, W, 3]` uint8.
+    """
+    out = image.astype(np.float32)
+    colours = np.asarray(palette, np.float32)[ids]
+    fg = ids > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    edge = np.zeros_like(fg)
+    edge[1:, :] |= ids[1:, :] != ids[:-1, :]
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge &= fg | np.roll(fg, 1, 0) | np.roll(fg, 1, 1)
+    out[edge] = 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def grid(
+    images: Sequence[np.ndarray], columns: int = 4, width: int = 320, labels: Sequence[str] = ()
+) -> np.ndarray:
+    """Tile frames `[H, W, 3]` uint8 into one picture, each scaled to `width` px wide, with optional labels."""
+    from PIL import Image, ImageDraw
+
+    cells = []
+    for k, image in enumerate(images):
+        h, w = image.shape[:2]
+        cell = Image.fromarray(image).resize((width, max(1, round(h * width / w))), Image.Resampling.BILINEAR)
+        if k < len(labels):
+            draw = ImageDraw.Draw(cell)
+            draw.rectangle((0, 0, 8 * len(labels[k]) + 6, 14), fill=(0, 0, 0))
+            draw.text((3, 1), labels[k], fill=(255, 255, 255))
+        cells.append(np.asarray(cell))
+    cell_h = max(c.shape[0] for c in cells)
+    rows = -(-len(cells) // columns)
+    canvas = np.zeros((rows * cell_h, min(columns, len(cells)) * width, 3), np.uint8)
+    for k, cell in enumerate(cells):
+        r, c = divmod(k, columns)
+        canvas[r * cell_h : r * cell_h + cell.shape[0], c * width : (c + 1) * width] = cell
+    return canvas
+
+
+def save_gif(path: str | Path, images: Sequence[np.ndarray], fps: float = 8.0, width: int = 480) -> Path:
+    """An animated GIF of frames `[H, W, 3]` uint8, scaled to `width` px wide, looping."""
+    from PIL import Image
+
+    frames = []
+    for image in images:
+        h, w = image.shape[:2]
+        frames.append(
+            Image.fromarray(image).resize((width, max(1, round(h * width / w))), Image.Resampling.BILINEAR)
+        )
+    path = Path(path)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def logits_to_ids(logits: np.ndarray, obj_ids: Sequence[int]) -> np.ndarray:
+    """Per-object mask logits `[O, H, W]` -> object ids `[H, W]`: where any logit is positive, the
+    object with the highest one (the usual way to turn overlapping masks into one palette mask)."""
+    if len(obj_ids) == 0:
+        return np.zeros(logits.shape[1:], np.uint8)
+    best = np.argmax(logits, axis=0)
+    ids = np.asarray(obj_ids, np.int64)[best]
+    return np.where(np.max(logits, axis=0) > 0, ids, 0).astype(np.uint8)

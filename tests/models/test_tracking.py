@@ -1,0 +1,101 @@
+"""Tracking parity with the upstream SAM3 tracker predictor, and the fixed-shape step.
+
+Upstream runs at a reduced input size (224 px -> a 16×16 grid; the parameters are SAM3's) on
+random trunk features: 8 frames, 2 objects with mask prompts, forward from frame 0 and in reverse
+from the last frame, with memory selection off and on. Weights reach our side through a sam3.pt
+file and the production loader (`VideoPredictor.from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests import upstream
+
+torch = upstream.torch
+from porting.upstream import build_tracker_predictor, track_with_masks  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+IMAGE_SIZE = 224
+NUM_FRAMES = 8
+VIDEO_SIZE = (90, 120)
+
+
+def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+
+
+def _config(memory_selection: bool):
+    from es3_jax import config as config_lib
+
+    cfg = config_lib.Config()
+    teacher = dataclasses.replace(
+        cfg.MODEL.TEACHER, IMAGE_SIZE=IMAGE_SIZE, USE_MEMORY_SELECTION=memory_selection
+    )
+    return dataclasses.replace(cfg, MODEL=dataclasses.replace(cfg.MODEL, TEACHER=teacher))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    seed = upstream.fresh_seed()
+    neck = upstream.build_neck(seed)
+    trackers = {
+        sel: build_tracker_predictor(seed, image_size=IMAGE_SIZE, memory_selection=sel)
+        for sel in (False, True)
+    }
+    path = upstream.save_sam3_checkpoint(
+        tmp_path_factory.mktemp("tracking") / "sam3.pt", upstream.sam3_checkpoint_dict(trackers[False], neck)
+    )
+    g = torch.Generator().manual_seed(seed)
+    grid = IMAGE_SIZE // 14
+    trunk = torch.randn(NUM_FRAMES, grid, grid, 1024, generator=g).numpy()
+    h, w = VIDEO_SIZE
+    masks = [_ellipse(h, w, 40, 45, 22, 30), _ellipse(h, w, 55, 80, 25, 28)]
+    return seed, neck, trackers, path, trunk, masks
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.mark.parametrize("memory_selection", [False, True], ids=["no_selection", "selection"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_tracking_matches_upstream(reference, memory_selection, reverse):
+    from es3_jax.predictor import VideoPredictor
+
+    _, neck, trackers, path, trunk, masks = reference
+    prompt_frame = NUM_FRAMES - 1 if reverse else 0
+    prompts = {1: (prompt_frame, masks[0]), 2: (prompt_frame, masks[1])}
+    ref = track_with_masks(
+        trackers[memory_selection],
+        neck,
+        trunk,
+        VIDEO_SIZE,
+        prompts,
+        start_frame_idx=prompt_frame,
+        reverse=reverse,
+    )
+
+    predictor = VideoPredictor.from_checkpoint(path, config=_config(memory_selection))
+    state = predictor.init_state(trunk, video_size=VIDEO_SIZE)
+    for obj_id, (frame_idx, mask) in prompts.items():
+        predictor.add_new_mask(state, frame_idx, obj_id, mask)
+    ours = list(predictor.propagate_in_video(state, start_frame_idx=prompt_frame, reverse=reverse))
+
+    assert [f for f, _, _ in ours] == [f for f, _, _ in ref]
+    name = f"tracking {'reverse' if reverse else 'forward'}, memory selection {'on' if memory_selection else 'off'}"
+    worst_iou = 1.0
+    for (frame, ids, logits), (_, ref_ids, ref_logits) in zip(ours, ref, strict=True):
+        assert ids == ref_ids == [1, 2]
+        upstream.report(f"{name}, frame {frame} mask logits", logits, ref_logits, 1e-3)
+        for k in range(2):
+            worst_iou = min(worst_iou, _iou(logits[k] > 0, ref_logits[k] > 0))
+    print(f"[parity] {name}: worst binarised-mask IoU over frames and objects {worst_iou:.6f}")
+    assert worst_iou >= 0.999
+    assert predictor.trace_counts["track_step"] == 1

@@ -1,0 +1,133 @@
+"""VideoPredictor behaviour on a small random-weight config: one compilation, objects joining
+later, prompts of any size, and memory that stays flat with video length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from es3_jax.models.sam_heads import NO_OBJ_SCORE
+
+# 112 px -> an 8×8 grid; a 64-wide trunk output stands in for SAM3's 1024.
+SMALL = [
+    "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TEACHER.TRUNK_DIM", "64", "MODEL.TRUNK.WIDTH", "64",
+    "MODEL.TRUNK.NUM_HEADS", "2", "MODEL.TRUNK.MLP_DIM", "128", "MODEL.TRUNK.DEPTH", "1",
+    "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]", "MODEL.TRUNK.WINDOW_SIZE", "8", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "112",
+]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _predictor(selection: bool = True):
+    from es3_jax.predictor import VideoPredictor
+
+    overrides = [*SMALL, "MODEL.TEACHER.USE_MEMORY_SELECTION", str(selection)]
+    return VideoPredictor.from_checkpoint(None, overrides=overrides, memory="teacher")
+
+
+def _disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+
+
+@pytest.mark.parametrize("selection", [False, True], ids=["no_selection", "selection"])
+def test_forty_frames_compile_the_step_once(selection):
+    predictor = _predictor(selection)
+    features = np.random.default_rng(0).standard_normal((40, 8, 8, 64)).astype(np.float32)
+    state = predictor.init_state(features, video_size=(30, 40))
+    predictor.add_new_mask(state, 0, 1, _disk(30, 40, 10, 12, 6))
+    # A prompt of another size than the video (1 px narrower), and an object that joins on frame 5.
+    predictor.add_new_mask(state, 5, 7, _disk(30, 39, 20, 25, 7))
+    seen = []
+    for frame, ids, logits in predictor.propagate_in_video(state):
+        assert ids == [1, 7] and logits.shape == (2, 30, 40) and logits.dtype == np.float32
+        assert np.isfinite(logits).all()
+        if frame < 5:
+            assert (logits[1] == NO_OBJ_SCORE).all()
+        seen.append(frame)
+    assert seen == list(range(40))
+    assert predictor.trace_counts["track_step"] == 1
+    assert predictor.timings["frames"] == 40
+    # The bank holds at most the prompted frames plus num_maskmem recent frames, whatever the length.
+    assert all(sum(e.slot is not None for e in entries) <= 7 for entries in state.entries)
+    assert all(len(entries) <= 16 for entries in state.entries)
+
+
+def test_reverse_from_a_later_prompt_and_reset():
+    predictor = _predictor()
+    features = np.random.default_rng(1).standard_normal((6, 8, 8, 64)).astype(np.float32)
+    state = predictor.init_state(features, video_size=(30, 40))
+    frame, ids, logits = predictor.add_new_points_or_box(state, 4, 3, points=[[20, 15]], labels=[1])
+    assert (frame, ids, logits.shape) == (4, [3], (1, 30, 40))
+    predictor.add_new_points_or_box(state, 4, 3, box=[5, 5, 30, 25])
+    frames = [f for f, _, _ in predictor.propagate_in_video(state, reverse=True)]
+    assert frames == [4, 3, 2, 1, 0]
+    predictor.reset_state(state)
+    assert state.obj_ids == [] and state.bank is None
+    with pytest.raises(Exception, match="no prompts"):
+        list(predictor.propagate_in_video(state))
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from es3_jax.data.embedding_store import EmbeddingStore
+    from es3_jax.predictor import VideoPredictor
+
+    store_root, num_frames = sys.argv[1], int(sys.argv[2])
+    store = EmbeddingStore(store_root)
+    predictor = VideoPredictor.from_checkpoint(None, overrides=json.loads(sys.argv[3]), memory="teacher")
+    state = predictor.init_state((store, "long"), video_size=(30, 40))
+    yy, xx = np.mgrid[:30, :40]
+    predictor.add_new_mask(state, 0, 1, (yy - 12) ** 2 + (xx - 15) ** 2 < 49)
+    done = 0
+    for frame, _, logits in predictor.propagate_in_video(state, max_frame_num_to_track=num_frames - 1):
+        done += 1
+        if done == 20:
+            warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"frames": done, "warm_kb": warm, "peak_kb": peak, "traces": predictor.trace_counts}))
+    """
+)
+
+
+def test_peak_memory_is_flat_with_video_length(tmp_path):
+    from es3_jax.data.embedding_store import EmbeddingStore, identity
+
+    store = EmbeddingStore(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    writer = store.begin_video(
+        "long",
+        frame_names=[f"{i:05d}" for i in range(1000)],
+        feature_shape=(8, 8, 64),
+        dtype="float32",
+        ident=identity("random", (0.5,) * 3, (0.5,) * 3, 112),
+    )
+    for start in range(0, 1000, 100):
+        writer.write(start, rng.standard_normal((100, 8, 8, 64)).astype(np.float32))
+    writer.commit()
+    peaks = {}
+    for n in (40, 1000):
+        run = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "store"), str(n), json.dumps(SMALL)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks[n] = json.loads(run.stdout.strip().splitlines()[-1])
+        assert peaks[n]["frames"] == n and peaks[n]["traces"]["track_step"] == 1
+    ratio = peaks[1000]["peak_kb"] / peaks[40]["peak_kb"]
+    print(
+        f"[memory] peak RSS 40 frames {peaks[40]['peak_kb'] / 1024:.0f} MiB, 1000 frames "
+        f"{peaks[1000]['peak_kb'] / 1024:.0f} MiB (ratio {ratio:.3f})"
+    )
+    assert ratio <= 1.05
