@@ -16,8 +16,13 @@ from es3_jax.commands.common import Formatter
 
 # Subcommand name -> module under es3_jax.commands, in the order `es3 --help` lists them.
 COMMANDS = {
-    "port": "port",
     "demo": "demo",
+    "make-synthetic": "make_synthetic",
+    "embed": "embed",
+    "train": "train",
+    "eval": "eval",
+    "track": "track",
+    "port": "port",
     "bench": "bench",
 }
 

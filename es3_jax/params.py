@@ -107,3 +107,19 @@ def bind(factory: Callable[[], M], params: Mapping, source: str = "") -> M:
     if jax.tree.leaves(rest):
         raise TypeError(f"{type(abstract).__name__} holds state other than nnx.Param; bind() cannot fill it")
     return nnx.merge(graphdef, param_state, rest)
+
+
+class ModuleTemplate:
+    """A module's structure without its values: rebuilds the module around any parameter dict.
+
+    Used inside `jax.jit` / `jax.grad`, where parameters arrive as plain nested dicts (the form
+    optax, orbax and the porting tables use) and the module must be re-formed around them.
+    """
+
+    def __init__(self, factory: Callable[[], nnx.Module]):
+        self.graphdef, self._state = nnx.split(nnx.eval_shape(factory))
+
+    def __call__(self, params: Mapping) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self._state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)

@@ -11,7 +11,7 @@ from es3_jax.cli import main
 def test_top_level_help_lists_commands():
     run = subprocess.run([sys.executable, "-m", "es3_jax.cli", "--help"], capture_output=True, text=True)
     assert run.returncode == 0
-    for word in ("port", "demo", "PyTorch", "embedded default"):
+    for word in ("demo", "make-synthetic", "embed", "train", "eval", "track", "port", "bench"):
         assert word in run.stdout
 
 
@@ -19,7 +19,8 @@ def test_top_level_help_lists_commands():
     ("command", "words"),
     [
         ("port", ("--sam3_weights", "--output_dir", "--config", "KEY VALUE", "stage-1", "strict")),
-        ("demo", ("--output_dir", "--sam3_weights", "summary.json")),
+        ("demo", ("--output_dir", "--sam3_weights", "summary.json", "J&F")),
+        ("train", ("--output_dir", "--resume", "ckpt_best", "SIGTERM", "TRAIN.MODE")),
     ],
 )
 def test_command_help(command, words, capsys):

@@ -12,7 +12,12 @@ Run one benchmark and print its records as a table (or JSON lines with --json).
 Every timing is of jit-compiled, warmed code: the median of repeated runs."""
 
 # Benchmark name -> module under benchmarks/.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "store": "store",
+    "data": "data",
+    "embed": "embed",
+    "memory-attention": "memory_attention",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -64,6 +64,51 @@ def mask_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return inter / jnp.maximum(union, 1.0)
 
 
+class MaskTerms(NamedTuple):
+    """Unreduced loss terms per (frame, object) `[...]`: the chosen candidate's focal and dice, the IoU
+    loss averaged over candidates, the object-score loss, and whether the object is present."""
+
+    focal: jax.Array
+    dice: jax.Array
+    iou: jax.Array
+    obj_score: jax.Array
+    present: jax.Array
+
+
+def mask_terms(
+    logits: jax.Array, iou_pred: jax.Array, obj_score_logits: jax.Array, targets: jax.Array, cfg: LossConfig
+) -> MaskTerms:
+    """Per-(frame, object) terms: logits `[..., M, H, W]` candidate masks (M = 1 or the multimask
+    outputs), iou_pred `[..., M]`, obj_score_logits `[...]`, targets `[..., H, W]` bool."""
+    targets = targets[..., None, :, :]
+    focal = focal_per_mask(logits, targets, cfg.FOCAL_ALPHA, cfg.FOCAL_GAMMA)
+    dice = dice_per_mask(logits, targets)
+    iou_l1 = jnp.abs(iou_pred.astype(jnp.float32) - mask_iou(logits, targets))
+    best = jnp.argmin(cfg.FOCAL * focal + cfg.DICE * dice, axis=-1)
+
+    def pick(x):
+        return jnp.take_along_axis(x, best[..., None], axis=-1)[..., 0]
+
+    present = targets.reshape(*targets.shape[:-3], -1).any(axis=-1).astype(jnp.float32)
+    obj = sigmoid_focal(obj_score_logits, present, -1.0, 0.0)
+    return MaskTerms(pick(focal), pick(dice), iou_l1.mean(axis=-1), obj, present)
+
+
+def reduce_terms(terms: MaskTerms, valid: jax.Array) -> MaskLosses:
+    """Sum the terms over frames and objects where `valid [..., T, O]`, divided by the number of
+    objects. Without the object on a frame its mask is not supervised; the object score learns
+    the absence."""
+    valid = valid.astype(jnp.float32)
+    mask_weight = valid * terms.present
+    num_objects = jnp.maximum(_num_objects(valid), 1.0)
+    return MaskLosses(
+        focal=(terms.focal * mask_weight).sum() / num_objects,
+        dice=(terms.dice * mask_weight).sum() / num_objects,
+        iou=(terms.iou * mask_weight).sum() / num_objects,
+        obj_score=(terms.obj_score * valid).sum() / num_objects,
+    )
+
+
 def mask_losses(
     logits: jax.Array,
     iou_pred: jax.Array,
@@ -72,32 +117,12 @@ def mask_losses(
     valid: jax.Array,
     cfg: LossConfig,
 ) -> MaskLosses:
-    """SAM2's mask losses for a batch of frames and objects.
+    """SAM2's mask losses for a batch of frames and objects (leading dims `...`, e.g. `[B, T, O]`).
 
-    logits: `[..., M, H, W]` candidate mask logits (M = 1, or the multimask outputs);
-    iou_pred: `[..., M]`; obj_score_logits: `[...]`; targets: `[..., H, W]` bool ground truth;
     valid: `[...]` bool, False for padded objects and for frames that carry no loss (e.g.
-    conditioning frames). The leading dims `...` are e.g. `[B, T, O]`.
+    conditioning frames). See `mask_terms` for the other shapes.
     """
-    valid = valid.astype(jnp.float32)
-    targets = targets[..., None, :, :]
-    focal = focal_per_mask(logits, targets, cfg.FOCAL_ALPHA, cfg.FOCAL_GAMMA)
-    dice = dice_per_mask(logits, targets)
-    iou_l1 = jnp.abs(iou_pred.astype(jnp.float32) - mask_iou(logits, targets))
-
-    best = jnp.argmin(cfg.FOCAL * focal + cfg.DICE * dice, axis=-1)
-    pick = lambda x: jnp.take_along_axis(x, best[..., None], axis=-1)[..., 0]  # noqa: E731
-    present = (targets.reshape(*targets.shape[:-2], -1).any(axis=-1)[..., 0]).astype(jnp.float32)
-    # Without the object on this frame its mask is not supervised; the object score learns the absence.
-    mask_weight = valid * present
-    num_objects = jnp.maximum(_num_objects(valid), 1.0)
-    obj = sigmoid_focal(obj_score_logits, present, -1.0, 0.0)
-    return MaskLosses(
-        focal=(pick(focal) * mask_weight).sum() / num_objects,
-        dice=(pick(dice) * mask_weight).sum() / num_objects,
-        iou=(iou_l1.mean(axis=-1) * mask_weight).sum() / num_objects,
-        obj_score=(obj * valid).sum() / num_objects,
-    )
+    return reduce_terms(mask_terms(logits, iou_pred, obj_score_logits, targets, cfg), valid)
 
 
 def _num_objects(valid: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -99,3 +100,24 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """This process's rows of the batch -> global arrays split over the mesh (every process calls it)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def optimizer_shardings(optimizer, params: Any, param_shards: Any, mesh: Mesh) -> Any:
+    """Shardings of the optimiser state: per-parameter statistics follow their parameter's
+    sharding (Adam moments of an fsdp-sharded kernel are sharded alike); counters are replicated."""
+    import optax
+
+    abstract = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, shard: shard,
+        abstract,
+        param_shards,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def init_optimizer(optimizer, params: Any, param_shards: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """(optimiser state placed on the mesh, its shardings)."""
+    shards = optimizer_shardings(optimizer, params, param_shards, mesh)
+    return jax.jit(optimizer.init, out_shardings=shards)(params), shards

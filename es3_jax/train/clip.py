@@ -1,0 +1,231 @@
+"""One training clip through the tracker: the teacher's rollout, the student beside it, and the losses.
+
+A clip is T frames of trunk features and the ground-truth masks of O object slots. Frame 0 is the
+conditioning frame: each object's ground-truth mask is the prompt (upstream `_use_mask_as_output`)
+and its memory. Frames 1..T-1 are tracked with the memory bank of the previous frames, exactly as
+at inference without memory selection (the cond frame plus the last `num_maskmem − 1` frames,
+pointers of every earlier frame), so the bank and its selections are static and the frames run as
+one `jax.lax.scan`.
+
+Distillation (DESIGN.md D7): teacher and student read banks built from the same predictions (the
+teacher's by default, `TRAIN.MEMORY_SOURCE`); the teacher's bank holds raw memories, the student's
+the ones its `compress` made. The student's memory-conditioned features go through the frozen SAM
+heads; its masks are supervised by the ground truth and its features by the teacher's (MSE).
+Fine-tuning runs the tracker alone against the ground truth.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from es3_jax.config import Config, TrackerConfig
+from es3_jax.models.memory_encoder import encode_new_memory
+from es3_jax.models.memory_path import MemoryPath, RawMemory
+from es3_jax.models.sam_heads import forward_sam_heads, use_mask_as_output
+from es3_jax.models.tracker import (
+    FrameFeatures,
+    MemoryBank,
+    SAM3Tracker,
+    Selection,
+    memory_conditioned,
+    write_memory,
+)
+from es3_jax.nn.layers import resize_bilinear
+from es3_jax.train import losses
+
+
+class ClipOutput(NamedTuple):
+    """Per-clip results. Terms are `[T-1, O]` (tracked frames × object slots)."""
+
+    terms: losses.MaskTerms  # of the supervised tracker (the student when distilling)
+    mse: jax.Array  # [T-1, O] student-vs-teacher feature MSE (zeros when fine-tuning)
+    masks: jax.Array  # [T, O, Hm, Wm] bool: the supervised tracker's masks (frame 0: the prompt)
+    teacher_masks: jax.Array  # [T, O, Hm, Wm] bool: the teacher's masks (= masks when fine-tuning)
+
+
+def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> Selection:
+    """The bank reads of tracked frames 1..T-1, stacked `[T-1, O, ...]`; bank slot i holds frame i."""
+    max_ptrs = min(num_frames, cfg.MAX_OBJ_PTRS_IN_ENCODER)
+    s_slots = min(cfg.NUM_MASKMEM, num_frames)
+    rows = []
+    for t in range(1, num_frames):
+        spatial = [(0, cfg.NUM_MASKMEM - 1)]
+        spatial += [(t - d, d - 1) for d in range(1, cfg.NUM_MASKMEM) if t - d >= 1]
+        pointers = [(0, t)] + [(t - d, d) for d in range(1, max_ptrs) if t - d >= 1]
+        frame = np.zeros((3, s_slots), np.int64)
+        for k, (slot, tpos) in enumerate(spatial):
+            frame[:, k] = (slot, tpos, 1)
+        ptr = np.zeros((3, num_frames), np.float64)
+        for k, (slot, rel) in enumerate(pointers):
+            ptr[:, k] = (slot, rel, 1)
+        rows.append((frame, ptr, t))
+
+    def stack(fn, dtype):
+        return jnp.asarray(
+            np.stack([np.broadcast_to(fn(r), (num_objects, *np.shape(fn(r)))) for r in rows]), dtype
+        )
+
+    return Selection(
+        frame_slot=stack(lambda r: r[0][0], jnp.int32),
+        frame_tpos=stack(lambda r: r[0][1], jnp.int32),
+        frame_valid=stack(lambda r: r[0][2].astype(bool), bool),
+        pointer_slot=stack(lambda r: r[1][0], jnp.int32),
+        pointer_rel=stack(lambda r: r[1][1], jnp.float32),
+        pointer_valid=stack(lambda r: r[1][2].astype(bool), bool),
+        pointer_scale=jnp.full((num_frames - 1,), max(max_ptrs - 1, 1), jnp.float32),
+        write_slot=stack(lambda r: r[2], jnp.int32),
+        write_pointer_slot=stack(lambda r: r[2], jnp.int32),
+        write=jnp.ones((num_frames - 1, num_objects), bool),
+    )
+
+
+def clip_features(tracker: SAM3Tracker, trunk: jax.Array) -> FrameFeatures:
+    """Trunk features `[T, g, g, Ct]` -> the tracker's features of every frame (leading dim T)."""
+    feats, pos = tracker.neck(trunk)
+    return FrameFeatures(feats[2], pos[2], tracker.mask_decoder.project_high_res(feats[0], feats[1]))
+
+
+def _broadcast(frame: FrameFeatures, o: int) -> FrameFeatures:
+    def grow(x):
+        return jnp.broadcast_to(x[None], (o, *x.shape))
+
+    return FrameFeatures(
+        grow(frame.feat), grow(frame.pos), (grow(frame.high_res[0]), grow(frame.high_res[1]))
+    )
+
+
+def _heads(tracker: SAM3Tracker, conditioned: jax.Array, frame: FrameFeatures):
+    return forward_sam_heads(
+        tracker.prompt_encoder,
+        tracker.mask_decoder,
+        tracker.obj_ptr_proj,
+        tracker.no_obj_ptr[...],
+        conditioned,
+        frame.high_res,
+        multimask_output=True,
+    )
+
+
+def gt_at_mask_size(masks: jax.Array, size: int) -> jax.Array:
+    """Ground truth `[..., H, W]` bool -> `[..., size, size]` bool (bilinear, antialiased, ≥ 0.5, as
+    upstream resizes mask prompts)."""
+    if masks.shape[-1] == size and masks.shape[-2] == size:
+        return masks.astype(bool)
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, *masks.shape[-2:], 1).astype(jnp.float32)
+    resized = resize_bilinear(flat, size, size, antialias=True)
+    return (resized[..., 0] >= 0.5).reshape(*lead, size, size)
+
+
+def run_clip(
+    teacher: SAM3Tracker,
+    student: MemoryPath | None,
+    trunk: jax.Array,
+    gt_masks: jax.Array,
+    cfg: Config,
+) -> ClipOutput:
+    """One clip: trunk `[T, g, g, Ct]`, gt_masks `[T, O, S, S]` bool at the input image size S (where
+    the SAM heads' high-res masks are, and where SAM2 computes its mask losses).
+
+    `student=None` fine-tunes: the teacher is the supervised tracker. Otherwise the student is
+    supervised; the caller differentiates only the student's parameters.
+    """
+    t_cfg = cfg.MODEL.TEACHER
+    num_frames, num_objects = gt_masks.shape[0], gt_masks.shape[1]
+    distill = student is not None
+    teacher_path = RawMemory(teacher.memory_attention)
+    frames = clip_features(teacher, trunk)
+    compute = frames.feat.dtype
+
+    # Frame 0: the ground-truth masks are the output and the memory.
+    f0 = _broadcast(jax.tree.map(lambda x: x[0], frames), num_objects)
+    # Mask prompts enter at the memory encoder's mask size, 16 × the feature grid (upstream 1152).
+    gt0 = gt_at_mask_size(gt_masks[0], 16 * t_cfg.grid)[..., None].astype(jnp.float32)
+    prompt = use_mask_as_output(
+        teacher.prompt_encoder,
+        teacher.mask_decoder,
+        teacher.obj_ptr_proj,
+        teacher.no_obj_ptr[...],
+        teacher.mask_downsample,
+        f0.feat,
+        f0.high_res,
+        gt0,
+    )
+    mem, mem_pos = encode_new_memory(
+        teacher.memory_encoder,
+        teacher.no_obj_embed_spatial[...],
+        f0.feat,
+        prompt.high_res_masks,
+        prompt.object_score_logits,
+        is_mask_from_pts=False,
+    )
+
+    def new_bank(path: MemoryPath) -> MemoryBank:
+        tokens, tokens_pos = path.compress(mem, mem_pos)
+        bank = jnp.zeros((num_objects, num_frames, *tokens.shape[1:]), compute)
+        pointers = jnp.zeros((num_objects, num_frames, prompt.obj_ptr.shape[-1]), jnp.float32)
+        return MemoryBank(
+            bank.at[:, 0].set(tokens.astype(compute)),
+            tokens_pos[0].astype(jnp.float32),
+            pointers.at[:, 0].set(prompt.obj_ptr.astype(jnp.float32)),
+        )
+
+    banks = (new_bank(teacher_path), new_bank(student) if distill else None)
+    selections = clip_selections(t_cfg, num_frames, num_objects)
+    tracked = jax.tree.map(lambda x: x[1:], frames)
+
+    def step(carry, xs):
+        bank_t, bank_s = carry
+        frame, gt, sel = xs
+        one = FrameFeatures(
+            frame.feat[None], frame.pos[None], (frame.high_res[0][None], frame.high_res[1][None])
+        )
+        expanded = _broadcast(frame, num_objects)
+        cond_t = memory_conditioned(teacher, teacher_path, one, bank_t, sel)
+        heads_t = _heads(teacher, cond_t, expanded)
+        if distill:
+            cond_s = memory_conditioned(teacher, student, one, bank_s, sel)
+            heads_s = _heads(teacher, cond_s, expanded)
+            mse = ((cond_s.astype(jnp.float32) - cond_t.astype(jnp.float32)) ** 2).mean(axis=(1, 2, 3))
+        else:
+            heads_s, mse = heads_t, jnp.zeros((num_objects,), jnp.float32)
+        source = heads_s if cfg.TRAIN.MEMORY_SOURCE == "student" else heads_t
+        features, pos = encode_new_memory(
+            teacher.memory_encoder,
+            teacher.no_obj_embed_spatial[...],
+            expanded.feat,
+            source.high_res_masks,
+            source.object_score_logits,
+            is_mask_from_pts=False,
+        )
+        raw, raw_pos = teacher_path.compress(features, pos)
+        bank_t = write_memory(
+            bank_t, raw, raw_pos, source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write
+        )
+        if distill:
+            tokens, tokens_pos = student.compress(features, pos)
+            bank_s = write_memory(
+                bank_s, tokens, tokens_pos, source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write
+            )
+        terms = losses.mask_terms(
+            jnp.moveaxis(heads_s.high_res_multimasks, -1, 1),
+            heads_s.ious,
+            heads_s.object_score_logits[:, 0],
+            gt,
+            cfg.TRAIN.LOSS,
+        )
+        masks = (heads_s.high_res_masks[..., 0] > 0, heads_t.high_res_masks[..., 0] > 0)
+        return (bank_t, bank_s), (terms, mse, masks)
+
+    _, (terms, mse, (masks, teacher_masks)) = jax.lax.scan(step, banks, (tracked, gt_masks[1:], selections))
+    first = gt_masks[:1].astype(bool)
+    return ClipOutput(
+        terms,
+        mse,
+        jnp.concatenate([first, masks], axis=0),
+        jnp.concatenate([first, teacher_masks], axis=0),
+    )

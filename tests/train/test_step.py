@@ -1,0 +1,85 @@
+"""The train step: fine-tuning and distillation learn, and sharding does not change the numbers."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from es3_jax import config as config_lib
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import SAM3Tracker
+from es3_jax.params import ModuleTemplate, flatten, param_dict
+from es3_jax.train import optim, sharding
+from es3_jax.train.step import Templates, make_train_step, split_trainable
+
+# The smallest geometry the tracker supports: 56 px frames -> 4 × 4 tokens.
+MICRO = [
+    "MODEL.TEACHER.IMAGE_SIZE", "56", "MODEL.TEACHER.TRUNK_DIM", "16", "MODEL.TEACHER.D_MODEL", "32",
+    "MODEL.TEACHER.MEM_DIM", "16", "MODEL.TEACHER.MEMORY_ATTENTION_FFN_DIM", "64",
+    "MODEL.TEACHER.DECODER_MLP_DIM", "64", "MODEL.TEACHER.DECODER_HEADS", "4",
+    "MODEL.TRUNK.WIDTH", "16", "MODEL.TRUNK.NUM_HEADS", "2", "MODEL.PERCEIVER.NUM_LATENTS", "4", "MODEL.PERCEIVER.NUM_LATENTS_2D", "4",
+    "MODEL.PERCEIVER.WINDOW_SIZE", "2", "MODEL.MEMORY_ATTENTION.POOL_SIZE", "2",
+    "TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "TRAIN.WARMUP_STEPS", "0",
+    "TRAIN.MAX_STEPS", "100", "TRAIN.LR", "1e-3", "TRAIN.LOSS.OBJ_SCORE", "1.0",
+]  # fmt: skip
+
+
+def _setup(mode: str, mesh_cfg: dict, devices):
+    cfg = config_lib.load(None, [*MICRO, "TRAIN.MODE", mode])
+    cfg = config_lib.merge(cfg, {"MESH": mesh_cfg})
+    t = cfg.MODEL.TEACHER
+    teacher = param_dict(SAM3Tracker(t, rngs=nnx.Rngs(0)))
+    student = param_dict(student_from_config(cfg, seed=1)) if mode == "distill" else None
+    templates = Templates(
+        ModuleTemplate(lambda: SAM3Tracker(t, rngs=nnx.Rngs(0))),
+        ModuleTemplate(lambda: student_from_config(cfg, seed=0)) if mode == "distill" else None,
+    )
+    mesh = sharding.make_mesh(cfg.MESH, devices)
+    trainable, frozen = split_trainable(cfg, teacher, student)
+    shards = sharding.param_shardings(trainable, mesh, cfg.MESH)
+    trainable = jax.device_put(trainable, shards)
+    opt = optim.make_optimizer(cfg.TRAIN, 1)
+    opt_state, opt_shards = sharding.init_optimizer(opt, trainable, shards, mesh)
+    step = make_train_step(templates, opt, cfg, mesh, shards, opt_shards)
+    return cfg, mesh, step, trainable, opt_state, jax.device_put(frozen, sharding.replicated(mesh))
+
+
+def _batch(cfg, seed: int, batch: int = 8, frames: int = 3, objects: int = 2):
+    t = cfg.MODEL.TEACHER
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((batch, frames, objects, t.IMAGE_SIZE, t.IMAGE_SIZE), bool)
+    for b in range(batch):
+        for o in range(objects):
+            y, x = rng.integers(0, t.IMAGE_SIZE - 24, size=2)
+            for f in range(frames):
+                masks[b, f, o, y + f : y + f + 20, x : x + 18] = True
+    return {
+        "embeddings": rng.normal(size=(batch, frames, t.grid, t.grid, t.TRUNK_DIM)).astype(np.float32),
+        "masks": masks,
+        "object_valid": np.array([[True, b % 2 == 0] for b in range(batch)]),
+        "clip_valid": np.ones(batch, bool),
+    }
+
+
+@pytest.mark.parametrize("mode", [pytest.param("finetune", marks=pytest.mark.slow), "distill"])
+def test_eight_devices_data4_fsdp2_equal_one_device(mode):
+    assert jax.device_count() >= 8, "conftest fakes 8 CPU devices"
+    runs = {}
+    for name, mesh_cfg, devices in (
+        ("one", {"DATA": 1, "FSDP": 1}, jax.devices()[:1]),
+        # FSDP_MIN_SIZE_MB 0 shards every divisible parameter, so fsdp really splits the weights.
+        ("eight", {"DATA": 4, "FSDP": 2, "FSDP_MIN_SIZE_MB": 0.0}, jax.devices()[:8]),
+    ):
+        cfg, mesh, step, trainable, opt_state, frozen = _setup(mode, mesh_cfg, devices)
+        losses = []
+        batch = sharding.global_batch(_batch(cfg, 0), mesh)
+        for _ in range(3):
+            trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch)
+            losses.append(float(metrics["total"]))
+        runs[name] = (flatten(jax.tree.map(np.asarray, trainable)), losses)
+    (one, loss_one), (eight, loss_eight) = runs["one"], runs["eight"]
+    np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5, err_msg=f"{mode}: losses differ")
+    assert loss_one[2] < loss_one[0], f"{mode}: the loss did not fall over 3 steps: {loss_one}"
+    worst = max(float(np.max(np.abs(eight[k] - one[k]))) for k in one)
+    print(f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps")
+    assert worst <= 1e-5
