@@ -166,7 +166,8 @@ class VideoPredictor:
         seed: int = 0,
         memory: str = "auto",
     ) -> VideoPredictor:
-        """A predictor from a `sam3.pt`, an es3 weights folder (`es3 port` output), or None (random).
+        """A predictor from a `sam3.pt`, an es3 weights folder (`es3 port` output, or the `weights/`
+        an `es3 train` run writes; the run folder itself also works), or None (random).
 
         config: a Config, a YAML path, or None (the weights folder's config, else the defaults);
         overrides: `KEY VALUE` pairs. memory: "teacher", "student" or "auto" (the student when
@@ -186,6 +187,8 @@ class VideoPredictor:
             path = Path(path)
             if not path.exists():
                 raise PredictorError(f"checkpoint not found: {path}")
+            if (path / "weights").is_dir() and not (path / "params").exists():
+                path = path / "weights"  # an `es3 train` run folder: the weights it wrote at the end
             if path.is_dir():
                 from es3_jax import tracker_weights
 

@@ -131,3 +131,27 @@ def test_peak_memory_is_flat_with_video_length(tmp_path):
         f"{peaks[1000]['peak_kb'] / 1024:.0f} MiB (ratio {ratio:.3f})"
     )
     assert ratio <= 1.05
+
+
+def test_a_training_run_folder_loads_its_student(tmp_path):
+    """`es3 train` writes <run>/weights with the tracker and the student; the run folder names it."""
+    from flax import nnx
+
+    from es3_jax import config as config_lib
+    from es3_jax import tracker_weights
+    from es3_jax.models.student import StudentMemory, student_from_config
+    from es3_jax.models.tracker import SAM3Tracker
+    from es3_jax.params import flatten, param_dict
+    from es3_jax.predictor import VideoPredictor
+
+    cfg = config_lib.load(None, [*SMALL, "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2"])
+    student = param_dict(student_from_config(cfg, seed=3))
+    params = {**param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(2))), "student": student}
+    tracker_weights.save(tmp_path / "run" / "weights", params, cfg)
+
+    predictor = VideoPredictor.from_checkpoint(tmp_path / "run")
+    memory = nnx.merge(predictor._memory_def, predictor._memory_state)
+    assert isinstance(memory, StudentMemory)
+    loaded = flatten(param_dict(memory))
+    for path, value in flatten(student).items():
+        np.testing.assert_array_equal(loaded[path], value, err_msg=path)
