@@ -108,7 +108,12 @@ def pool_memory(
     num_ptr = memory.k.shape[1] - spatial
     bias = jnp.concatenate([jnp.tile(frame_bias, num_frames), jnp.zeros((num_ptr,), jnp.float32)])
     mask = None if memory.mask is None else pooled(memory.mask, jnp.all)
-    return ProjectedMemory(pooled(memory.k, jnp.mean), pooled(memory.v, jnp.mean), bias, mask)
+
+    def mean(t: jax.Array, axis) -> jax.Array:
+        # Averaging p² bf16 values in bf16 loses bits; the mean is taken in float32.
+        return jnp.mean(t.astype(jnp.float32), axis=axis).astype(t.dtype)
+
+    return ProjectedMemory(pooled(memory.k, mean), pooled(memory.v, mean), bias, mask)
 
 
 def pooled_memory(num_frames: int, prefix: int, grid: tuple[int, int], pool: int) -> KVTransform | None:
