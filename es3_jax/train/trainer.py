@@ -150,7 +150,7 @@ class Trainer:
             trainable, opt_state = restored["params"], restored["opt_state"]
             meta = restored["meta"]
             self.micro, self.bad_steps = int(meta["micro_step"]), int(meta["bad_steps"])
-            self.best = float(meta.get("best", -math.inf))
+            self.best = -math.inf if meta.get("best") is None else float(meta["best"])
         self.trainable, self.opt_state = trainable, opt_state
         self.step = self.micro // self.accumulate
         if self.process_index == 0:
