@@ -16,7 +16,7 @@ ground truth.
 
 Writes <output_dir>/config.yaml, train.log, metrics.jsonl, tensorboard/, checkpoints/<step>/ (the
 latest TRAIN.KEEP_LATEST, every TRAIN.SAVE_EVERY-th, and the best by validation J&F) and, at the end,
-weights/ (an es3 weights folder for `es3 track`, `es3 eval` and `es3 export`). SIGTERM or Ctrl-C
+weights/ (an es3 weights folder for `es3 track` and `es3 eval`). SIGTERM or Ctrl-C
 saves a checkpoint and stops; `--resume auto` continues exactly where the run stopped.
 
 Multi-process runs (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /

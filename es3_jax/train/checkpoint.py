@@ -7,7 +7,7 @@ Orbax writes each step to a temporary folder and renames it when complete, so a 
 never leaves a checkpoint that reads as whole. The frozen teacher is not saved: it is reloaded
 from its own weights.
 
-Names users pass (`--resume`, `es3 export --stage2_weights`, `es3 eval --checkpoint`):
+Names users pass to `--resume`:
 `<output_dir>` or `<output_dir>/ckpt_latest` (the newest step), `<output_dir>/ckpt_best`,
 `<output_dir>/ckpt_step_<N>` or `<output_dir>/checkpoints/<N>`.
 """
