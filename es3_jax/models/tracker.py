@@ -23,6 +23,7 @@ from es3_jax.models.sam_heads import (
     NO_OBJ_SCORE,
     MaskDecoder,
     PromptEncoder,
+    SamHeadsOutput,
     forward_sam_heads,
     mask_downsample_conv,
     object_pointer_mlp,
@@ -176,7 +177,9 @@ def frame_features(tracker: SAM3Tracker, trunk_features: jax.Array) -> FrameFeat
     return FrameFeatures(feats[2], pos[2], tracker.mask_decoder.project_high_res(feats[0], feats[1]))
 
 
-def _expand(frame: FrameFeatures, b: int) -> FrameFeatures:
+def expand_frame(frame: FrameFeatures, b: int) -> FrameFeatures:
+    """A batch-1 frame broadcast to `b` objects."""
+
     def grow(x):
         return jnp.broadcast_to(x, (b, *x.shape[1:]))
 
@@ -196,7 +199,7 @@ def memory_conditioned(
 ) -> jax.Array:
     """The frame's level-2 feature conditioned on the selected memories -> `[O, g, g, d]`."""
     o = sel.frame_slot.shape[0]
-    frame = _expand(frame, o)
+    frame = expand_frame(frame, o)
     _, gh, gw, d = frame.feat.shape
     mem_dim = bank.tokens.shape[-1]
     compute = frame.feat.dtype
@@ -222,6 +225,35 @@ def memory_conditioned(
     return out.reshape(o, gh, gw, d)
 
 
+def tracked_heads(tracker: SAM3Tracker, conditioned: jax.Array, frame: FrameFeatures) -> SamHeadsOutput:
+    """SAM heads of a tracked frame: memory-conditioned features `[O, g, g, d]` and the frame's
+    high-res skips (broadcast to O), 3-mask output with argmax-IoU selection."""
+    return forward_sam_heads(
+        tracker.prompt_encoder,
+        tracker.mask_decoder,
+        tracker.obj_ptr_proj,
+        tracker.no_obj_ptr[...],
+        conditioned,
+        frame.high_res,
+        multimask_output=True,
+    )
+
+
+def tracked_memory(
+    tracker: SAM3Tracker, frame: FrameFeatures, heads: SamHeadsOutput
+) -> tuple[jax.Array, jax.Array]:
+    """The memory a tracked frame leaves (raw features and pos `[O, g, g, Cm]`), from its predicted
+    high-res mask (sigmoid, `20·m − 10`) and object score."""
+    return encode_new_memory(
+        tracker.memory_encoder,
+        tracker.no_obj_embed_spatial[...],
+        frame.feat,
+        heads.high_res_masks,
+        heads.object_score_logits,
+        is_mask_from_pts=False,
+    )
+
+
 def track_step(
     tracker: SAM3Tracker, memory: MemoryPath, frame: FrameFeatures, bank: MemoryBank, sel: Selection
 ) -> tuple[StepOutput, MemoryBank]:
@@ -233,24 +265,9 @@ def track_step(
     """
     o = sel.frame_slot.shape[0]
     conditioned = memory_conditioned(tracker, memory, frame, bank, sel)
-    expanded = _expand(frame, o)
-    heads = forward_sam_heads(
-        tracker.prompt_encoder,
-        tracker.mask_decoder,
-        tracker.obj_ptr_proj,
-        tracker.no_obj_ptr[...],
-        conditioned,
-        expanded.high_res,
-        multimask_output=True,
-    )
-    features, pos = encode_new_memory(
-        tracker.memory_encoder,
-        tracker.no_obj_embed_spatial[...],
-        expanded.feat,
-        heads.high_res_masks,
-        heads.object_score_logits,
-        is_mask_from_pts=False,
-    )
+    expanded = expand_frame(frame, o)
+    heads = tracked_heads(tracker, conditioned, expanded)
+    features, pos = tracked_memory(tracker, expanded, heads)
     tokens, tokens_pos = memory.compress(features, pos)
     bank = write_memory(
         bank, tokens, tokens_pos, heads.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write

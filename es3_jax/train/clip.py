@@ -25,13 +25,16 @@ import numpy as np
 from es3_jax.config import Config, TrackerConfig
 from es3_jax.models.memory_encoder import encode_new_memory
 from es3_jax.models.memory_path import MemoryPath, RawMemory
-from es3_jax.models.sam_heads import forward_sam_heads, use_mask_as_output
+from es3_jax.models.sam_heads import use_mask_as_output
 from es3_jax.models.tracker import (
-    FrameFeatures,
     MemoryBank,
     SAM3Tracker,
     Selection,
+    expand_frame,
+    frame_features,
     memory_conditioned,
+    tracked_heads,
+    tracked_memory,
     write_memory,
 )
 from es3_jax.nn.layers import resize_bilinear
@@ -83,33 +86,6 @@ def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> Se
     )
 
 
-def clip_features(tracker: SAM3Tracker, trunk: jax.Array) -> FrameFeatures:
-    """Trunk features `[T, g, g, Ct]` -> the tracker's features of every frame (leading dim T)."""
-    feats, pos = tracker.neck(trunk)
-    return FrameFeatures(feats[2], pos[2], tracker.mask_decoder.project_high_res(feats[0], feats[1]))
-
-
-def _broadcast(frame: FrameFeatures, o: int) -> FrameFeatures:
-    def grow(x):
-        return jnp.broadcast_to(x[None], (o, *x.shape))
-
-    return FrameFeatures(
-        grow(frame.feat), grow(frame.pos), (grow(frame.high_res[0]), grow(frame.high_res[1]))
-    )
-
-
-def _heads(tracker: SAM3Tracker, conditioned: jax.Array, frame: FrameFeatures):
-    return forward_sam_heads(
-        tracker.prompt_encoder,
-        tracker.mask_decoder,
-        tracker.obj_ptr_proj,
-        tracker.no_obj_ptr[...],
-        conditioned,
-        frame.high_res,
-        multimask_output=True,
-    )
-
-
 def gt_at_mask_size(masks: jax.Array, size: int) -> jax.Array:
     """Ground truth `[..., H, W]` bool -> `[..., size, size]` bool (bilinear, antialiased, ≥ 0.5, as
     upstream resizes mask prompts)."""
@@ -138,11 +114,11 @@ def run_clip(
     num_frames, num_objects = gt_masks.shape[0], gt_masks.shape[1]
     distill = student is not None
     teacher_path = RawMemory(teacher.memory_attention)
-    frames = clip_features(teacher, trunk)
+    frames = frame_features(teacher, trunk)  # leading dim T
     compute = frames.feat.dtype
 
     # Frame 0: the ground-truth masks are the output and the memory.
-    f0 = _broadcast(jax.tree.map(lambda x: x[0], frames), num_objects)
+    f0 = expand_frame(jax.tree.map(lambda x: x[:1], frames), num_objects)
     # Mask prompts enter at the memory encoder's mask size, 16 × the feature grid (upstream 1152).
     gt0 = gt_at_mask_size(gt_masks[0], 16 * t_cfg.grid)[..., None].astype(jnp.float32)
     prompt = use_mask_as_output(
@@ -176,32 +152,22 @@ def run_clip(
 
     banks = (new_bank(teacher_path), new_bank(student) if distill else None)
     selections = clip_selections(t_cfg, num_frames, num_objects)
-    tracked = jax.tree.map(lambda x: x[1:], frames)
+    tracked = jax.tree.map(lambda x: x[1:, None], frames)  # scanned: one batch-1 frame per step
 
     def step(carry, xs):
         bank_t, bank_s = carry
         frame, gt, sel = xs
-        one = FrameFeatures(
-            frame.feat[None], frame.pos[None], (frame.high_res[0][None], frame.high_res[1][None])
-        )
-        expanded = _broadcast(frame, num_objects)
-        cond_t = memory_conditioned(teacher, teacher_path, one, bank_t, sel)
-        heads_t = _heads(teacher, cond_t, expanded)
+        expanded = expand_frame(frame, num_objects)
+        cond_t = memory_conditioned(teacher, teacher_path, frame, bank_t, sel)
+        heads_t = tracked_heads(teacher, cond_t, expanded)
         if distill:
-            cond_s = memory_conditioned(teacher, student, one, bank_s, sel)
-            heads_s = _heads(teacher, cond_s, expanded)
+            cond_s = memory_conditioned(teacher, student, frame, bank_s, sel)
+            heads_s = tracked_heads(teacher, cond_s, expanded)
             mse = ((cond_s.astype(jnp.float32) - cond_t.astype(jnp.float32)) ** 2).mean(axis=(1, 2, 3))
         else:
             heads_s, mse = heads_t, jnp.zeros((num_objects,), jnp.float32)
         source = heads_s if cfg.TRAIN.MEMORY_SOURCE == "student" else heads_t
-        features, pos = encode_new_memory(
-            teacher.memory_encoder,
-            teacher.no_obj_embed_spatial[...],
-            expanded.feat,
-            source.high_res_masks,
-            source.object_score_logits,
-            is_mask_from_pts=False,
-        )
+        features, pos = tracked_memory(teacher, expanded, source)
         raw, raw_pos = teacher_path.compress(features, pos)
         bank_t = write_memory(
             bank_t, raw, raw_pos, source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write

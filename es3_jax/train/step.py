@@ -37,7 +37,9 @@ def split_trainable(cfg: Config, teacher: Mapping, student: Mapping | None) -> t
     names = cfg.TRAIN.FINETUNE_MODULES
     unknown = sorted(set(names) - set(teacher))
     if unknown or not names:
-        raise ConfigError(f"TRAIN.FINETUNE_MODULES {list(names)}: unknown {unknown}; the tracker has {sorted(teacher)}")
+        raise ConfigError(
+            f"TRAIN.FINETUNE_MODULES {list(names)}: unknown {unknown}; the tracker has {sorted(teacher)}"
+        )
     trainable = {k: v for k, v in teacher.items() if k in names}
     frozen = {k: v for k, v in teacher.items() if k not in names}
     return trainable, frozen
@@ -51,9 +53,9 @@ def _modules(templates: Templates, trainable: Mapping, frozen: Mapping):
 
 def _batch_outputs(templates: Templates, trainable, frozen, batch, cfg: Config) -> ClipOutput:
     teacher, student = _modules(templates, trainable, frozen)
-    return jax.vmap(lambda trunk, masks: run_clip(teacher, student, trunk, masks, cfg))(
-        batch["embeddings"], batch["masks"]
-    )
+    # Embeddings arrive in the store's dtype (bf16 by default): half the host-to-device bytes.
+    trunk = batch["embeddings"].astype(jnp.float32)
+    return jax.vmap(lambda t, masks: run_clip(teacher, student, t, masks, cfg))(trunk, batch["masks"])
 
 
 def _valid(batch: Mapping) -> jax.Array:

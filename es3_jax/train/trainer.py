@@ -185,9 +185,7 @@ class Trainer:
     def _global(self, batch: Mapping[str, np.ndarray]) -> dict:
         from es3_jax.train.sharding import global_batch
 
-        local = {k: batch[k] for k in BATCH_KEYS}
-        local["embeddings"] = batch["embeddings"].astype(np.float32)
-        return global_batch(local, self.mesh)
+        return global_batch({k: batch[k] for k in (*BATCH_KEYS, "embeddings")}, self.mesh)
 
     def _meta(self) -> dict:
         return {
@@ -260,6 +258,9 @@ class Trainer:
         """Train to `TRAIN.MAX_STEPS`; returns the last train and validation metrics."""
         from tqdm import tqdm
 
+        from es3_jax.train.checkpoint import BEST_METRIC
+        from es3_jax.train.optim import learning_rate
+
         cfg = self.cfg.TRAIN
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         total_micro = cfg.MAX_STEPS * self.accumulate
@@ -304,8 +305,6 @@ class Trainer:
                 if self.step % self.cfg.LOG.EVERY == 0 or self.step == cfg.MAX_STEPS:
                     elapsed = time.perf_counter() - window["start"]
                     clips = window["steps"] * self.accumulate * cfg.BATCH_SIZE * self.mesh.size
-                    from es3_jax.train.optim import learning_rate
-
                     self.log.log(
                         self.step,
                         {
@@ -320,8 +319,6 @@ class Trainer:
                 if cfg.EVAL_EVERY and (self.step % cfg.EVAL_EVERY == 0 or self.step == cfg.MAX_STEPS):
                     last_val = self.validate()
                     self.log.log(self.step, last_val, prefix="val")
-                    from es3_jax.train.checkpoint import BEST_METRIC
-
                     metrics_for_ckpt = {BEST_METRIC: last_val["jf"]}
                     self.best = max(self.best, last_val["jf"])
                 periodic = cfg.SAVE_EVERY and self.step % cfg.SAVE_EVERY == 0

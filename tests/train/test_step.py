@@ -80,6 +80,11 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
     (one, loss_one), (eight, loss_eight) = runs["one"], runs["eight"]
     np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5, err_msg=f"{mode}: losses differ")
     assert loss_one[2] < loss_one[0], f"{mode}: the loss did not fall over 3 steps: {loss_one}"
-    worst = max(float(np.max(np.abs(eight[k] - one[k]))) for k in one)
-    print(f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps")
+    # A key-projection bias adds the same q·b to every logit of a query, which softmax ignores: its
+    # gradient is exactly zero, so Adam turns float round-off (which depends on reduction order,
+    # even between two runs on one device) into steps of ±LR. Those parameters carry no signal.
+    diffs = {k: float(np.max(np.abs(eight[k] - one[k]))) for k in one if not k.endswith("k_proj.bias")}
+    worst_key = max(diffs, key=diffs.get)
+    worst = diffs[worst_key]
+    print(f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps ({worst_key})")
     assert worst <= 1e-5
