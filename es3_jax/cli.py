@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "eval",
     "track": "track",
     "port": "port",
+    "export": "export",
     "bench": "bench",
 }
 

@@ -166,8 +166,9 @@ class VideoPredictor:
         seed: int = 0,
         memory: str = "auto",
     ) -> VideoPredictor:
-        """A predictor from a `sam3.pt`, an es3 weights folder (`es3 port` output, or the `weights/`
-        an `es3 train` run writes; the run folder itself also works), or None (random).
+        """A predictor from a `sam3.pt`, a merged export (`es3 export`: its recorded student), an es3
+        weights folder (`es3 port` output, or the `weights/` an `es3 train` run writes; the run
+        folder itself also works), or None (random).
 
         config: a Config, a YAML path, or None (the weights folder's config, else the defaults);
         overrides: `KEY VALUE` pairs. memory: "teacher", "student" or "auto" (the student when
@@ -197,13 +198,28 @@ class VideoPredictor:
                     cfg = config_lib.apply_overrides(folder_cfg, overrides)
                 student_params = params.pop("student", None)
                 trunk_params = params.pop("trunk", None)
+            elif _is_merged_export(path):
+                from porting.export import port_merged
+
+                # The file's record describes its student; a given config only supplies the rest.
+                params, cfg, _ = port_merged(path, cfg if config is not None else None)
+                cfg = config_lib.apply_overrides(cfg, overrides)
+                student_params = params.pop("student", None)
+                trunk_params = _try_port_trunk(path)
             else:
                 from porting.sam3_checkpoint import port_checkpoint
 
                 params = port_checkpoint(path, expected=expected_param_shapes(cfg.MODEL.TEACHER)).params
                 trunk_params = _try_port_trunk(path)
-            tracker = build_tracker(cfg.MODEL.TEACHER, params, source=str(path))
             use_student = memory == "student" or (memory == "auto" and student_params is not None)
+            if "memory_attention" not in params:
+                # A merged export replaced the teacher's memory attention by the student's.
+                if not use_student:
+                    raise PredictorError(
+                        f"{path}: holds no teacher memory attention (a merged export); use the student"
+                    )
+                params = {**params, "memory_attention": _unused_memory_attention(cfg)}
+            tracker = build_tracker(cfg.MODEL.TEACHER, params, source=str(path))
         student = None
         if use_student:
             from es3_jax.models.student import student_from_config
@@ -803,6 +819,27 @@ def _is_student_config(cfg: config_lib.Config) -> bool:
         m.PERCEIVER.ENABLED
         or m.MEMORY_ATTENTION.POOL_SIZE > 1
         or m.MEMORY_ATTENTION.NUM_LAYERS != m.TEACHER.MEMORY_ATTENTION_LAYERS
+    )
+
+
+def _is_merged_export(path: Path) -> bool:
+    try:
+        from porting.export import is_merged_file
+    except ImportError:  # without torch there is nothing to read a .pt with anyway
+        return False
+    return is_merged_file(path)
+
+
+def _unused_memory_attention(cfg: config_lib.Config) -> dict:
+    """Zeros in the teacher's memory-attention shapes: the tracker module holds them, the student's
+    path never reads them."""
+    from es3_jax.models.tracker import expected_param_shapes
+    from es3_jax.params import unflatten
+
+    shapes = expected_param_shapes(cfg.MODEL.TEACHER)
+    prefix = "memory_attention."
+    return unflatten(
+        {p.removeprefix(prefix): np.zeros(s, np.float32) for p, s in shapes.items() if p.startswith(prefix)}
     )
 
 

@@ -10,6 +10,10 @@ The code is written independently of the JAX modules (complex-number RoPE, `avg_
 pooling, `unfold` windows) so that the parity tests compare two implementations.
 `student_to_torch` / `student_from_torch` move parameters between the two through
 `porting.keymap.STUDENT_TABLE`.
+
+`load_efficient_sam3` builds upstream sam3's tracker predictor around the twin from a merged
+export (`es3 export`), so PyTorch users track with the student as they track with SAM3;
+`save_efficient_sam3` writes such a model back as a merged file (`es3 port` reads it).
 """
 
 from __future__ import annotations
@@ -159,7 +163,9 @@ class TorchPerceiverResampler(nn.Module):
 
 def rope_angles(xs: torch.Tensor, ys: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Axial angles `[N, head_dim/2]`: x frequencies, then y frequencies."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+    freqs = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 4, device=xs.device)[: head_dim // 4].float() / head_dim)
+    )
     return torch.cat([torch.outer(xs, freqs), torch.outer(ys, freqs)], dim=-1)
 
 
@@ -248,7 +254,7 @@ class TorchMemoryAttention(nn.Module):
     def forward(self, src, src_pos, memory, memory_pos, query_grid, k_angles, pool=None, mask=None):
         """src, src_pos `[B, Nq, D]`; memory, memory_pos `[B, Nk, Dkv]` -> `[B, Nq, D]`."""
         qh, qw = query_grid
-        n = torch.arange(qh * qw)
+        n = torch.arange(qh * qw, device=src.device)
         q_angles = rope_angles((n % qw).float(), (n // qw).float(), self.head_dim, self.rope_theta)
         x = src + 0.1 * src_pos
         for layer in self.layers:
@@ -287,21 +293,26 @@ class TorchStudentMemory(nn.Module):
             return self.spatial_perceiver(features, pos)
         return features.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2)
 
-    def _frame_layout(self, query_grid):
+    def _frame_layout(self, query_grid, device=None):
         """(global tokens per frame, (gh, gw) grid tokens, their (x, y) positions in the query frame)."""
         qh, qw = query_grid
         if self.spatial_perceiver is None:
             gh, gw, n_global = qh, qw, 0
-            cx, cy = torch.arange(qw).float(), torch.arange(qh).float()
+            cx, cy = torch.arange(qw, device=device).float(), torch.arange(qh, device=device).float()
         else:
             g = self.spatial_perceiver.grid
             gh = gw = g
             n_global = self.spatial_perceiver.latents.shape[0]
-            cx = (torch.arange(g).float() + 0.5) * (qw / g) - 0.5
-            cy = (torch.arange(g).float() + 0.5) * (qh / g) - 0.5
+            cx = (torch.arange(g, device=device).float() + 0.5) * (qw / g) - 0.5
+            cy = (torch.arange(g, device=device).float() + 0.5) * (qh / g) - 0.5
         xs = cx.repeat(gh)
         ys = cy.repeat_interleave(gw)
         return n_global, (gh, gw), xs, ys
+
+    def tokens_per_frame(self, query_grid: tuple[int, int]) -> int:
+        """Tokens `compress` makes of one memory frame on `query_grid`."""
+        n_global, (gh, gw), _, _ = self._frame_layout(query_grid)
+        return n_global + gh * gw
 
     def forward(
         self,
@@ -318,11 +329,11 @@ class TorchStudentMemory(nn.Module):
         """Same arguments and layout as `StudentMemory.__call__` -> `[B, Nq, C]`."""
         encoder = self.transformer.encoder
         _, s, n, _ = frames.shape
-        n_global, (gh, gw), xs, ys = self._frame_layout(query_grid)
+        n_global, (gh, gw), xs, ys = self._frame_layout(query_grid, src.device)
         grid_angles = rope_angles(xs, ys, encoder.head_dim, encoder.rope_theta)
         half = encoder.head_dim // 2
-        frame_angles = torch.cat([torch.zeros(n_global, half), grid_angles])
-        k_angles = torch.cat([frame_angles.repeat(s, 1), torch.zeros(pointers.shape[1], half)])
+        frame_angles = torch.cat([grid_angles.new_zeros(n_global, half), grid_angles])
+        k_angles = torch.cat([frame_angles.repeat(s, 1), grid_angles.new_zeros(pointers.shape[1], half)])
         memory = torch.cat([frames.flatten(1, 2), pointers], dim=1)
         memory_pos = torch.cat([frames_pos.flatten(1, 2), pointers_pos], dim=1)
         mask = torch.cat([frame_valid.bool().repeat_interleave(n, dim=1), pointer_valid.bool()], dim=1)
@@ -353,9 +364,9 @@ class _Pooling:
             return torch.cat([out, t[:, :, spatial:]], dim=2)
 
         pooled_per_frame = (gh // p) * (gw // p)
-        bias = torch.zeros(s, n_global + pooled_per_frame)
+        bias = k.new_zeros(s, n_global + pooled_per_frame, dtype=torch.float32)
         bias[:, n_global:] = math.log(p * p)
-        bias = torch.cat([bias.flatten(), torch.zeros(k.shape[2] - spatial)])
+        bias = torch.cat([bias.flatten(), bias.new_zeros(k.shape[2] - spatial)])
         # A pooled token is valid when all of its cell is: pool the mask as 0/1 and keep exact ones.
         m = pool_tokens(mask[:, None, :, None].float())[:, 0, :, 0] == 1.0
         return pool_tokens(k), pool_tokens(v), bias, m
@@ -407,3 +418,224 @@ def student_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
 def twin_state_dict(twin: TorchStudentMemory) -> dict[str, torch.Tensor]:
     """The twin's weights under the export's keys (`tracker.` + its own state-dict keys)."""
     return {EXPORT_PREFIX + k: v.detach().clone() for k, v in twin.state_dict().items()}
+
+
+# --- The upstream tracker predictor with the student's memory path ---------------------------
+
+
+class StudentEncoder(nn.Module):
+    """Answers upstream's `transformer.encoder(...)` call with the student's memory attention.
+
+    Upstream `_prepare_memory_conditioned_features` selects the memory frames (conditioning frames,
+    recent frames or memory selection), adds their temporal encodings, appends the object-pointer
+    tokens and concatenates everything along the sequence. Each stored frame is what the student's
+    `compress` made of it (see `EfficientSam3Predictor._encode_new_memory`), so the sequence splits
+    back into `[B, S, N, Cm]` frames plus pointers: exactly `TorchStudentMemory.forward`'s inputs.
+    Its parameters are `layers.*` / `norm`, the keys of the memory attention it replaces.
+    """
+
+    def __init__(self, student: TorchStudentMemory):
+        super().__init__()
+        encoder = student.transformer.encoder
+        self.layers, self.norm = encoder.layers, encoder.norm
+        # A plain attribute, not a submodule: its modules are registered here and on the predictor.
+        self.__dict__["student"] = student
+
+    def forward(
+        self,
+        src,
+        src_key_padding_mask,
+        src_pos,
+        prompt,
+        prompt_pos,
+        prompt_key_padding_mask,
+        feat_sizes,
+        num_obj_ptr_tokens: int,
+    ) -> dict[str, torch.Tensor]:
+        """Upstream's arguments (sequence-first `[L, B, C]`) -> `{"memory": [H·W, B, C]}`."""
+        del src_key_padding_mask, prompt_key_padding_mask  # upstream passes no padding
+        if isinstance(src, list):
+            src, src_pos = src[-1], src_pos[-1]
+        query_grid = tuple(feat_sizes[-1])
+        b, c = prompt.shape[1], prompt.shape[2]
+        n = self.student.tokens_per_frame(query_grid)
+        spatial = prompt.shape[0] - num_obj_ptr_tokens
+        if spatial % n:
+            raise ValueError(f"{spatial} memory tokens are not whole frames of {n} student tokens")
+        s = spatial // n
+        memory = prompt.transpose(0, 1).float()
+        memory_pos = prompt_pos.transpose(0, 1).float()
+        out = self.student(
+            src.transpose(0, 1),
+            src_pos.transpose(0, 1),
+            query_grid,
+            memory[:, :spatial].reshape(b, s, n, c),
+            memory_pos[:, :spatial].reshape(b, s, n, c),
+            torch.ones(b, s, dtype=torch.bool, device=prompt.device),
+            memory[:, spatial:],
+            memory_pos[:, spatial:],
+            torch.ones(b, num_obj_ptr_tokens, dtype=torch.bool, device=prompt.device),
+        )
+        return {"memory": out.transpose(0, 1)}
+
+
+def _predictor_class():
+    """`EfficientSam3Predictor`, defined on first use so that this module imports without sam3."""
+    global _PREDICTOR_CLASS
+    if _PREDICTOR_CLASS is not None:
+        return _PREDICTOR_CLASS
+    from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
+
+    class EfficientSam3Predictor(Sam3TrackerPredictor):
+        """Upstream's `Sam3TrackerPredictor` whose memory path is the student's (D12).
+
+        Every memory frame is compressed as soon as the memory encoder makes it, and stored as
+        `[B, Cm, N, 1]`: the layout upstream keeps memory maps in, so its bookkeeping (bf16
+        storage, one cached positional map, per-object slicing, frame selection, temporal and
+        pointer encodings) applies unchanged to the student's tokens. The student's keys are
+        `spatial_perceiver.*` and `transformer.encoder.*`.
+        """
+
+        def __init__(self, student: TorchStudentMemory | None, **kwargs):
+            super().__init__(**kwargs)
+            self.spatial_perceiver = None if student is None else student.spatial_perceiver
+            self.__dict__["student_memory"] = student
+            if student is not None:
+                self.transformer.encoder = StudentEncoder(student)
+
+        def init_state(self, *args, **kwargs):
+            if self.device.type == "cpu":
+                # Upstream otherwise keeps the frames and the state on "cuda".
+                kwargs["offload_video_to_cpu"] = kwargs["offload_state_to_cpu"] = True
+            return super().init_state(*args, **kwargs)
+
+        def _encode_new_memory(self, *args, **kwargs):
+            features, pos = super()._encode_new_memory(*args, **kwargs)
+            if self.student_memory is None:
+                return features, pos
+            tokens, tokens_pos = self.student_memory.compress(features, pos[-1])
+            return tokens.transpose(1, 2).unsqueeze(-1), [tokens_pos.transpose(1, 2).unsqueeze(-1)]
+
+    _PREDICTOR_CLASS = EfficientSam3Predictor
+    return _PREDICTOR_CLASS
+
+
+_PREDICTOR_CLASS = None
+BACKBONE_PREFIX = "detector.backbone.vision_backbone."
+
+
+def _sam3_backbone(cfg: Config) -> nn.Module:
+    """SAM3's vision backbone (ViT trunk + dual neck) at the recorded geometry, as `build_tracker`'s."""
+    from sam3.model.necks import Sam3DualViTDetNeck
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.vl_combiner import SAM3VLBackbone
+
+    from porting.upstream import vit_trunk
+
+    t, tr = cfg.MODEL.TEACHER, cfg.MODEL.TRUNK
+    trunk = vit_trunk(
+        depth=tr.DEPTH,
+        img_size=t.IMAGE_SIZE,
+        global_blocks=tr.GLOBAL_BLOCKS,
+        window_size=tr.WINDOW_SIZE,
+        embed_dim=tr.WIDTH,
+        num_heads=tr.NUM_HEADS,
+        mlp_dim=tr.MLP_DIM,
+        pretrain_img_size=tr.PRETRAIN_IMAGE_SIZE,
+    )
+    neck = Sam3DualViTDetNeck(
+        trunk=trunk,
+        position_encoding=PositionEmbeddingSine(256, normalize=True, precompute_resolution=t.IMAGE_SIZE),
+        d_model=t.D_MODEL,
+        scale_factors=[4.0, 2.0, 1.0, 0.5],
+        add_sam2_neck=True,
+    )
+    return SAM3VLBackbone(visual=neck, text=None, scalp=1)
+
+
+def _has_sam3_trunk(sd: Mapping) -> bool:
+    from porting.sam3_checkpoint import TRUNK_PREFIX, TRUNK_TABLE
+
+    keys = [k for k in sd if k.startswith(TRUNK_PREFIX)]
+    return bool(keys) and all(TRUNK_TABLE.to_jax(k) or TRUNK_TABLE.is_ignored(k) for k in keys)
+
+
+def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | torch.device | None = None):
+    """The tracker of a merged export (`es3 export`) as an upstream sam3 video predictor.
+
+    Returns a `Sam3TrackerPredictor` subclass (`init_state`, `add_new_mask`,
+    `add_new_points_or_box`, `propagate_in_video`, `reset_state`, ...) whose memory path is the
+    student recorded in the file. backbone: build SAM3's vision backbone from the file's
+    `detector.backbone.vision_backbone.*` keys so that `init_state(video_path=...)` works (None:
+    when the file holds SAM3's ViT trunk; a stage-1 trunk is not sam3 code, so then pass
+    `cached_features` to `init_state` or set `predictor.backbone` yourself). Loading is strict:
+    every `tracker.*` key (and backbone key) must be one the model has, with its shape, and the
+    model must find all of its keys; otherwise the error names each key.
+    """
+    from porting.export import ExportError, read_torch_checkpoint, record_config
+    from porting.upstream import tracker_predictor
+
+    sd, record = read_torch_checkpoint(path)
+    if record is None:
+        raise ExportError(f"{path}: no es3_config record: not a merged export (write one with `es3 export`)")
+    cfg = record_config(record)
+    t = cfg.MODEL.TEACHER
+    if backbone is None:
+        backbone = _has_sam3_trunk(sd)
+    student = torch_student_from_config(cfg) if record.get("memory", "student") == "student" else None
+    model = tracker_predictor(
+        image_size=t.IMAGE_SIZE,
+        memory_selection=t.USE_MEMORY_SELECTION,
+        backbone=_sam3_backbone(cfg) if backbone else None,
+        predictor_class=_predictor_class(),
+        student=student,
+        num_maskmem=t.NUM_MASKMEM,
+        max_cond_frames_in_attn=t.MAX_COND_FRAMES_IN_ATTN,
+        max_obj_ptrs_in_encoder=t.MAX_OBJ_PTRS_IN_ENCODER,
+        mf_threshold=t.MF_THRESHOLD,
+    )
+    namespaces = ("tracker.", BACKBONE_PREFIX) if backbone else ("tracker.",)
+    source = {_model_key(k): v for k, v in sd.items() if k.startswith(namespaces)}
+    own = model.state_dict()
+    lines = [f"  missing key: {_file_key(k)}" for k in own if k not in source]
+    lines += [f"  unexpected key: {_file_key(k)}" for k in source if k not in own]
+    lines += [
+        f"  shape mismatch: {_file_key(k)}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k, v in source.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if lines:
+        raise ExportError("\n".join([f"{path}: does not match the tracker its record describes:", *lines]))
+    model.load_state_dict(source, strict=True)
+    model.es3_record, model.es3_source = record, str(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def _model_key(file_key: str) -> str:
+    if file_key.startswith(BACKBONE_PREFIX):
+        return "backbone.vision_backbone." + file_key.removeprefix(BACKBONE_PREFIX)
+    return file_key.removeprefix("tracker.")
+
+
+def _file_key(model_key: str) -> str:
+    if model_key.startswith("backbone.vision_backbone."):
+        return BACKBONE_PREFIX + model_key.removeprefix("backbone.vision_backbone.")
+    return "tracker." + model_key
+
+
+def save_efficient_sam3(model, path, *, base=None, fmt: str = "auto"):
+    """Write a `load_efficient_sam3` model (e.g. after training or editing it in PyTorch) as a merged
+    file: the merged file it was loaded from (or `base`) with every tensor the model holds replaced
+    by the model's, and its record. `es3 port` and `VideoPredictor.from_checkpoint` read it back."""
+    from pathlib import Path
+
+    from porting.export import read_torch_checkpoint, write_checkpoint
+
+    path = Path(path)
+    if fmt == "auto":
+        fmt = "safetensors" if path.suffix == ".safetensors" else "pt"
+    sd, _ = read_torch_checkpoint(base if base is not None else model.es3_source)
+    sd.update({_file_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    return write_checkpoint(path, sd, model.es3_record, fmt)

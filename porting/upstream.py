@@ -102,10 +102,9 @@ def build_neck(seed: int) -> torch.nn.Module:
 SAM3_GLOBAL_BLOCKS = (7, 15, 23, 31)
 
 
-def build_trunk(
-    seed: int,
+def vit_trunk(
     *,
-    depth: int | None = None,
+    depth: int = 32,
     img_size: int = 1008,
     global_blocks: tuple[int, ...] | None = None,
     window_size: int = 24,
@@ -114,15 +113,13 @@ def build_trunk(
     mlp_dim: int = 4736,
     pretrain_img_size: int = 336,
 ) -> torch.nn.Module:
-    """The upstream SAM3 ViT trunk (`_create_vit_backbone`'s settings) in eval mode with fresh random weights.
+    """The upstream SAM3 ViT trunk with `_create_vit_backbone`'s settings at any geometry (untrained).
 
-    `depth` reduces the number of blocks (default: all 32); the global blocks default to SAM3's that
-    lie below it, or the last block when none does (upstream's output is the last global block's).
-    The other arguments shrink the geometry for fast tests.
+    The global blocks default to SAM3's that lie below `depth`, or the last block when none does
+    (upstream's output is the last global block's).
     """
     from sam3.model.vitdet import ViT
 
-    depth = 32 if depth is None else depth
     if global_blocks is None:
         global_blocks = tuple(i for i in SAM3_GLOBAL_BLOCKS if i < depth) or (depth - 1,)
     trunk = ViT(
@@ -152,17 +149,31 @@ def build_trunk(
     )
     if trunk.blocks[0].mlp.fc1.out_features != mlp_dim:
         raise ValueError(f"mlp_dim {mlp_dim} is not reachable as int(embed_dim * ratio) upstream")
-    trunk.eval()
+    return trunk.eval()
+
+
+def build_trunk(seed: int, *, depth: int | None = None, **geometry) -> torch.nn.Module:
+    """`vit_trunk` in eval mode with fresh random weights; `depth` None = all 32 blocks."""
+    trunk = vit_trunk(depth=32 if depth is None else depth, **geometry)
     randomize_(trunk, seed)
     return trunk
 
 
-def build_tracker_predictor(seed: int, *, image_size: int = 1008, memory_selection: bool = False):
-    """The upstream `Sam3TrackerPredictor` as `build_tracker` configures it, at any input size.
+def tracker_predictor(
+    *,
+    image_size: int = 1008,
+    memory_selection: bool = False,
+    backbone: torch.nn.Module | None = None,
+    predictor_class: type | None = None,
+    **settings,
+) -> torch.nn.Module:
+    """The upstream `Sam3TrackerPredictor` (or a subclass) as `build_tracker` configures it, at any
+    input size, untrained, in eval mode.
 
     Only the geometry changes with `image_size` (grid = image_size / 14; the memory encoder's mask
     size is 16 × grid, as 1152 is for 72): the parameters and their shapes are SAM3's, so the
-    model reads a sam3.pt layout. Eval mode, every weight drawn fresh from `seed`.
+    model reads a sam3.pt layout. `settings` override `build_tracker`'s keyword arguments
+    (e.g. `num_maskmem`, `max_cond_frames_in_attn`).
     """
     from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
     from sam3.model_builder import _create_tracker_maskmem_backbone, _create_tracker_transformer
@@ -170,10 +181,10 @@ def build_tracker_predictor(seed: int, *, image_size: int = 1008, memory_selecti
     maskmem = _create_tracker_maskmem_backbone()
     mask_size = image_size // 14 * 16
     maskmem.mask_downsampler.interpol_size = [mask_size, mask_size]
-    model = Sam3TrackerPredictor(
+    kwargs = dict(
         image_size=image_size,
         num_maskmem=7,
-        backbone=None,
+        backbone=backbone,
         backbone_stride=14,
         transformer=_create_tracker_transformer(),
         maskmem_backbone=maskmem,
@@ -197,7 +208,13 @@ def build_tracker_predictor(seed: int, *, image_size: int = 1008, memory_selecti
         fill_hole_area=0,
         use_memory_selection=memory_selection,
     )
-    model.eval()
+    kwargs.update(settings)
+    return (predictor_class or Sam3TrackerPredictor)(**kwargs).eval()
+
+
+def build_tracker_predictor(seed: int, *, image_size: int = 1008, memory_selection: bool = False):
+    """`tracker_predictor` with every weight drawn fresh from `seed`."""
+    model = tracker_predictor(image_size=image_size, memory_selection=memory_selection)
     randomize_(model, seed)
     return model
 
