@@ -48,6 +48,11 @@ def reference(tmp_path_factory):
         sel: build_tracker_predictor(seed, image_size=IMAGE_SIZE, memory_selection=sel)
         for sel in (False, True)
     }
+    with torch.no_grad():
+        # Objects present on every frame: a random score head may declare them absent, and then both
+        # sides output the constant NO_OBJ_SCORE whatever the memory attention computed.
+        for tracker in trackers.values():
+            tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
     path = upstream.save_sam3_checkpoint(
         tmp_path_factory.mktemp("tracking") / "sam3.pt", upstream.sam3_checkpoint_dict(trackers[False], neck)
     )
@@ -93,6 +98,7 @@ def test_tracking_matches_upstream(reference, memory_selection, reverse):
     worst_iou = 1.0
     for (frame, ids, logits), (_, ref_ids, ref_logits) in zip(ours, ref, strict=True):
         assert ids == ref_ids == [1, 2]
+        assert np.ptp(ref_logits, axis=(1, 2)).min() > 1.0, f"frame {frame}: constant logits compare nothing"
         upstream.report(f"{name}, frame {frame} mask logits", logits, ref_logits, 1e-3)
         for k in range(2):
             worst_iou = min(worst_iou, _iou(logits[k] > 0, ref_logits[k] > 0))
