@@ -41,7 +41,9 @@ def save(
     output_dir: str | Path, params: Mapping, cfg: config_lib.Config, report: Mapping | None = None
 ) -> Path:
     """Write a weights folder. The folder appears complete or not at all: it is assembled
-    under a temporary name beside `output_dir` and renamed into place."""
+    under a temporary name beside `output_dir` and renamed into place. In a multi-process run one
+    process calls it, with host (numpy) arrays."""
+    import jax
     import orbax.checkpoint as ocp
 
     output_dir = Path(output_dir).absolute()
@@ -50,7 +52,12 @@ def save(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        # One process writes the folder (process 0 of a multi-process run): orbax must not wait at
+        # barriers for processes that never call this.
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        )
         checkpointer.save(staging / PARAMS_DIR, _string_keys(params))
         checkpointer.wait_until_finished()
         config_lib.save(cfg, staging / CONFIG_FILE)

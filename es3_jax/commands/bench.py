@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "data": "data",
     "embed": "embed",
     "memory-attention": "memory_attention",
+    "train": "train",
 }
 
 

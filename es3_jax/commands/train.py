@@ -8,7 +8,9 @@ from es3_jax.commands.common import add_config_args, load_config
 
 HELP = "train: distil the student memory from the frozen teacher, or fine-tune the tracker"
 DESCRIPTION = """\
-Train on pre-computed trunk embeddings (`es3 embed`) of SA-V-format videos. TRAIN.MODE distill
+Train on pre-computed trunk embeddings (`es3 embed`) of SA-V-format videos, or with
+DATA.USE_PRECOMPUTED False on the frames themselves (the frozen trunk of MODEL.TEACHER_WEIGHTS runs
+inside every step: no store needed, but each step pays the trunk). TRAIN.MODE distill
 (default) trains the Perceiver Resampler and pooled memory attention against the frozen teacher
 (MODEL.TEACHER_WEIGHTS: a sam3.pt or an es3 weights folder) with 20·focal + 1·dice + 1·IoU + 1·MSE;
 TRAIN.MODE finetune trains the tracker's memory attention, memory encoder and mask decoder on the
@@ -20,7 +22,9 @@ weights/ (an es3 weights folder for `es3 track` and `es3 eval`). SIGTERM or Ctrl
 saves a checkpoint and stops; `--resume auto` continues exactly where the run stopped.
 
 Multi-process runs (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID) start every process with the same command."""
+JAX_PROCESS_ID) start every process with the same command; each reads its own share of the clips
+and process 0 writes the logs and weights. A 2-process run on one machine is tested to equal the
+single-process run."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_lib.override(cfg, "MODEL.TEACHER_WEIGHTS", args.sam3_weights)
     trainer = Trainer(cfg, args.output_dir, resume=args.resume)
     result = trainer.run()
-    if result["stopped_by_signal"] is None and trainer.process_index == 0:
-        print(f"wrote {trainer.export_weights()}")
-    print(f"step {result['step']}: train {result['train']}")
-    if result["val"]:
-        print(f"validation: {result['val']}")
+    if result["stopped_by_signal"] is None:
+        weights = trainer.export_weights()  # every process takes part; process 0 writes
+        if trainer.process_index == 0:
+            print(f"wrote {weights}")
+    if trainer.process_index == 0:
+        print(f"step {result['step']}: train {result['train']}")
+        if result["val"]:
+            print(f"validation: {result['val']}")
     return 0

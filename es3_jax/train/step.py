@@ -1,7 +1,8 @@
 """The jitted train and validation steps over a batch of clips.
 
 Parameters travel as plain nested dicts: `trainable` (what the optimiser updates: the student, or
-the fine-tuned parts of the tracker) and `frozen` (the rest of the tracker). Only `trainable` is
+the fine-tuned parts of the tracker) and `frozen` (the rest of the tracker, plus the trunk under
+`frozen["trunk"]` when the batch holds frames instead of trunk features). Only `trainable` is
 differentiated, so no gradient can reach a frozen parameter.
 """
 
@@ -21,12 +22,15 @@ from es3_jax.train import losses
 from es3_jax.train.clip import ClipOutput, run_clip
 from es3_jax.train.sharding import batch_sharding, replicated
 
+TRUNK = "trunk"  # key of the trunk's parameters in `frozen`
+
 
 class Templates(NamedTuple):
     """How to rebuild the modules around parameter dicts."""
 
     teacher: ModuleTemplate
     student: ModuleTemplate | None  # None when fine-tuning
+    trunk: ModuleTemplate | None = None  # set when batches carry frames (DATA.USE_PRECOMPUTED False)
 
 
 def split_trainable(cfg: Config, teacher: Mapping, student: Mapping | None) -> tuple[dict, dict]:
@@ -46,15 +50,31 @@ def split_trainable(cfg: Config, teacher: Mapping, student: Mapping | None) -> t
 
 
 def _modules(templates: Templates, trainable: Mapping, frozen: Mapping):
+    frozen = {k: v for k, v in frozen.items() if k != TRUNK}
     if templates.student is None:
         return templates.teacher({**frozen, **trainable}), None
     return templates.teacher(frozen), templates.student(trainable)
 
 
+def trunk_features(templates: Templates, frozen: Mapping, batch: Mapping) -> jax.Array:
+    """`[B, T, g, g, Ct]` float32: the batch's `embeddings`, or the frozen trunk run on its `images`
+    `[B, T, S, S, 3]` (normalised frames), exactly the features `es3 embed` stores before rounding
+    them to the store's dtype."""
+    if "embeddings" in batch:
+        # Embeddings arrive in the store's dtype (bf16 by default): half the host-to-device bytes.
+        return batch["embeddings"].astype(jnp.float32)
+    if templates.trunk is None:
+        raise ValueError("the batch holds images but no trunk template was given (Templates.trunk)")
+    trunk = templates.trunk(frozen[TRUNK])
+    # One frame of every clip at a time: activations of B frames at once, and the mapped axis (T)
+    # is not the sharded one (B), so each device runs its own clips.
+    feats = jax.lax.map(trunk, jnp.swapaxes(batch["images"], 0, 1))
+    return jax.lax.stop_gradient(jnp.swapaxes(feats, 0, 1))
+
+
 def _batch_outputs(templates: Templates, trainable, frozen, batch, cfg: Config) -> ClipOutput:
     teacher, student = _modules(templates, trainable, frozen)
-    # Embeddings arrive in the store's dtype (bf16 by default): half the host-to-device bytes.
-    trunk = batch["embeddings"].astype(jnp.float32)
+    trunk = trunk_features(templates, frozen, batch)
     return jax.vmap(lambda t, masks: run_clip(teacher, student, t, masks, cfg))(trunk, batch["masks"])
 
 
@@ -66,8 +86,8 @@ def _valid(batch: Mapping) -> jax.Array:
 
 
 def batch_loss(templates: Templates, trainable, frozen, batch, cfg: Config):
-    """(total loss, its terms, the clips' outputs) for a batch: a dict of `embeddings [B,T,g,g,Ct]`,
-    `masks [B,T,O,S,S]`, `object_valid [B,O]`, `clip_valid [B]`."""
+    """(total loss, its terms, the clips' outputs) for a batch: a dict of `embeddings [B,T,g,g,Ct]`
+    (or `images [B,T,S,S,3]`), `masks [B,T,O,S,S]`, `object_valid [B,O]`, `clip_valid [B]`."""
     out = _batch_outputs(templates, trainable, frozen, batch, cfg)
     valid = _valid(batch)
     masks = losses.reduce_terms(out.terms, valid)

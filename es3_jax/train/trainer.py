@@ -5,6 +5,14 @@ teacher, `finetune` trains the tracker's memory attention, memory encoder and ma
 ground truth. Steps count optimiser updates; with gradient accumulation each one consumes
 `accumulate` micro-batches. Everything a run needs to continue exactly is in its checkpoints (the
 data position is the micro-step: the pipeline is a pure function of it).
+
+The trunk features come from the embedding store (`DATA.USE_PRECOMPUTED True`) or, with
+`DATA.USE_PRECOMPUTED False`, from the frozen trunk run inside the jitted step on the pipeline's
+frames (its parameters travel in `frozen["trunk"]`, replicated).
+
+Several processes run the same loop in lock step: each feeds its rows of the global batch, all of
+them call every collective (steps, validation gathers, checkpoint saves, the weight export), and
+only process 0 writes logs, the config and the exported weights.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from es3_jax import config as config_lib
 from es3_jax import distributed
 from es3_jax.errors import Es3Error
 from es3_jax.params import ModuleTemplate, param_dict
+from es3_jax.train.step import TRUNK, Templates
 
 
 class TrainingError(Es3Error):
@@ -32,6 +41,7 @@ class TrainingError(Es3Error):
 
 MODES = ("distill", "finetune")
 BATCH_KEYS = ("masks", "object_valid", "clip_valid")
+RANDOM_TRUNK_SEED = 0  # `es3 embed --seed` default: a random trunk here matches a random-trunk store
 
 
 @dataclass
@@ -70,6 +80,44 @@ def load_teacher(cfg: config_lib.Config) -> Teacher:
     return Teacher(params, trunk, str(path))
 
 
+def frozen_trunk(cfg: config_lib.Config, teacher: Teacher) -> tuple[ModuleTemplate, dict, str]:
+    """(template, parameters, fingerprint) of the trunk that computes features on the fly, loaded as
+    `es3 embed` loads it: the teacher weights' trunk, or a random one with `es3 embed`'s default
+    seed when MODEL.TEACHER_WEIGHTS is empty. The fingerprint is the one a store records."""
+    from es3_jax.models.trunk import compute_dtype, trunk_fingerprint, trunk_from_config
+
+    if teacher.trunk is not None:
+        params = teacher.trunk
+    elif not cfg.MODEL.TEACHER_WEIGHTS:
+        params = param_dict(trunk_from_config(cfg, seed=RANDOM_TRUNK_SEED))
+    else:
+        raise config_lib.ConfigError(
+            f"DATA.USE_PRECOMPUTED False needs the trunk, but MODEL.TEACHER_WEIGHTS "
+            f"{cfg.MODEL.TEACHER_WEIGHTS} holds no trunk weights; give a full sam3.pt, or train on "
+            "embeddings written by `es3 embed` (DATA.USE_PRECOMPUTED True)"
+        )
+    dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
+    template = ModuleTemplate(lambda: trunk_from_config(cfg, seed=0, dtype=dtype))
+    # Binding checks every path and shape against the config's trunk before anything compiles.
+    params = param_dict(trunk_from_config(cfg, params, dtype=dtype))
+    return template, params, trunk_fingerprint(params)
+
+
+def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Templates:
+    """The modules of a run around parameter dicts, computing in MODEL.COMPUTE_DTYPE (parameters stay
+    float32): the tracker, the student when distilling, and `trunk` (see `frozen_trunk`)."""
+    from es3_jax.models.student import student_from_config
+    from es3_jax.models.tracker import SAM3Tracker
+    from es3_jax.models.trunk import compute_dtype
+
+    dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
+    teacher = ModuleTemplate(lambda: SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(0), dtype=dtype))
+    student = None
+    if cfg.TRAIN.MODE == "distill":
+        student = ModuleTemplate(lambda: student_from_config(cfg, seed=0, dtype=dtype))
+    return Templates(teacher, student, trunk)
+
+
 def _jf(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     """Mean J and F over the valid (clip, frame, object) masks `[N, S, S]`."""
     from es3_jax.eval.metrics import boundary_f_measure, region_similarity
@@ -87,18 +135,12 @@ class Trainer:
     def __init__(self, cfg: config_lib.Config, output_dir: str | Path, *, resume: str | None = None):
         from es3_jax.data.pipeline import build_pipeline
         from es3_jax.models.student import student_from_config
-        from es3_jax.models.tracker import SAM3Tracker
         from es3_jax.train import checkpoint, optim, sharding
         from es3_jax.train.metrics_log import MetricsLog
-        from es3_jax.train.step import Templates, make_eval_step, make_train_step, split_trainable
+        from es3_jax.train.step import make_eval_step, make_train_step, split_trainable
 
         if cfg.TRAIN.MODE not in MODES:
             raise config_lib.ConfigError(f"TRAIN.MODE: {cfg.TRAIN.MODE!r} is not one of {MODES}")
-        if not cfg.DATA.USE_PRECOMPUTED:
-            raise config_lib.ConfigError(
-                "DATA.USE_PRECOMPUTED False: computing the trunk inside training is not available; "
-                "write the embeddings with `es3 embed` first"
-            )
         self.process_index, self.process_count = distributed.initialize()
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -108,18 +150,18 @@ class Trainer:
         self.accumulate = optim.accumulation_steps(cfg.TRAIN, self.mesh.size)
         self.teacher = load_teacher(cfg)
 
-        t_cfg = cfg.MODEL.TEACHER
-        teacher_template = ModuleTemplate(lambda: SAM3Tracker(t_cfg, rngs=nnx.Rngs(0)))
         student_params = None
-        student_template = None
         if self.distill:
             student = student_from_config(
                 cfg, teacher_params=self.teacher.params["memory_attention"], seed=cfg.TRAIN.SEED
             )
             student_params = param_dict(student)
-            student_template = ModuleTemplate(lambda: student_from_config(cfg, seed=0))
-        self.templates = Templates(teacher_template, student_template)
         trainable, frozen = split_trainable(cfg, self.teacher.params, student_params)
+        trunk_template = None
+        self.trunk_fingerprint: str | None = None
+        if not cfg.DATA.USE_PRECOMPUTED:
+            trunk_template, frozen[TRUNK], self.trunk_fingerprint = frozen_trunk(cfg, self.teacher)
+        self.templates = templates(cfg, trunk_template)
 
         self.param_shardings = sharding.param_shardings(trainable, self.mesh, cfg.MESH)
         self.frozen = jax.device_put(frozen, sharding.replicated(self.mesh))
@@ -163,6 +205,8 @@ class Trainer:
             f"mode {cfg.TRAIN.MODE}, teacher {self.teacher.source}, mesh {dict(self.mesh.shape)}, "
             f"{self.process_count} processes, accumulate {self.accumulate}, start step {self.step}"
         )
+        if self.trunk_fingerprint is not None:
+            self.log.info(f"trunk features computed on the fly by trunk {self.trunk_fingerprint}")
         self.train_data = build_pipeline(
             cfg,
             split="train",
@@ -185,7 +229,8 @@ class Trainer:
     def _global(self, batch: Mapping[str, np.ndarray]) -> dict:
         from es3_jax.train.sharding import global_batch
 
-        return global_batch({k: batch[k] for k in (*BATCH_KEYS, "embeddings")}, self.mesh)
+        features = "embeddings" if self.cfg.DATA.USE_PRECOMPUTED else "images"
+        return global_batch({k: batch[k] for k in (*BATCH_KEYS, features)}, self.mesh)
 
     def _meta(self) -> dict:
         return {
@@ -341,18 +386,29 @@ class Trainer:
         }
 
     def trained_params(self) -> dict:
-        """The full parameter set the run produced: the tracker (fine-tuned parts merged in) plus,
-        when distilling, `student`; with `trunk` when the teacher weights held one."""
-        trainable = jax.tree.map(np.asarray, self.trainable)
-        frozen = jax.tree.map(np.asarray, self.frozen)
+        """The full parameter set the run produced, as numpy arrays: the tracker (fine-tuned parts
+        merged in) plus, when distilling, `student`; with `trunk` when the teacher weights held one.
+
+        Every process must call it: parameters sharded across processes are gathered."""
+        from es3_jax.train.sharding import replicated
+
+        # One collective replicates the (possibly fsdp-sharded) trainables; a replicated array
+        # reads on any process. The frozen parameters are replicated already.
+        gathered = jax.jit(lambda tree: tree, out_shardings=replicated(self.mesh))(self.trainable)
+        trainable = jax.tree.map(np.asarray, gathered)
+        frozen = jax.tree.map(np.asarray, {k: v for k, v in self.frozen.items() if k != TRUNK})
         params = {**frozen, **trainable} if not self.distill else {**frozen, "student": trainable}
         if self.teacher.trunk is not None:
-            params["trunk"] = self.teacher.trunk
+            params[TRUNK] = self.teacher.trunk
         return params
 
     def export_weights(self, folder: str | Path | None = None) -> Path:
         """Write the trained weights as an es3 weights folder (`<output_dir>/weights` by default),
-        loadable by `VideoPredictor.from_checkpoint` and as `MODEL.TEACHER_WEIGHTS`."""
+        loadable by `VideoPredictor.from_checkpoint` and as `MODEL.TEACHER_WEIGHTS`.
+
+        Every process calls it; process 0 writes, the others wait until the folder is complete."""
+        from jax.experimental import multihost_utils
+
         from es3_jax import tracker_weights
 
         folder = Path(folder) if folder is not None else self.output_dir / "weights"
@@ -362,4 +418,8 @@ class Trainer:
             "step": self.step,
             "teacher": self.teacher.source,
         }
-        return tracker_weights.save(folder, self.trained_params(), self.cfg, report)
+        params = self.trained_params()
+        if self.process_index == 0:
+            tracker_weights.save(folder, params, self.cfg, report)
+        multihost_utils.sync_global_devices("es3_train_export_weights")
+        return folder

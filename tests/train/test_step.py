@@ -86,5 +86,94 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
     diffs = {k: float(np.max(np.abs(eight[k] - one[k]))) for k in one if not k.endswith("k_proj.bias")}
     worst_key = max(diffs, key=diffs.get)
     worst = diffs[worst_key]
-    print(f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps ({worst_key})")
+    print(
+        f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps ({worst_key})"
+    )
     assert worst <= 1e-5
+
+
+# ---- DATA.USE_PRECOMPUTED False: the trunk inside the step ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frames_and_store(tmp_path_factory):
+    """10 synthetic videos and their float32 store written by `es3 embed` with the micro trunk."""
+    from es3_jax import embed
+    from es3_jax.data.synthetic import make_synthetic
+    from tests.train.test_resume import MICRO as RUN
+
+    root = tmp_path_factory.mktemp("on_the_fly")
+    make_synthetic(root / "data", 10, num_frames=8, height=64, width=80)
+    overrides = [
+        *RUN,
+        *("DATA.SAV_ROOT", str(root / "data"), "DATA.EMBEDDING_DIR", str(root / "emb")),
+        *("TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "MESH.FSDP", "2"),
+    ]
+    embed.run(config_lib.load(None, overrides), str(root / "data"), str(root / "emb"), progress=False)
+    stored = config_lib.load(None, overrides)
+    on_the_fly = config_lib.load(None, [*overrides, "DATA.USE_PRECOMPUTED", "False"])
+    return stored, on_the_fly, root
+
+
+def _first_batches(stored, on_the_fly):
+    from es3_jax.data.pipeline import build_pipeline
+
+    a, b = (
+        next(iter(build_pipeline(c, batch_size=8, process_index=0, process_count=1)))
+        for c in (stored, on_the_fly)
+    )
+    assert "images" not in a and "embeddings" not in b
+    np.testing.assert_array_equal(a["video_index"], b["video_index"])
+    np.testing.assert_array_equal(a["frame_indices"], b["frame_indices"])
+    return a, b
+
+
+def test_trunk_in_the_step_computes_the_stored_features(frames_and_store):
+    import json
+
+    from es3_jax.train.step import TRUNK, trunk_features
+    from es3_jax.train.trainer import frozen_trunk, load_teacher
+
+    stored, on_the_fly, root = frames_and_store
+    a, b = _first_batches(stored, on_the_fly)
+    template, params, fingerprint = frozen_trunk(on_the_fly, load_teacher(on_the_fly))
+    assert fingerprint == json.loads((root / "emb" / "global_metadata.json").read_text())["trunk"]
+    templates = Templates(None, None, template)
+    feats = jax.jit(lambda p, x: trunk_features(templates, {TRUNK: p}, {"images": x}))(params, b["images"])
+    ref = a["embeddings"].astype(np.float32)
+    err = float(np.max(np.abs(np.asarray(feats) - ref)) / np.max(np.abs(ref)))
+    print(f"[on the fly] trunk features in the step vs `es3 embed` store: relative error {err:.2e}")
+    assert feats.shape == ref.shape and err <= 1e-5
+
+
+@pytest.mark.slow
+def test_step_on_frames_equals_step_on_the_store(frames_and_store, tmp_path):
+    """The first batch's loss and gradients (what a step applies) through the trainer's wiring:
+    frames through the trunk inside the step, or the store. Gradients, not Adam's update: Adam
+    turns the round-off of a near-zero gradient into a full ±LR step."""
+    from es3_jax.train.step import batch_loss
+    from es3_jax.train.trainer import Trainer
+
+    stored, on_the_fly, _ = frames_and_store
+    _first_batches(stored, on_the_fly)
+    runs = {}
+    for name, cfg in (("store", stored), ("frames", on_the_fly)):
+        trainer = Trainer(cfg, tmp_path / name)
+        batch = trainer._global(next(trainer.train_data.iterator()))
+        templates = trainer.templates
+
+        def loss(trainable, frozen, batch, templates=templates, cfg=cfg):
+            return batch_loss(templates, trainable, frozen, batch, cfg)[0]
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(trainer.trainable, trainer.frozen, batch)
+        runs[name] = (float(value), flatten(jax.tree.map(np.asarray, grads)))
+        trainer.log.close()
+    (loss_store, g_store), (loss_frames, g_frames) = runs["store"], runs["frames"]
+    scale = max(float(np.max(np.abs(g))) for g in g_store.values())
+    err = max(float(np.max(np.abs(g_frames[k] - g_store[k]))) for k in g_store) / scale
+    print(
+        f"[on the fly] one step on frames vs on the store: loss {loss_frames:.7g} vs {loss_store:.7g}, "
+        f"gradients relative error {err:.2e}"
+    )
+    assert loss_frames == pytest.approx(loss_store, rel=1e-5)
+    assert scale > 0 and err <= 1e-5
