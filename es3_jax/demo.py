@@ -6,7 +6,9 @@
    `--sam3_weights`, the real SAM3 tracker is the teacher and this step is skipped);
 4. distil the student memory (Perceiver Resampler + pooled 2-layer attention) from a random
    initialisation against that teacher;
-5. evaluate on held-out videos and write `summary.json` with every figure measured.
+5. evaluate on held-out videos and write `summary.json` with every figure measured;
+6. export the student merged into the teacher as a PyTorch checkpoint (`es3 export`), when torch
+   is installed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 from es3_jax import config as config_lib
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# With the demo config the student distils for this many steps (its feature MSE and J&F against the
+# teacher level off well before the teacher's fine-tuning does); another config's TRAIN.MAX_STEPS rules.
+DEMO_DISTILL_STEPS = 150
 
 
 def _stage(name: str) -> None:
@@ -44,16 +49,22 @@ def run(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_lib.load(config or DEMO_CONFIG, list(overrides))
+    if config is None:
+        import jax
+
+        # The demo config takes one batch per step on whatever devices the machine has.
+        per_step = cfg.TRAIN.BATCH_SIZE * jax.device_count()
+        cfg = config_lib.merge(cfg, {"TRAIN": {"EFFECTIVE_BATCH_SIZE": per_step}})
     data_dir, store_dir = out / "data", out / "embeddings"
     cfg = config_lib.merge(cfg, {"DATA": {"SAV_ROOT": str(data_dir), "EMBEDDING_DIR": str(store_dir)}})
     timings: dict[str, float] = {}
 
-    _stage(f"1/5 generating {videos} synthetic SA-V videos -> {data_dir}")
+    _stage(f"1/6 generating {videos} synthetic SA-V videos -> {data_dir}")
     t0 = time.perf_counter()
     make_synthetic(data_dir, videos, seed=cfg.TRAIN.SEED)
     timings["generate_s"] = time.perf_counter() - t0
 
-    _stage(f"2/5 embedding the frames with the trunk -> {store_dir}")
+    _stage(f"2/6 embedding the frames with the trunk -> {store_dir}")
     t0 = time.perf_counter()
     embed.run(cfg, str(data_dir), str(store_dir), sam3_weights=sam3_weights, seed=cfg.TRAIN.SEED)
     timings["embed_s"] = time.perf_counter() - t0
@@ -62,7 +73,7 @@ def run(
         teacher_weights = sam3_weights
         teacher_run = None
     else:
-        _stage("3/5 fine-tuning the teacher (random weights) on the ground truth")
+        _stage("3/6 fine-tuning the teacher (random weights) on the ground truth")
         t0 = time.perf_counter()
         ft_cfg = config_lib.merge(cfg, {"TRAIN": {"MODE": "finetune"}})
         if finetune_steps is not None:
@@ -73,19 +84,28 @@ def run(
         teacher_weights = str(trainer.export_weights())
         timings["finetune_s"] = time.perf_counter() - t0
 
-    _stage("4/5 distilling the student memory from a random initialisation")
+    _stage("4/6 distilling the student memory from a random initialisation")
     t0 = time.perf_counter()
-    st_cfg = config_lib.merge(cfg, {"TRAIN": {"MODE": "distill"}, "MODEL": {"TEACHER_WEIGHTS": teacher_weights}})
+    st_cfg = config_lib.merge(
+        cfg, {"TRAIN": {"MODE": "distill"}, "MODEL": {"TEACHER_WEIGHTS": teacher_weights}}
+    )
+    if distill_steps is None and config is None:
+        distill_steps = DEMO_DISTILL_STEPS
     if distill_steps is not None:
         st_cfg = config_lib.merge(st_cfg, {"TRAIN": {"MAX_STEPS": distill_steps}})
     st_cfg = config_lib.merge(st_cfg, {"TRAIN": {"EVAL_EVERY": st_cfg.TRAIN.MAX_STEPS}})
     trainer = Trainer(st_cfg, out / "student")
-    _stage("5/5 evaluating on the held-out videos (before and after distillation)")
+    _stage("5/6 evaluating on the held-out videos (before and after distillation)")
     before = trainer.validate()
     student_run = trainer.run()
     student_weights = trainer.export_weights()
     after = student_run["val"]
     timings["distill_s"] = time.perf_counter() - t0
+
+    _stage("6/6 exporting the student merged into the teacher as a PyTorch checkpoint")
+    t0 = time.perf_counter()
+    exported = _export(student_weights, teacher_weights, out / "efficient_sam3_full.pt")
+    timings["export_s"] = time.perf_counter() - t0
 
     mse_start, mse_end = before["mse"], after["mse"]
     summary = {
@@ -101,6 +121,7 @@ def run(
         "distill_steps": student_run["step"],
         "teacher_weights": teacher_weights,
         "student_weights": str(student_weights),
+        "pytorch_checkpoint": exported,
         "outputs": {
             "data": str(data_dir),
             "embeddings": str(store_dir),
@@ -112,3 +133,15 @@ def run(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _export(student_weights: Path, teacher_weights: str, output_path: Path) -> str | None:
+    """The merged PyTorch file's path, or None (with the reason printed) where torch is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("skipped: the PyTorch export needs torch (pip install torch)", flush=True)
+        return None
+    from porting.export import export_merged
+
+    return str(export_merged(student_weights, teacher_weights, output_path, overwrite=True).path)

@@ -9,7 +9,8 @@ DESCRIPTION = """\
 With no argument: generate small SA-V-format videos, embed them with a small random trunk, fine-tune
 a small tracker from random weights on their ground truth (the demo's teacher), distil the student
 memory (Perceiver Resampler + pooled 2-layer memory attention) from a random initialisation, and
-evaluate both on held-out videos. With --sam3_weights the real SAM3 tracker is the teacher (use a
+evaluate both on held-out videos, and export the student merged into the teacher as a PyTorch
+checkpoint (efficient_sam3_full.pt, when torch is installed). With --sam3_weights the real SAM3 tracker is the teacher (use a
 full-size --config then). Writes <output_dir>/summary.json: teacher J&F vs ground truth, the teacher
 masks' mean area, the student's feature MSE at the start and end of distillation, student J&F vs the
 teacher and vs ground truth, steps and wall time; and prints where every output is."""
@@ -22,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sam3_weights", default=None, help="use the real SAM3 tracker as the teacher")
     p.add_argument("--videos", type=int, default=24, help="number of generated videos")
     p.add_argument("--finetune_steps", type=int, default=None, help="teacher steps (default: the config's)")
-    p.add_argument("--distill_steps", type=int, default=None, help="student steps (default: the config's)")
+    p.add_argument(
+        "--distill_steps",
+        type=int,
+        default=None,
+        help="student steps (default: 150 with the demo config, else the config's)",
+    )
     add_config_args(p)
 
 
