@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--distill_steps",
         type=int,
         default=None,
-        help="student steps (default: 150 with the demo config, else the config's)",
+        help="student steps (default: 1200 with the demo config, else the config's)",
     )
     add_config_args(p)
 
