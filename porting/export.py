@@ -244,40 +244,14 @@ def record_config(record: Mapping, base: config_lib.Config | None = None) -> con
 def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
     """(the `model` state dict as torch tensors, the es3 record or None) of a `.pt`/`.pth` (flat or
     `{"model": ...}`) or `.safetensors` file. Tensors keep their dtype; nothing is converted."""
-    import torch
+    from porting.sam3_checkpoint import CheckpointError, read_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-        except Exception as e:
-            raise ExportError(f"{path}: not a readable safetensors file: {e}") from e
-        record = json.loads(meta[RECORD_KEY]) if RECORD_KEY in meta else None
-        return sd, record
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        ckpt = None  # legacy (non-zip) format: cannot be memory-mapped
-    except Exception as e:
-        raise ExportError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    if ckpt is None:
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ExportError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    record = None
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
-        record = ckpt.get(RECORD_KEY)
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, Mapping):
-        raise ExportError(f"{path}: expected a state dict (or {{'model': state dict}}), got {type(ckpt)}")
-    return dict(ckpt), record
+        sd, extras = read_checkpoint(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    record = extras.get(RECORD_KEY)
+    return sd, json.loads(record) if isinstance(record, str) else record
 
 
 def write_checkpoint(path: str | Path, sd: Mapping, record: Mapping, fmt: str) -> Path:

@@ -83,8 +83,49 @@ def _to_numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(the state dict as torch tensors, in their stored dtypes; the file's other entries) of a
+    `.pt`/`.pth` (flat or `{"model": ...}`: the other top-level entries) or `.safetensors` file
+    (its metadata strings). Large `.pt` files are memory-mapped."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+        return sd, meta
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        ckpt = None  # legacy (non-zip) format: cannot be memory-mapped
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
+    if ckpt is None:
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
+    extras: dict = {}
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
+        extras = {k: v for k, v in ckpt.items() if k != "model"}
+        ckpt = ckpt["model"]
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (or {{'model': state dict}}), got {type(ckpt)}")
+    return dict(ckpt), extras
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of a `.pt`/`.pth` or `.safetensors` checkpoint (or a folder with `model.safetensors`)."""
+    import torch
+
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
@@ -94,31 +135,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         for file in candidates:
             sd.update(read_state_dict(file))
         return sd
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-        return {k: _to_numpy(v) for k, v in tensors.items()}
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (or {{'model': state dict}}), got {type(ckpt)}")
-    out = {}
-    for k, v in ckpt.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = _to_numpy(v)
-    return out
+    tensors, _ = read_checkpoint(path)
+    return {k: _to_numpy(v) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
 def detect_layout(sd: Mapping[str, np.ndarray]) -> str:
