@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -317,6 +318,8 @@ class Trainer:
             unit="step",
             disable=self.process_index != 0,
             dynamic_ncols=True,
+            # Redirected to a file (a batch job's log), a bar line every 30 s instead of every step.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         last_train: dict[str, float] = {}
         last_val: dict[str, float] = {}
@@ -341,8 +344,8 @@ class Trainer:
                 self.step = self.micro // self.accumulate
                 window["steps"] += 1
                 last_train = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                bar.set_postfix(loss=f"{last_train['total']:.4g}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_train['total']:.4g}")
                 if not finite:
                     self.log.warning(
                         f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} in a row)"
