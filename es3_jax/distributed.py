@@ -39,7 +39,9 @@ def _explicit_args() -> dict | None:
 
 
 def _launched_by_scheduler() -> bool:
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    return (
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
 
 
 def initialize(timeout_s: int = 300) -> tuple[int, int]:

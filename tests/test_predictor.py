@@ -144,7 +144,9 @@ def test_a_training_run_folder_loads_its_student(tmp_path):
     from es3_jax.params import flatten, param_dict
     from es3_jax.predictor import VideoPredictor
 
-    cfg = config_lib.load(None, [*SMALL, "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2"])
+    cfg = config_lib.load(
+        None, [*SMALL, "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2"]
+    )
     student = param_dict(student_from_config(cfg, seed=3))
     params = {**param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(2))), "student": student}
     tracker_weights.save(tmp_path / "run" / "weights", params, cfg)

@@ -101,9 +101,7 @@ class MLP(nnx.Module):
         activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
         dtype: Dtype = jnp.float32,
     ):
-        self.layers = nnx.List(
-            [linear(a, b, rngs=rngs, dtype=dtype) for a, b in itertools.pairwise(dims)]
-        )
+        self.layers = nnx.List([linear(a, b, rngs=rngs, dtype=dtype) for a, b in itertools.pairwise(dims)])
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -147,7 +147,12 @@ def feature_mse(student: jax.Array, teacher: jax.Array, valid: jax.Array) -> jax
 def total_loss(masks: MaskLosses, mse: jax.Array | None, cfg: LossConfig) -> tuple[jax.Array, dict]:
     """Weighted sum `FOCAL·focal + DICE·dice + IOU·iou + MSE·mse + OBJ_SCORE·obj_score` and its terms."""
     terms = {"focal": masks.focal, "dice": masks.dice, "iou": masks.iou, "obj_score": masks.obj_score}
-    total = cfg.FOCAL * masks.focal + cfg.DICE * masks.dice + cfg.IOU * masks.iou + cfg.OBJ_SCORE * masks.obj_score
+    total = (
+        cfg.FOCAL * masks.focal
+        + cfg.DICE * masks.dice
+        + cfg.IOU * masks.iou
+        + cfg.OBJ_SCORE * masks.obj_score
+    )
     if mse is not None:
         terms["mse"] = mse
         total = total + cfg.MSE * mse

@@ -58,7 +58,9 @@ def _parse_rules(rules: tuple[str, ...]) -> list[tuple[re.Pattern, tuple[str | N
         axes = tuple(None if a.strip() in ("_", "") else a.strip() for a in spec.split(","))
         unknown = [a for a in axes if a is not None and a not in AXES]
         if unknown:
-            raise ConfigError(f"MESH.PARAM_RULES: {rule!r} names unknown mesh axes {unknown}; axes are {AXES}")
+            raise ConfigError(
+                f"MESH.PARAM_RULES: {rule!r} names unknown mesh axes {unknown}; axes are {AXES}"
+            )
         parsed.append((re.compile(pattern), axes))
     return parsed
 
@@ -68,7 +70,9 @@ def param_spec(path: str, shape: tuple[int, ...], cfg: MeshConfig, fsdp: int) ->
     for pattern, axes in _parse_rules(cfg.PARAM_RULES):
         if pattern.search(path):
             if len(axes) != len(shape):
-                raise ConfigError(f"MESH.PARAM_RULES: rule for {path} has {len(axes)} axes, the array {shape}")
+                raise ConfigError(
+                    f"MESH.PARAM_RULES: rule for {path} has {len(axes)} axes, the array {shape}"
+                )
             return PartitionSpec(*axes)
     size_mb = math.prod(shape) * 4 / 2**20
     if fsdp == 1 or size_mb < cfg.FSDP_MIN_SIZE_MB:
@@ -83,7 +87,10 @@ def param_spec(path: str, shape: tuple[int, ...], cfg: MeshConfig, fsdp: int) ->
 def param_shardings(params: Mapping, mesh: Mesh, cfg: MeshConfig) -> dict:
     """A NamedSharding for every array of a nested parameter dict (same structure)."""
     fsdp = mesh.shape["fsdp"]
-    flat = {k: NamedSharding(mesh, param_spec(k, tuple(np.shape(v)), cfg, fsdp)) for k, v in flatten(params).items()}
+    flat = {
+        k: NamedSharding(mesh, param_spec(k, tuple(np.shape(v)), cfg, fsdp))
+        for k, v in flatten(params).items()
+    }
     return unflatten(flat)
 
 

@@ -39,14 +39,18 @@ def test_retention_and_names(tmp_path):
     jf = {5: 0.5, 10: 0.4, 15: 0.9, 20: 0.3, 25: 0.2, 30: None}
     for step, value in jf.items():
         metrics = None if value is None else {checkpoint.BEST_METRIC: value}
-        checkpoint.save(mgr, step, params=params, opt_state=opt_state, data_state={}, meta={}, metrics=metrics)
+        checkpoint.save(
+            mgr, step, params=params, opt_state=opt_state, data_state={}, meta={}, metrics=metrics
+        )
     assert sorted(mgr.all_steps()) == [10, 15, 20, 25, 30]  # periodic 10, 20; best 15; latest 25, 30
     assert checkpoint.resolve(tmp_path) == checkpoint.CheckpointRef(tmp_path, 30)
     assert checkpoint.resolve(tmp_path / "ckpt_latest").step == 30
     assert checkpoint.resolve(tmp_path / "ckpt_best").step == 15
     assert checkpoint.resolve(tmp_path / "ckpt_step_20").step == 20
     assert checkpoint.resolve(tmp_path / "checkpoints" / "10").step == 10
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 5 is not among the saved steps \[10, 15"):
+    with pytest.raises(
+        checkpoint.CheckpointNotFoundError, match=r"step 5 is not among the saved steps \[10, 15"
+    ):
         checkpoint.resolve(tmp_path / "ckpt_step_5")
     with pytest.raises(checkpoint.CheckpointNotFoundError, match="no checkpoints/ folder"):
         checkpoint.resolve(tmp_path / "elsewhere")

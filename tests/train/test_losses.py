@@ -42,7 +42,9 @@ def test_per_mask_terms_match_sam3(masks):
     ref_iou = loss_fns.iou_loss(
         t_logits, t_targets, torch.from_numpy(pred_iou), 1.0, loss_on_multimask=True, use_l1_loss=True
     )
-    np.testing.assert_allclose(losses.focal_per_mask(logits, targets, 0.25, 2.0), ref_focal.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.focal_per_mask(logits, targets, 0.25, 2.0), ref_focal.numpy(), rtol=1e-5
+    )
     np.testing.assert_allclose(losses.dice_per_mask(logits, targets), ref_dice.numpy(), rtol=1e-5)
     ours_iou = jnp.abs(pred_iou - losses.mask_iou(logits, targets))
     np.testing.assert_allclose(ours_iou, ref_iou.numpy(), rtol=1e-5, atol=1e-7)

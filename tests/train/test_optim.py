@@ -57,5 +57,7 @@ def test_non_finite_gradients_are_skipped():
     bad = {"w": jnp.full((3, 2), jnp.nan)}
     updates, new_state = opt.update(bad, state, params)
     assert not np.any(np.asarray(updates["w"]))
-    for a, b in zip(jax.tree.leaves(new_state.inner_opt_state), jax.tree.leaves(state.inner_opt_state), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(new_state.inner_opt_state), jax.tree.leaves(state.inner_opt_state), strict=True
+    ):
         np.testing.assert_array_equal(a, b)

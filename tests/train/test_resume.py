@@ -67,7 +67,9 @@ def test_kill_9_after_step_10_then_resume_equals_a_straight_run(dataset, tmp_pat
     killed = _train(tmp_path / "killed", dataset)
     step10 = tmp_path / "killed" / "checkpoints" / "10"
     deadline = time.time() + 900
-    while not (step10.is_dir() and any(step10.iterdir())) and killed.poll() is None and time.time() < deadline:
+    while (
+        not (step10.is_dir() and any(step10.iterdir())) and killed.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.05)
     assert killed.poll() is None, "the run finished before it could be killed: " + killed.stdout.read()
     killed.send_signal(signal.SIGKILL)
