@@ -5,7 +5,6 @@ Each run compiles the train step (~20-40 s of CPU here), so CI runs one-layer he
 validation; the slow variant runs the micro tracker at full depth with validation."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,12 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from es3_jax import config as config_lib
-from es3_jax import embed
-from es3_jax.data.synthetic import make_synthetic
-from tests.train.test_resume import MICRO
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.train.runs import MICRO, cli_env, synthetic_store
 
 # 8 devices × 1 clip: 8 training videos make one global batch, 2 more are held out. FSDP 2 with no
 # size threshold shards every divisible trainable across a device pair, and validation at step 3
@@ -37,11 +31,7 @@ LIGHT = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multiprocess")
-    make_synthetic(root / "data", 10, num_frames=8, height=64, width=80)
-    overrides = [*RUN, "DATA.SAV_ROOT", str(root / "data"), "DATA.EMBEDDING_DIR", str(root / "emb")]
-    embed.run(config_lib.load(None, overrides), str(root / "data"), str(root / "emb"), progress=False)
-    return overrides
+    return synthetic_store(tmp_path_factory.mktemp("multiprocess"), 10, RUN)
 
 
 def _free_port() -> int:
@@ -52,10 +42,9 @@ def _free_port() -> int:
 
 def _train(out: Path, overrides, *, processes: int, devices: int) -> None:
     """`es3 train` as `processes` processes of `devices` CPU devices each; waits for all of them."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
     # Optimisation level 0 halves XLA's CPU compile time; every run here uses the same flags.
     flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=flags)
+    env = cli_env(XLA_FLAGS=flags)
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
     cmd = [sys.executable, "-m", "es3_jax.cli", "train", "--output_dir", str(out), *overrides]

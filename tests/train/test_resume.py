@@ -2,7 +2,6 @@
 with the parameters and the loss log of a run that was never interrupted."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,41 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from es3_jax import config as config_lib
-from es3_jax import embed
-from es3_jax.data.synthetic import make_synthetic
-
-REPO = Path(__file__).resolve().parents[2]
-
-# 56 px frames -> a 4 × 4 grid, a 1-block trunk of width 16: every step is a fraction of a second.
-MICRO = [
-    "MODEL.TEACHER.IMAGE_SIZE", "56", "MODEL.TEACHER.TRUNK_DIM", "16", "MODEL.TEACHER.D_MODEL", "32",
-    "MODEL.TEACHER.MEM_DIM", "16", "MODEL.TEACHER.MEMORY_ATTENTION_FFN_DIM", "64",
-    "MODEL.TEACHER.DECODER_MLP_DIM", "64", "MODEL.TEACHER.DECODER_HEADS", "4",
-    "MODEL.TRUNK.WIDTH", "16", "MODEL.TRUNK.NUM_HEADS", "2", "MODEL.TRUNK.MLP_DIM", "32", "MODEL.TRUNK.DEPTH", "1",
-    "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]", "MODEL.TRUNK.WINDOW_SIZE", "4", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "56",
-    "MODEL.PERCEIVER.NUM_LATENTS", "4", "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2",
-    "DATA.NUM_FRAMES", "3", "DATA.MAX_OBJECTS", "2", "DATA.NUM_WORKERS", "0", "DATA.VAL_VIDEOS", "2",
-    "DATA.EMBEDDING_DTYPE", "float32", "TRAIN.BATCH_SIZE", "2", "TRAIN.EFFECTIVE_BATCH_SIZE", "2",
-    "TRAIN.MAX_STEPS", "20", "TRAIN.WARMUP_STEPS", "2", "TRAIN.SAVE_EVERY", "10", "TRAIN.EVAL_EVERY", "0",
-    "LOG.EVERY", "1", "LOG.TENSORBOARD", "False",
-]  # fmt: skip
+from tests.train.runs import MICRO, cli_env, synthetic_store
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    make_synthetic(root / "data", 6, num_frames=8, height=64, width=80)
-    overrides = [*MICRO, "DATA.SAV_ROOT", str(root / "data"), "DATA.EMBEDDING_DIR", str(root / "emb")]
-    embed.run(config_lib.load(None, overrides), str(root / "data"), str(root / "emb"), progress=False)
-    return overrides
+    return synthetic_store(tmp_path_factory.mktemp("resume"), 6, MICRO)
 
 
 def _train(out: Path, overrides, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "es3_jax.cli", "train", "--output_dir", str(out), *extra, *overrides]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:

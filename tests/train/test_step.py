@@ -103,18 +103,12 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
 @pytest.fixture(scope="module")
 def frames_and_store(tmp_path_factory):
     """10 synthetic videos and their float32 store written by `es3 embed` with the micro trunk."""
-    from es3_jax import embed
-    from es3_jax.data.synthetic import make_synthetic
-    from tests.train.test_resume import MICRO as RUN
+    from tests.train.runs import MICRO as RUN
+    from tests.train.runs import synthetic_store
 
     root = tmp_path_factory.mktemp("on_the_fly")
-    make_synthetic(root / "data", 10, num_frames=8, height=64, width=80)
-    overrides = [
-        *RUN,
-        *("DATA.SAV_ROOT", str(root / "data"), "DATA.EMBEDDING_DIR", str(root / "emb")),
-        *("TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "MESH.FSDP", "2"),
-    ]
-    embed.run(config_lib.load(None, overrides), str(root / "data"), str(root / "emb"), progress=False)
+    batch = ("TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "MESH.FSDP", "2")
+    overrides = synthetic_store(root, 10, [*RUN, *batch])
     stored = config_lib.load(None, overrides)
     on_the_fly = config_lib.load(None, [*overrides, "DATA.USE_PRECOMPUTED", "False"])
     return stored, on_the_fly, root
