@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from es3_jax.nn.layers import Dtype, conv, gelu, layer_norm, linear, resize_bilinear
+from es3_jax.nn.layers import DepthwiseConv, Dtype, conv, gelu, layer_norm, linear, resize_bilinear
 from es3_jax.nn.position_encoding import sine_2d
 
 # Four stride-2 stages: the mask reaches the feature grid at 16× below its input size.
@@ -61,7 +61,7 @@ class CXBlock(nnx.Module):
     """ConvNeXt block: depthwise 7×7 conv, LayerNorm2d, per-pixel MLP (×4, GELU), layer scale, residual."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
-        self.dwconv = conv(dim, dim, 7, padding=3, groups=dim, rngs=rngs, dtype=dtype)
+        self.dwconv = DepthwiseConv(dim, 7, rngs=rngs, dtype=dtype)
         self.norm = layer_norm(dim, eps=1e-6, rngs=rngs, dtype=dtype)
         self.pwconv1 = linear(dim, 4 * dim, rngs=rngs, dtype=dtype)
         self.pwconv2 = linear(4 * dim, dim, rngs=rngs, dtype=dtype)

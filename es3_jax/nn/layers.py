@@ -46,7 +46,6 @@ def conv(
     rngs: nnx.Rngs,
     stride: int = 1,
     padding: int = 0,
-    groups: int = 1,
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
 ) -> nnx.Conv:
@@ -57,12 +56,36 @@ def conv(
         kernel_size=(kernel, kernel),
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
-        feature_group_count=groups,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
         rngs=rngs,
     )
+
+
+class DepthwiseConv(nnx.Module):
+    """`nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)`, written as a sum of k² shifted products.
+
+    XLA's CPU backend computes a grouped convolution's kernel gradient as a dense `[k, k, dim, dim]`
+    convolution, `dim` times the work; the shifted sum differentiates into fused elementwise loops
+    on every backend. Parameters keep `nnx.Conv`'s layout: `kernel` `[k, k, 1, dim]`, `bias` `[dim]`.
+    """
+
+    def __init__(self, dim: int, kernel: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, dim]` -> `[B, H, W, dim]`."""
+        k = self.kernel.shape[0]
+        _, h, w, _ = x.shape
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        y = sum(padded[:, dy : dy + h, dx : dx + w] * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
+        return y + self.bias[...].astype(self.dtype)
 
 
 class ConvTranspose2x2(nnx.Module):
