@@ -67,6 +67,17 @@ def _batch(cfg, seed: int, batch: int = 8, frames: int = 3, objects: int = 2):
 @pytest.mark.parametrize("mode", [pytest.param("finetune", marks=pytest.mark.slow), "distill"])
 def test_eight_devices_data4_fsdp2_equal_one_device(mode):
     assert jax.device_count() >= 8, "conftest fakes 8 CPU devices"
+    # Both meshes start from one state that 5 single-device steps moved off the random
+    # initialisation. At that initialisation the object-score gate is closed and the ConvNeXt layer
+    # scales are 1e-6, so many fine-tuning gradients are float-round-off-sized (about 1e-9, below
+    # Adam's epsilon), and Adam's first step turns their reduction-order noise into parameter
+    # differences of about 1e-4. A real fine-tune starts from a trained tracker, where they are not.
+    cfg, mesh, step, trainable, opt_state, frozen = _setup(mode, {"DATA": 1, "FSDP": 1}, jax.devices()[:1])
+    for seed in range(1, 6):
+        trainable, opt_state, _ = step(
+            trainable, opt_state, frozen, sharding.global_batch(_batch(cfg, seed), mesh)
+        )
+    start = jax.tree.map(np.asarray, (trainable, opt_state))
     runs = {}
     for name, mesh_cfg, devices in (
         ("one", {"DATA": 1, "FSDP": 1}, jax.devices()[:1]),
@@ -74,6 +85,9 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
         ("eight", {"DATA": 4, "FSDP": 2, "FSDP_MIN_SIZE_MB": 0.0}, jax.devices()[:8]),
     ):
         cfg, mesh, step, trainable, opt_state, frozen = _setup(mode, mesh_cfg, devices)
+        trainable, opt_state = jax.device_put(
+            start, jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
+        )
         losses = []
         batch = sharding.global_batch(_batch(cfg, 0), mesh)
         for _ in range(3):
@@ -83,18 +97,13 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
     (one, loss_one), (eight, loss_eight) = runs["one"], runs["eight"]
     np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5, err_msg=f"{mode}: losses differ")
     assert loss_one[2] < loss_one[0], f"{mode}: the loss did not fall over 3 steps: {loss_one}"
-    # A key-projection bias adds the same q·b to every logit of a query, which softmax ignores: its
-    # gradient is exactly zero, so Adam turns float round-off (which depends on reduction order,
-    # even between two runs on one device) into steps of ±LR. Those parameters carry no signal.
-    diffs = {k: float(np.max(np.abs(eight[k] - one[k]))) for k in one if not k.endswith("k_proj.bias")}
+    diffs = {k: float(np.max(np.abs(eight[k] - one[k]))) for k in one}
     worst_key = max(diffs, key=diffs.get)
     worst = diffs[worst_key]
     print(
         f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps ({worst_key})"
     )
-    # Fine-tuning also trains parameters whose gradients are round-off-sized on some entries (Adam
-    # makes each such entry a fraction of a ±LR step); the losses above still agree to 1e-5.
-    assert worst <= (1e-5 if mode == "distill" else 1e-4)
+    assert worst <= 1e-5, f"{mode}: {worst_key} differs by {worst:.2e} between 8 devices and 1"
 
 
 # ---- DATA.USE_PRECOMPUTED False: the trunk inside the step ------------------------------------------
