@@ -24,6 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=240, help="frame height in pixels")
     p.add_argument("--width", type=int, default=320, help="frame width in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--flat", action="store_true", help="objects in one flat colour each, no texture")
+    p.add_argument(
+        "--area",
+        type=float,
+        nargs=2,
+        default=(0.03, 0.2),
+        metavar=("MIN", "MAX"),
+        help="range of an object's full area, as a fraction of the frame",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.videos < 1 or args.frames < 1 or min(args.height, args.width) < 16:
         raise Es3Error("--videos and --frames must be at least 1, --height and --width at least 16")
+    if not 0 < args.area[0] <= args.area[1] < 1:
+        raise Es3Error(f"--area {args.area[0]} {args.area[1]}: need 0 < MIN <= MAX < 1")
     names = synthetic.make_synthetic(
         args.output_dir,
         args.videos,
@@ -39,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.frames,
         height=args.height,
         width=args.width,
+        style=synthetic.Style(textured=not args.flat, min_area=args.area[0], max_area=args.area[1]),
         progress=True,
     )
     print(

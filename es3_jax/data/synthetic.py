@@ -7,9 +7,10 @@ Each video is written as the SA-V extracted-frames layout plus its annotation:
 
 so `DATA.SAV_ROOT <output_dir>` trains on it directly (annotations are found beside the frame folders).
 Masks are modal (only the visible part; an object hidden by another or outside the frame is an empty
-RLE), like SA-V's. Every video has 1-3 objects with clearly different shapes, colours and textures,
-whose full area is 2-30% of the frame, over a muted textured background that pans slowly. A video is
-a pure function of (seed, video index).
+RLE), like SA-V's. Every video has 1-3 objects with clearly different shapes, colours and (unless
+`Style.textured` is off) textures, whose full area is 2-30% of the frame by default, over a muted
+textured background that pans slowly. A video is a pure function of (seed, video index, style); the
+style changes how objects look, never where they go.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,16 @@ from es3_jax.data.sav import ANN_EVERY, encode_mask, rle_area
 
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "hexagon", "cross")
 TEXTURES = ("stripes", "checker", "dots", "rings")
-MIN_AREA, MAX_AREA = 0.03, 0.2  # of the frame, for the full (unoccluded) shape; +-10% scale keeps 2-30%
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the objects look. Areas are of the frame, for the full (unoccluded) shape; its ±10% scale
+    wobble keeps the default 3-20% within 2-30%."""
+
+    textured: bool = True  # False: each object in one flat colour
+    min_area: float = 0.03
+    max_area: float = 0.2
 
 
 def _unit_shape(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -82,10 +93,18 @@ class _Object:
     """One moving shape: geometry, trajectory and texture."""
 
     def __init__(
-        self, rng: np.random.Generator, kind: str, texture: str, hue: float, h: int, w: int, mode: str
+        self,
+        rng: np.random.Generator,
+        kind: str,
+        texture: str | None,
+        hue: float,
+        h: int,
+        w: int,
+        mode: str,
+        style: Style,
     ):
         self.unit = _unit_shape(kind, rng)
-        area = rng.uniform(MIN_AREA, MAX_AREA) * h * w
+        area = rng.uniform(style.min_area, style.max_area) * h * w
         self.scale = math.sqrt(area / _polygon_area(self.unit))
         self.scale_wobble = (rng.uniform(0.0, 0.1), rng.uniform(0.05, 0.2), rng.uniform(0, 2 * np.pi))
         self.angle = rng.uniform(0, 2 * np.pi)
@@ -142,6 +161,8 @@ class _Object:
         u = (xx - self.pos[0]) * c + (yy - self.pos[1]) * s
         v = -(xx - self.pos[0]) * s + (yy - self.pos[1]) * c
         p = self.period
+        if self.texture is None:
+            return np.broadcast_to(self.colors[0], (*xx.shape, 3))
         if self.texture == "stripes":
             pick = np.sin(u * 2 * np.pi / p) > 0
         elif self.texture == "checker":
@@ -173,7 +194,13 @@ def _background(rng: np.random.Generator, h: int, w: int, frames: int) -> list[n
 
 
 def make_video(
-    seed: int, index: int, *, num_frames: int = 24, height: int = 240, width: int = 320
+    seed: int,
+    index: int,
+    *,
+    num_frames: int = 24,
+    height: int = 240,
+    width: int = 320,
+    style: Style = Style(),
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
     """Frames [num_frames] of [H, W, 3] uint8 and modal masks [num_frames][objects] of [H, W] bool.
 
@@ -189,7 +216,16 @@ def make_video(
             str(rng.choice(["stay", "enter", "leave"], p=[0.5, 0.25, 0.25])) for _ in range(n - 1)
         ]
         objects = [
-            _Object(rng, SHAPES[k], TEXTURES[x], hue0 + i / n, height, width, mode)
+            _Object(
+                rng,
+                SHAPES[k],
+                TEXTURES[x] if style.textured else None,
+                hue0 + i / n,
+                height,
+                width,
+                mode,
+                style,
+            )
             for i, (k, x, mode) in enumerate(zip(kinds, textures, modes, strict=True))
         ]
         depth = rng.permutation(n)  # paint order: later covers earlier
@@ -265,11 +301,12 @@ def write_video(
     num_frames: int = 24,
     height: int = 240,
     width: int = 320,
+    style: Style = Style(),
 ) -> str:
     """Generate and write video `index`; returns its name."""
     out = Path(output_dir)
     name = video_name(index)
-    frames, masks = make_video(seed, index, num_frames=num_frames, height=height, width=width)
+    frames, masks = make_video(seed, index, num_frames=num_frames, height=height, width=width, style=style)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for t, frame in enumerate(frames):
@@ -288,6 +325,7 @@ def make_synthetic(
     num_frames: int = 24,
     height: int = 240,
     width: int = 320,
+    style: Style = Style(),
     progress: bool = False,
 ) -> list[str]:
     """Write `num_videos` synthetic SA-V videos under `output_dir`; returns their names."""
@@ -297,6 +335,6 @@ def make_synthetic(
 
         indices = tqdm(indices, desc="synthetic videos", unit="video", disable=None)
     return [
-        write_video(output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width)
+        write_video(output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style)
         for i in indices
     ]

@@ -57,3 +57,23 @@ def test_written_dataset_reads_back(tmp_path):
     assert np.abs(jpeg - frames[5]).mean() < 8  # frame 5 is the 24-fps frame 20, JPEG quality 95
     first = [int(np.flatnonzero(np.array(masks)[:, k].any(axis=(1, 2)))[0]) for k in range(ann.num_objects)]
     assert list(ann.first_appeared) == first
+
+
+def test_style_changes_the_paint_and_the_sizes_not_the_motion():
+    textured, masks = synthetic.make_video(4, 0, num_frames=6, height=96, width=128)
+    flat, flat_masks = synthetic.make_video(
+        4, 0, num_frames=6, height=96, width=128, style=synthetic.Style(textured=False)
+    )
+    np.testing.assert_array_equal(np.array(flat_masks), np.array(masks))
+    for t in range(6):
+        for m in masks[t]:
+            inner = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
+            if inner.sum() > 20:
+                assert len(np.unique(flat[t][inner], axis=0)) == 1, "a flat object shows more than one colour"
+                assert len(np.unique(textured[t][inner], axis=0)) > 1, "a textured object shows one colour"
+    big = synthetic.Style(min_area=0.1, max_area=0.12)
+    for i in range(4):
+        _, m = synthetic.make_video(5, i, num_frames=1, height=96, width=128, style=big)
+        # Frame 0 of an object that starts inside the frame and on top shows its full area.
+        areas = np.array(m[0]).sum(axis=(1, 2)) / (96 * 128)
+        assert areas.max() <= 0.12 * 1.21 + 0.01 and areas.max() >= 0.1 * 0.81 - 0.01
