@@ -29,9 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--area",
         type=float,
         nargs=2,
-        default=(0.03, 0.2),
         metavar=("MIN", "MAX"),
-        help="range of an object's full area, as a fraction of the frame",
+        help="range of an object's full area, as a fraction of the frame (default 0.03 0.2)",
     )
 
 
@@ -41,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.videos < 1 or args.frames < 1 or min(args.height, args.width) < 16:
         raise Es3Error("--videos and --frames must be at least 1, --height and --width at least 16")
-    if not 0 < args.area[0] <= args.area[1] < 1:
-        raise Es3Error(f"--area {args.area[0]} {args.area[1]}: need 0 < MIN <= MAX < 1")
+    default = synthetic.Style()
+    lo, hi = args.area or (default.min_area, default.max_area)
+    if not 0 < lo <= hi < 1:
+        raise Es3Error(f"--area {lo} {hi}: need 0 < MIN <= MAX < 1")
     names = synthetic.make_synthetic(
         args.output_dir,
         args.videos,
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.frames,
         height=args.height,
         width=args.width,
-        style=synthetic.Style(textured=not args.flat, min_area=args.area[0], max_area=args.area[1]),
+        style=synthetic.Style(textured=not args.flat, min_area=lo, max_area=hi),
         progress=True,
     )
     print(
