@@ -157,7 +157,7 @@ class TrainConfig:
     EFFECTIVE_BATCH_SIZE: int = 256
     WEIGHT_DECAY: float = 0.1
     CLIP_GRAD: float = 0.1
-    MEMORY_SOURCE: str = "teacher"
+    MEMORY_SOURCE: str = "teacher"  # distillation: whose predictions build the memory bank
     EVAL_EVERY: int = 5000
     SAVE_EVERY: int = 10000
     KEEP_LATEST: int = 3
@@ -309,8 +309,20 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Co
     return validate(apply_overrides(cfg, overrides))
 
 
+CHOICES = {
+    "TRAIN.MODE": ("distill", "finetune"),
+    "TRAIN.MEMORY_SOURCE": ("teacher", "student"),
+}
+
+
 def validate(cfg: Config) -> Config:
-    """Refuse values that are each well typed but do not fit together; the message names the keys."""
+    """Refuse values that are each well typed but do not fit together, or that name no known choice;
+    the message names the keys."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
     trunk, teacher = cfg.MODEL.TRUNK, cfg.MODEL.TEACHER
     if trunk.WIDTH != teacher.TRUNK_DIM:
         raise ConfigError(

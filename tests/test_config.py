@@ -88,6 +88,8 @@ def test_overrides_parse_each_type():
         (["DATA.USE_PRECOMPUTED", "maybe"], "DATA.USE_PRECOMPUTED"),
         (["MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS", "[a]"], "INIT_FROM_TEACHER_LAYERS"),
         (["TRAIN", "3"], "TRAIN"),
+        (["TRAIN.MODE", "distil"], "TRAIN.MODE"),
+        (["TRAIN.MEMORY_SOURCE", "gt"], "TRAIN.MEMORY_SOURCE"),
         (["TRAIN.MAX_STEPS"], "TRAIN.MAX_STEPS"),
     ],
 )
