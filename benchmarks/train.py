@@ -123,30 +123,17 @@ def _measure(cfg, args: argparse.Namespace) -> dict:
     import jax
 
     from benchmarks.harness import block, time_call
-    from es3_jax.models.student import student_from_config
     from es3_jax.models.trunk import compute_dtype
-    from es3_jax.params import param_dict
-    from es3_jax.train import optim, sharding
-    from es3_jax.train.step import TRUNK, make_train_step, split_trainable
-    from es3_jax.train.trainer import frozen_trunk, load_teacher, templates
+    from es3_jax.train import sharding
+    from es3_jax.train.step import TRUNK
+    from es3_jax.train.trainer import set_up
 
-    distill = cfg.TRAIN.MODE == "distill"
-    teacher = load_teacher(cfg)
-    student = param_dict(student_from_config(cfg, seed=cfg.TRAIN.SEED)) if distill else None
-    trainable, frozen = split_trainable(cfg, teacher.params, student)
-    trunk = None
-    if not cfg.DATA.USE_PRECOMPUTED:
-        trunk, frozen[TRUNK], _ = frozen_trunk(cfg, teacher)
     mesh = sharding.make_mesh(cfg.MESH)
-    shards = sharding.param_shardings(trainable, mesh, cfg.MESH)
-    trainable = jax.device_put(trainable, shards)
-    frozen = jax.device_put(frozen, sharding.replicated(mesh))
-    optimizer = optim.make_optimizer(cfg.TRAIN, 1)
-    opt_state, opt_shards = sharding.init_optimizer(optimizer, trainable, shards, mesh)
-    step = make_train_step(templates(cfg, trunk), optimizer, cfg, mesh, shards, opt_shards)
+    setup = set_up(cfg, mesh, accumulate=1)
+    step, frozen = setup.train_step, setup.frozen
     clips = cfg.TRAIN.BATCH_SIZE * mesh.size
     batch = sharding.global_batch(_synthetic_batch(cfg, clips), mesh)
-    state = {"params": trainable, "opt": opt_state}
+    state = {"params": setup.trainable, "opt": setup.opt_state}
 
     def run_step():
         state["params"], state["opt"], state["metrics"] = step(state["params"], state["opt"], frozen, batch)
@@ -162,7 +149,7 @@ def _measure(cfg, args: argparse.Namespace) -> dict:
     record = {
         "config": args.config,
         "mode": cfg.TRAIN.MODE,
-        "features": "frames + trunk" if trunk is not None else "store",
+        "features": "frames + trunk" if TRUNK in frozen else "store",
         "device": devices[0].device_kind,
         "devices": len(devices),
         "compute": dtype,

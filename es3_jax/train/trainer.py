@@ -21,13 +21,15 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from es3_jax import config as config_lib
 from es3_jax import distributed
@@ -40,7 +42,6 @@ class TrainingError(Es3Error):
     """A run that cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
 
 
-MODES = ("distill", "finetune")
 BATCH_KEYS = ("masks", "object_valid", "clip_valid")
 RANDOM_TRUNK_SEED = 0  # `es3 embed --seed` default: a random trunk here matches a random-trunk store
 
@@ -119,6 +120,61 @@ def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Te
     return Templates(teacher, student, trunk)
 
 
+@dataclass
+class Setup:
+    """A run's models and optimiser on its mesh, before any data or checkpoint."""
+
+    teacher: Teacher
+    templates: Templates
+    trainable: dict  # on the devices, sharded by `param_shardings`
+    frozen: dict  # on the devices, replicated
+    param_shardings: dict
+    optimizer: optax.GradientTransformation
+    opt_state: optax.OptState
+    opt_shardings: object
+    train_step: Callable  # `make_train_step`'s jitted step
+    trunk_fingerprint: str | None  # of the on-the-fly trunk (`DATA.USE_PRECOMPUTED False`)
+
+
+def set_up(cfg: config_lib.Config, mesh: Mesh, accumulate: int) -> Setup:
+    """The teacher (and a fresh student when distilling) split into trainable and frozen parameters,
+    placed on `mesh`, with the optimiser and the compiled train step of `accumulate` micro-batches."""
+    from es3_jax.models.student import student_from_config
+    from es3_jax.train import optim, sharding
+    from es3_jax.train.step import make_train_step, split_trainable
+
+    teacher = load_teacher(cfg)
+    student_params = None
+    if cfg.TRAIN.MODE == "distill":
+        student = student_from_config(
+            cfg, teacher_params=teacher.params["memory_attention"], seed=cfg.TRAIN.SEED
+        )
+        student_params = param_dict(student)
+    trainable, frozen = split_trainable(cfg, teacher.params, student_params)
+    trunk_template, fingerprint = None, None
+    if not cfg.DATA.USE_PRECOMPUTED:
+        trunk_template, frozen[TRUNK], fingerprint = frozen_trunk(cfg, teacher)
+    run_templates = templates(cfg, trunk_template)
+    param_shardings = sharding.param_shardings(trainable, mesh, cfg.MESH)
+    frozen = jax.device_put(frozen, sharding.replicated(mesh))
+    trainable = jax.device_put(trainable, param_shardings)
+    optimizer = optim.make_optimizer(cfg.TRAIN, accumulate)
+    opt_state, opt_shardings = sharding.init_optimizer(optimizer, trainable, param_shardings, mesh)
+    train_step = make_train_step(run_templates, optimizer, cfg, mesh, param_shardings, opt_shardings)
+    return Setup(
+        teacher,
+        run_templates,
+        trainable,
+        frozen,
+        param_shardings,
+        optimizer,
+        opt_state,
+        opt_shardings,
+        train_step,
+        fingerprint,
+    )
+
+
 def _jf(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     """Mean J and F over the valid (clip, frame, object) masks `[N, S, S]`."""
     from es3_jax.eval.metrics import boundary_f_measure, region_similarity
@@ -135,13 +191,11 @@ class Trainer:
 
     def __init__(self, cfg: config_lib.Config, output_dir: str | Path, *, resume: str | None = None):
         from es3_jax.data.pipeline import build_pipeline
-        from es3_jax.models.student import student_from_config
         from es3_jax.train import checkpoint, optim, sharding
         from es3_jax.train.metrics_log import MetricsLog
-        from es3_jax.train.step import make_eval_step, make_train_step, split_trainable
+        from es3_jax.train.step import make_eval_step
 
-        if cfg.TRAIN.MODE not in MODES:
-            raise config_lib.ConfigError(f"TRAIN.MODE: {cfg.TRAIN.MODE!r} is not one of {MODES}")
+        config_lib.validate(cfg)
         self.process_index, self.process_count = distributed.initialize()
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -149,31 +203,12 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.MESH)
         local_batch = cfg.TRAIN.BATCH_SIZE * jax.local_device_count()
         self.accumulate = optim.accumulation_steps(cfg.TRAIN, self.mesh.size)
-        self.teacher = load_teacher(cfg)
-
-        student_params = None
-        if self.distill:
-            student = student_from_config(
-                cfg, teacher_params=self.teacher.params["memory_attention"], seed=cfg.TRAIN.SEED
-            )
-            student_params = param_dict(student)
-        trainable, frozen = split_trainable(cfg, self.teacher.params, student_params)
-        trunk_template = None
-        self.trunk_fingerprint: str | None = None
-        if not cfg.DATA.USE_PRECOMPUTED:
-            trunk_template, frozen[TRUNK], self.trunk_fingerprint = frozen_trunk(cfg, self.teacher)
-        self.templates = templates(cfg, trunk_template)
-
-        self.param_shardings = sharding.param_shardings(trainable, self.mesh, cfg.MESH)
-        self.frozen = jax.device_put(frozen, sharding.replicated(self.mesh))
-        trainable = jax.device_put(trainable, self.param_shardings)
-        self.optimizer = optim.make_optimizer(cfg.TRAIN, self.accumulate)
-        opt_state, self.opt_shardings = sharding.init_optimizer(
-            self.optimizer, trainable, self.param_shardings, self.mesh
-        )
-        self.train_step = make_train_step(
-            self.templates, self.optimizer, cfg, self.mesh, self.param_shardings, self.opt_shardings
-        )
+        setup = set_up(cfg, self.mesh, self.accumulate)
+        self.teacher, self.templates, self.frozen = setup.teacher, setup.templates, setup.frozen
+        self.trunk_fingerprint = setup.trunk_fingerprint
+        self.param_shardings, self.opt_shardings = setup.param_shardings, setup.opt_shardings
+        self.optimizer, self.train_step = setup.optimizer, setup.train_step
+        trainable, opt_state = setup.trainable, setup.opt_state
         self.eval_step = make_eval_step(self.templates, cfg, self.mesh, self.param_shardings)
 
         self.checkpoints = checkpoint.manager(
