@@ -22,9 +22,15 @@ from es3_jax import config as config_lib
 from es3_jax.data.synthetic import Style
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-# With the demo config the student distils for this many steps (a distillation step costs a fifth of
-# a fine-tuning one on a CPU); another config's TRAIN.MAX_STEPS rules.
-DEMO_DISTILL_STEPS = 1200
+# With the demo config, the distillation stage's TRAIN settings (the config's own are the fine-tuning
+# stage's); another config's rule both stages. A distillation step costs a quarter of a fine-tuning
+# one on a CPU. The student learns faster at a higher peak rate than the tracker: measured at 1200
+# steps, J&F vs the teacher 0.86 at 1e-3, 0.90 at 3e-3.
+DEMO_DISTILL = {"MAX_STEPS": 1200, "LR": 3e-3}
+# Generated videos: at 24 the fine-tuned tracker and the student fit their 20 training videos
+# better than held-out ones (student feature MSE 0.06 on training clips, 0.13 held out); at 120
+# they are alike (0.087 and 0.094). Generating and embedding them takes half a minute.
+DEMO_VIDEOS = 120
 # The demo tracker sees 12 × 12 tokens of 14 px. Objects of 8-24 % of the frame span several tokens,
 # and flat colours give its random trunk features that do not change with a texture's phase as an
 # object moves. Measured after 1000 fine-tuning steps, held-out J&F: 0.55 with the default textured
@@ -42,7 +48,7 @@ def run(
     config: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     sam3_weights: str | None = None,
-    videos: int = 24,
+    videos: int = DEMO_VIDEOS,
     finetune_steps: int | None = None,
     distill_steps: int | None = None,
 ) -> dict:
@@ -95,8 +101,8 @@ def run(
     st_cfg = config_lib.merge(
         cfg, {"TRAIN": {"MODE": "distill"}, "MODEL": {"TEACHER_WEIGHTS": teacher_weights}}
     )
-    if distill_steps is None and config is None:
-        distill_steps = DEMO_DISTILL_STEPS
+    if config is None:
+        st_cfg = config_lib.merge(st_cfg, {"TRAIN": DEMO_DISTILL})
     if distill_steps is not None:
         st_cfg = config_lib.merge(st_cfg, {"TRAIN": {"MAX_STEPS": distill_steps}})
     st_cfg = config_lib.merge(st_cfg, {"TRAIN": {"EVAL_EVERY": st_cfg.TRAIN.MAX_STEPS}})

@@ -21,13 +21,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--output_dir", default="output/demo", help="where everything goes")
     p.add_argument("--sam3_weights", default=None, help="use the real SAM3 tracker as the teacher")
-    p.add_argument("--videos", type=int, default=24, help="number of generated videos")
+    from es3_jax.demo import DEMO_DISTILL, DEMO_VIDEOS
+
+    p.add_argument("--videos", type=int, default=DEMO_VIDEOS, help="number of generated videos")
     p.add_argument("--finetune_steps", type=int, default=None, help="teacher steps (default: the config's)")
     p.add_argument(
         "--distill_steps",
         type=int,
         default=None,
-        help="student steps (default: 1200 with the demo config, else the config's)",
+        help=f"student steps (default: {DEMO_DISTILL['MAX_STEPS']} with the demo config, at a peak "
+        f"TRAIN.LR of {DEMO_DISTILL['LR']}; else the config's)",
     )
     add_config_args(p)
 
