@@ -74,6 +74,16 @@ def relative_error(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+def mask_iou(logits: np.ndarray, ref_logits: np.ndarray, rtol: float) -> float:
+    """IoU of the two binarised masks `[H, W]` over the pixels whose reference logit is farther from 0
+    than `rtol` of its largest magnitude: within that band, logits equal to `rtol` may differ in
+    sign, so a fresh seed now and then flips a pixel or two there."""
+    decided = np.abs(ref_logits) > rtol * np.abs(ref_logits).max()
+    a, b = (logits > 0) & decided, (ref_logits > 0) & decided
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
 # Every figure measured in this session, printed at the end of the run by tests/conftest.py.
 PARITY_FIGURES: list[tuple[str, float, float]] = []
 

@@ -64,11 +64,6 @@ def reference(tmp_path_factory):
     return seed, neck, trackers, path, trunk, masks
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 @pytest.mark.parametrize("memory_selection", [False, True], ids=["no_selection", "selection"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_tracking_matches_upstream(reference, memory_selection, reverse):
@@ -101,7 +96,7 @@ def test_tracking_matches_upstream(reference, memory_selection, reverse):
         assert np.ptp(ref_logits, axis=(1, 2)).min() > 1.0, f"frame {frame}: constant logits compare nothing"
         upstream.report(f"{name}, frame {frame} mask logits", logits, ref_logits, 1e-3)
         for k in range(2):
-            worst_iou = min(worst_iou, _iou(logits[k] > 0, ref_logits[k] > 0))
+            worst_iou = min(worst_iou, upstream.mask_iou(logits[k], ref_logits[k], 1e-3))
     print(f"[parity] {name}: worst binarised-mask IoU over frames and objects {worst_iou:.6f}")
     assert worst_iou >= 0.999
     assert predictor.trace_counts["track_step"] == 1

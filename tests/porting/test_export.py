@@ -100,11 +100,6 @@ def _bytes(t) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 @pytest.mark.parametrize("name", ["efficient_memory", "edgetam_like"])
 def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
     """PyTorch (upstream predictor + the exported student) vs JAX (`VideoPredictor` on the run):
@@ -138,7 +133,7 @@ def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
         )
         worst_err = max(worst_err, err)
         for k in range(2):
-            worst_iou = min(worst_iou, _iou(logits[k] > 0, ref_logits[k] > 0))
+            worst_iou = min(worst_iou, upstream.mask_iou(logits[k], ref_logits[k], 1e-3))
     print(
         f"[parity] export {name}: worst relative error {worst_err:.3e}, worst binarised IoU {worst_iou:.6f}"
     )
