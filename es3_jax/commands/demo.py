@@ -18,11 +18,10 @@ teacher and vs ground truth, steps and wall time; and prints where every output 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from es3_jax.commands.common import add_config_args
+    from es3_jax.demo import DEMO_DISTILL, DEMO_VIDEOS
 
     p.add_argument("--output_dir", default="output/demo", help="where everything goes")
     p.add_argument("--sam3_weights", default=None, help="use the real SAM3 tracker as the teacher")
-    from es3_jax.demo import DEMO_DISTILL, DEMO_VIDEOS
-
     p.add_argument("--videos", type=int, default=DEMO_VIDEOS, help="number of generated videos")
     p.add_argument("--finetune_steps", type=int, default=None, help="teacher steps (default: the config's)")
     p.add_argument(

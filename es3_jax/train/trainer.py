@@ -129,9 +129,7 @@ class Setup:
     trainable: dict  # on the devices, sharded by `param_shardings`
     frozen: dict  # on the devices, replicated
     param_shardings: dict
-    optimizer: optax.GradientTransformation
     opt_state: optax.OptState
-    opt_shardings: object
     train_step: Callable  # `make_train_step`'s jitted step
     trunk_fingerprint: str | None  # of the on-the-fly trunk (`DATA.USE_PRECOMPUTED False`)
 
@@ -167,9 +165,7 @@ def set_up(cfg: config_lib.Config, mesh: Mesh, accumulate: int) -> Setup:
         trainable,
         frozen,
         param_shardings,
-        optimizer,
         opt_state,
-        opt_shardings,
         train_step,
         fingerprint,
     )
@@ -206,8 +202,7 @@ class Trainer:
         setup = set_up(cfg, self.mesh, self.accumulate)
         self.teacher, self.templates, self.frozen = setup.teacher, setup.templates, setup.frozen
         self.trunk_fingerprint = setup.trunk_fingerprint
-        self.param_shardings, self.opt_shardings = setup.param_shardings, setup.opt_shardings
-        self.optimizer, self.train_step = setup.optimizer, setup.train_step
+        self.param_shardings, self.train_step = setup.param_shardings, setup.train_step
         trainable, opt_state = setup.trainable, setup.opt_state
         self.eval_step = make_eval_step(self.templates, cfg, self.mesh, self.param_shardings)
 
