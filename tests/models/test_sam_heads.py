@@ -177,8 +177,9 @@ def test_mask_decoder(setup):
     for field, o, r in zip(names, out, ref_all, strict=True):
         ref = upstream.nchw_to_nhwc(r) if r.ndim == 4 else upstream.to_numpy(r)
         # The object scores are 2 numbers, and when both happen to be small their max is a poor
-        # scale for the float32 round-off the decoder accumulates (2.5e-5 was seen with 1e-5).
-        upstream.report(f"mask decoder {field}", o, ref, 1e-4 if field == "object score logits" else TOL)
+        # scale for the float32 round-off the decoder accumulates.
+        floor = upstream.LOGIT_SCALE if field == "object score logits" else 0.0
+        upstream.report(f"mask decoder {field}", o, ref, TOL, floor=floor)
 
     for multimask in (True, False):
         with torch.no_grad():
@@ -197,7 +198,11 @@ def test_mask_decoder(setup):
         upstream.report(f"mask decoder {kind}: IoUs", out.ious, upstream.to_numpy(ref[1]), TOL)
         upstream.report(f"mask decoder {kind}: SAM tokens", out.sam_tokens, upstream.to_numpy(ref[2]), TOL)
         upstream.report(
-            f"mask decoder {kind}: object scores", out.object_score_logits, upstream.to_numpy(ref[3]), TOL
+            f"mask decoder {kind}: object scores",
+            out.object_score_logits,
+            upstream.to_numpy(ref[3]),
+            TOL,
+            floor=upstream.LOGIT_SCALE,
         )
 
 
@@ -268,7 +273,13 @@ def _check_heads(name: str, ours, ref, score_shift: float = 0.0) -> None:
             if absent.any():
                 upstream.report(f"{name}: {field} (no object)", o[absent], r[absent], TOL)
         elif field == "object score logits":
-            upstream.report(f"{name}: {field} (+ shift)", o + score_shift, r + score_shift, TOL)
+            upstream.report(
+                f"{name}: {field} (+ shift)",
+                o + score_shift,
+                r + score_shift,
+                TOL,
+                floor=upstream.LOGIT_SCALE,
+            )
         else:
             upstream.report(f"{name}: {field}", o, r, TOL)
 
