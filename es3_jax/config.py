@@ -163,6 +163,14 @@ class TrainConfig:
     KEEP_LATEST: int = 3
     MAX_BAD_STEPS: int = 10
     SEED: int = 0
+    # Gradient checkpointing (jax.checkpoint): "none"; "frame" recomputes each tracked frame of a
+    # clip in the backward pass (the teacher's memory-conditioned features are kept, so the frozen
+    # teacher is not run twice); "layer" recomputes inside each memory-attention and perceiver layer;
+    # "frame_layer" does both. docs/benchmarks.md has what each saves and costs.
+    REMAT: str = "none"
+    # The seed's mixed-precision switch: an alias of MODEL.COMPUTE_DTYPE bfloat16 (bf16 compute,
+    # float32 parameters, optimiser state and gradients; LayerNorm, softmax and losses in float32).
+    AMP: bool = False
     LOSS: LossConfig = LossConfig()
 
 
@@ -312,6 +320,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Co
 CHOICES = {
     "TRAIN.MODE": ("distill", "finetune"),
     "TRAIN.MEMORY_SOURCE": ("teacher", "student"),
+    "TRAIN.REMAT": ("none", "frame", "layer", "frame_layer"),
 }
 
 
@@ -323,6 +332,13 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if cfg.TRAIN.AMP:
+        if cfg.MODEL.COMPUTE_DTYPE not in ("auto", "bfloat16"):
+            raise ConfigError(
+                f"TRAIN.AMP True computes in bfloat16, but MODEL.COMPUTE_DTYPE is {cfg.MODEL.COMPUTE_DTYPE!r}; "
+                "set one of the two"
+            )
+        cfg = dataclasses.replace(cfg, MODEL=dataclasses.replace(cfg.MODEL, COMPUTE_DTYPE="bfloat16"))
     trunk, teacher = cfg.MODEL.TRUNK, cfg.MODEL.TEACHER
     if trunk.WIDTH != teacher.TRUNK_DIM:
         raise ConfigError(

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from es3_jax.nn.attention import Attention
-from es3_jax.nn.layers import Dtype, layer_norm, linear
+from es3_jax.nn.layers import Dtype, call_layer, layer_norm, linear
 from es3_jax.nn.rope import axial_angles, grid_positions
 
 # Upstream adds the query positional encoding to the input at this weight (`pos_enc_at_input`).
@@ -210,9 +210,11 @@ class MemoryAttention(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
+        remat: bool = False,
     ):
         self.head_dim = d_model // num_heads
         self.rope_theta = rope_theta
+        self.remat = remat  # recompute each layer in the backward pass (gradient checkpointing)
         self.layers = nnx.List(
             [
                 MemoryAttentionLayer(d_model, kv_dim, ffn_dim, num_heads, rngs=rngs, dtype=dtype)
@@ -251,10 +253,12 @@ class MemoryAttention(nnx.Module):
         query_angles = axial_angles(grid_positions(grid_h, grid_w), self.head_dim, self.rope_theta)
         x = src + INPUT_POS_WEIGHT * src_pos
         for layer in self.layers:
-            x = layer(
+            x = call_layer(
+                layer,
                 x,
                 memory,
                 memory_pos,
+                remat=self.remat,
                 query_angles=query_angles,
                 key_angles=key_angles,
                 key_mask=key_mask,

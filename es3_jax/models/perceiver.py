@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from es3_jax.nn.attention import attend
-from es3_jax.nn.layers import Dtype, gelu, layer_norm, linear, resize_bilinear
+from es3_jax.nn.layers import Dtype, call_layer, gelu, layer_norm, linear, resize_bilinear
 from es3_jax.nn.position_encoding import sine_2d
 
 LAYER_NORM_EPS = 1e-5
@@ -128,6 +128,7 @@ class PerceiverResampler(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
+        remat: bool = False,
     ):
         if dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the perceiver width {dim}")
@@ -142,6 +143,7 @@ class PerceiverResampler(nnx.Module):
         )
         self.norm = layer_norm(dim, eps=LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
         self.dtype = dtype
+        self.remat = remat  # recompute each layer in the backward pass (gradient checkpointing)
 
     @property
     def num_tokens(self) -> int:
@@ -160,7 +162,7 @@ class PerceiverResampler(nnx.Module):
         memory = x.reshape(b, h * w, d)
         memory_pos = pos.reshape(b, h * w, d)
         for layer in self.layers:
-            latents = layer(latents, memory, memory_pos)
+            latents = call_layer(layer, latents, memory, memory_pos, remat=self.remat)
         latents = self.norm(latents)
 
         g, s = self.grid, self.window_size
@@ -172,7 +174,7 @@ class PerceiverResampler(nnx.Module):
         latents_2d = jnp.broadcast_to(self.latents_2d[...].astype(self.dtype), (b, g * g, d))
         latents_2d = latents_2d.reshape(b * g * g, 1, d)
         for layer in self.layers:
-            latents_2d = layer(latents_2d, windows, None)
+            latents_2d = call_layer(layer, latents_2d, windows, None, remat=self.remat)
         latents_2d = self.norm(latents_2d.reshape(b, g * g, d))
 
         tokens = jnp.concatenate([latents, latents_2d], axis=1)

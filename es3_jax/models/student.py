@@ -136,6 +136,7 @@ def student_from_config(
     teacher_params: dict | None = None,
     seed: int = 0,
     dtype: Dtype = jnp.float32,
+    remat: bool = False,
 ) -> StudentMemory:
     """The student of `cfg.MODEL` (PERCEIVER, MEMORY_ATTENTION; widths from TEACHER).
 
@@ -143,6 +144,7 @@ def student_from_config(
     bound strictly; None draws fresh weights from `seed`. teacher_params: the teacher's
     `memory_attention` parameters; with `MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS` set,
     the fresh student's layers (and final norm) are copied from those teacher layers (D6).
+    remat: recompute every memory-attention and perceiver layer in the backward pass.
     """
     t, pc, mc = cfg.MODEL.TEACHER, cfg.MODEL.PERCEIVER, cfg.MODEL.MEMORY_ATTENTION
     if pc.ENABLED:
@@ -175,6 +177,7 @@ def student_from_config(
             t.ROPE_THETA,
             rngs=rngs,
             dtype=dtype,
+            remat=remat,
         )
         perceiver = None
         if pc.ENABLED:
@@ -188,6 +191,7 @@ def student_from_config(
                 pc.WINDOW_SIZE,
                 rngs=rngs,
                 dtype=dtype,
+                remat=remat,
             )
         return StudentMemory(attention, perceiver, pool_size=mc.POOL_SIZE)
 

@@ -43,7 +43,9 @@ class SAM3Tracker(nnx.Module):
     `no_mem_embed [1, 1, d]`, `no_obj_ptr [1, d]`, `no_obj_embed_spatial [1, mem_dim]`.
     """
 
-    def __init__(self, cfg: TrackerConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    def __init__(
+        self, cfg: TrackerConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat: bool = False
+    ):
         d, mem = cfg.D_MODEL, cfg.MEM_DIM
         self.neck = TrackerNeck(cfg.TRUNK_DIM, d, rngs=rngs, dtype=dtype)
         self.memory_encoder = MemoryEncoder(d, mem, rngs=rngs, dtype=dtype)
@@ -56,6 +58,7 @@ class SAM3Tracker(nnx.Module):
             cfg.ROPE_THETA,
             rngs=rngs,
             dtype=dtype,
+            remat=remat,
         )
         self.prompt_encoder = PromptEncoder(
             d, cfg.IMAGE_SIZE, cfg.grid, cfg.MASK_IN_CHANS, rngs=rngs, dtype=dtype

@@ -17,6 +17,15 @@ from flax import nnx
 Dtype = jnp.dtype | type
 
 
+def call_layer(layer: Callable, *args: jax.Array, remat: bool = False, **kwargs) -> jax.Array:
+    """`layer(*args, **kwargs)`; with `remat`, under `jax.checkpoint` keeping nothing of the layer's
+    insides for the backward pass, which recomputes them from `args` (TRAIN.REMAT `layer`)."""
+    if not remat:
+        return layer(*args, **kwargs)
+    policy = jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(lambda *a: layer(*a, **kwargs), policy=policy)(*args)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """The exact (erf) GELU of `torch.nn.GELU()`; JAX defaults to the tanh approximation."""
     return jax.nn.gelu(x, approximate=False)

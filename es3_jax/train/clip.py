@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from es3_jax.config import Config, TrackerConfig
 from es3_jax.models.memory_encoder import encode_new_memory
@@ -39,6 +40,8 @@ from es3_jax.models.tracker import (
 )
 from es3_jax.nn.layers import resize_bilinear
 from es3_jax.train import losses
+
+TEACHER_FEATURES = "teacher_features"  # the checkpoint name of the teacher's memory-conditioned features
 
 
 class ClipOutput(NamedTuple):
@@ -158,7 +161,10 @@ def run_clip(
         bank_t, bank_s = carry
         frame, gt, sel = xs
         expanded = expand_frame(frame, num_objects)
-        cond_t = memory_conditioned(teacher, teacher_path, frame, bank_t, sel)
+        # Named so that frame-level remat keeps it: recomputing it would run the frozen teacher twice.
+        cond_t = checkpoint_name(
+            memory_conditioned(teacher, teacher_path, frame, bank_t, sel), TEACHER_FEATURES
+        )
         heads_t = tracked_heads(teacher, cond_t, expanded)
         if distill:
             cond_s = memory_conditioned(teacher, student, frame, bank_s, sel)
@@ -187,6 +193,11 @@ def run_clip(
         masks = (heads_s.high_res_masks[..., 0] > 0, heads_t.high_res_masks[..., 0] > 0)
         return (bank_t, bank_s), (terms, mse, masks)
 
+    if cfg.TRAIN.REMAT in ("frame", "frame_layer"):
+        # A scan body needs no CSE barrier (the loop already keeps the recomputation apart), and
+        # XLA's CPU backend crashes on the barrier there.
+        policy = jax.checkpoint_policies.save_only_these_names(TEACHER_FEATURES)
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
     _, (terms, mse, (masks, teacher_masks)) = jax.lax.scan(step, banks, (tracked, gt_masks[1:], selections))
     first = gt_masks[:1].astype(bool)
     return ClipOutput(

@@ -107,16 +107,20 @@ def frozen_trunk(cfg: config_lib.Config, teacher: Teacher) -> tuple[ModuleTempla
 
 def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Templates:
     """The modules of a run around parameter dicts, computing in MODEL.COMPUTE_DTYPE (parameters stay
-    float32): the tracker, the student when distilling, and `trunk` (see `frozen_trunk`)."""
+    float32), with TRAIN.REMAT's per-layer checkpointing: the tracker, the student when distilling,
+    and `trunk` (see `frozen_trunk`)."""
     from es3_jax.models.student import student_from_config
     from es3_jax.models.tracker import SAM3Tracker
     from es3_jax.models.trunk import compute_dtype
 
     dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
-    teacher = ModuleTemplate(lambda: SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(0), dtype=dtype))
+    remat = cfg.TRAIN.REMAT in ("layer", "frame_layer")
+    teacher = ModuleTemplate(
+        lambda: SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(0), dtype=dtype, remat=remat)
+    )
     student = None
     if cfg.TRAIN.MODE == "distill":
-        student = ModuleTemplate(lambda: student_from_config(cfg, seed=0, dtype=dtype))
+        student = ModuleTemplate(lambda: student_from_config(cfg, seed=0, dtype=dtype, remat=remat))
     return Templates(teacher, student, trunk)
 
 
@@ -191,7 +195,7 @@ class Trainer:
         from es3_jax.train.metrics_log import MetricsLog
         from es3_jax.train.step import make_eval_step
 
-        config_lib.validate(cfg)
+        cfg = config_lib.validate(cfg)
         self.process_index, self.process_count = distributed.initialize()
         self.cfg = cfg
         self.output_dir = Path(output_dir)

@@ -1,0 +1,26 @@
+"""Gradient checkpointing (TRAIN.REMAT) changes what the backward pass keeps, never the gradients."""
+
+import numpy as np
+import pytest
+
+from tests.train.gradients import loss_and_gradients
+
+
+@pytest.mark.parametrize(
+    ("mode", "remat"),
+    [
+        ("distill", "frame"),
+        ("distill", "layer"),
+        pytest.param("finetune", "frame_layer", marks=pytest.mark.slow),
+    ],
+)
+def test_remat_gradients_equal_plain_gradients(mode, remat):
+    _, plain = loss_and_gradients(mode)
+    _, checkpointed = loss_and_gradients(mode, ("TRAIN.REMAT", remat))
+    assert plain.keys() == checkpointed.keys()
+    scale = max(np.abs(g).max() for g in plain.values())
+    assert scale > 0, "the plain gradients are all zero: the test would prove nothing"
+    worst = max(plain, key=lambda k: np.abs(plain[k] - checkpointed[k]).max())
+    err = np.abs(plain[worst] - checkpointed[worst]).max() / scale
+    print(f"TRAIN.REMAT {remat} ({mode}): gradient error {err:.2e} of the largest gradient, at {worst}")
+    assert err <= 1e-6, f"TRAIN.REMAT {remat} ({mode}): {worst} differs by {err:.2e} of the largest gradient"
