@@ -50,12 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace, mode: str):
+def config_for(name: str, mode: str, overrides: list[str], *, on_the_fly: bool = False):
+    """The config `name` (under configs/, or a YAML path) in `mode`, with random teacher weights."""
     from es3_jax import config as config_lib
 
-    path = Path(args.config) if args.config.endswith((".yaml", ".yml")) else CONFIGS / f"{args.config}.yaml"
-    overrides = [*args.overrides, "TRAIN.MODE", mode, "MODEL.TEACHER_WEIGHTS", ""]
-    if args.on_the_fly:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
+    overrides = [*overrides, "TRAIN.MODE", mode, "MODEL.TEACHER_WEIGHTS", ""]
+    if on_the_fly:
         overrides += ["DATA.USE_PRECOMPUTED", "False"]
     return config_lib.load(path, overrides)
 
@@ -91,8 +92,9 @@ def peak_flops(device, dtype: str) -> float | None:
 
 def _synthetic_batch(cfg, clips: int, seed: int = 0) -> dict:
     """Random trunk features (or frames) and ground truth of moving rectangles, every slot valid."""
-    import ml_dtypes
     import numpy as np
+
+    from es3_jax.data import embedding_store
 
     t, d = cfg.MODEL.TEACHER, cfg.DATA
     rng = np.random.default_rng(seed)
@@ -111,7 +113,7 @@ def _synthetic_batch(cfg, clips: int, seed: int = 0) -> dict:
     }
     if d.USE_PRECOMPUTED:
         shape = (clips, d.NUM_FRAMES, t.grid, t.grid, t.TRUNK_DIM)
-        dtype = ml_dtypes.bfloat16 if d.EMBEDDING_DTYPE == "bfloat16" else np.float32
+        dtype = embedding_store.read_dtype(d.EMBEDDING_DTYPE)
         batch["embeddings"] = rng.standard_normal(shape, np.float32).astype(dtype)
     else:
         shape = (clips, d.NUM_FRAMES, t.IMAGE_SIZE, t.IMAGE_SIZE, 3)
@@ -175,4 +177,7 @@ def _measure(cfg, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    return [_measure(_config(args, mode), args) for mode in args.modes]
+    return [
+        _measure(config_for(args.config, mode, args.overrides, on_the_fly=args.on_the_fly), args)
+        for mode in args.modes
+    ]

@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "embed": "embed",
     "memory-attention": "memory_attention",
     "train": "train",
+    "plan": "plan",
 }
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/benchmarks.md in one command, sized to finish in about 8 minutes on one
+# H200: trunk frames/s, memory attention teacher vs student, and the seed config's train step at
+# 1, 2 and 4 clips per device with the remat settings that fit, each with its MFU.
+#
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]    # JSON-lines records in OUT_DIR (default: gpu_results/)
+#
+# Each benchmark writes its own file, so a benchmark that fails (e.g. out of memory) leaves the
+# others' records; the script's exit code is the number of benchmarks that failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_results}
+mkdir -p "$OUT"
+ES3=${ES3:-es3}
+# Let JAX use most of the device: the plan's fits columns assume this share of its memory.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+failed=0
+
+bench() {  # bench RECORD_NAME BENCHMARK [ARGS... [KEY VALUE...]]
+  local name=$1 benchmark=$2
+  shift 2
+  echo "== $name: $ES3 bench $benchmark $*" >&2
+  # --json and --output go first: trailing KEY VALUE overrides take the rest of the line.
+  if ! timeout 300 "$ES3" bench "$benchmark" --json --output "$OUT/$name.jsonl" "$@"; then
+    echo "!! $name failed" >&2
+    failed=$((failed + 1))
+  fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
+
+bench trunk embed --frameworks jax --batch_size 4 --repeats 5 MODEL.COMPUTE_DTYPE bfloat16
+bench memory_attention memory-attention --configs teacher efficient_memory --batch 1 8 \
+  --frameworks jax --repeats 10
+# The default launch (TRAIN.REMAT frame at 4 clips per device), and what remat costs beside it.
+for case in "1 none" "2 none" "4 none" "4 frame"; do
+  read -r clips remat <<< "$case"
+  bench "train_distill_b${clips}_${remat}" train --config efficient_memory --modes distill \
+    --warmup 2 --repeats 5 TRAIN.BATCH_SIZE "$clips" TRAIN.REMAT "$remat" MODEL.COMPUTE_DTYPE bfloat16
+done
+bench plan_gpu plan --devices 0 --modes distill --batch_sizes 4 --remat none frame \
+  --dtypes bfloat16 --gpu H200
+
+exit "$failed"
