@@ -46,7 +46,8 @@ class DataConfig:
     PREFETCH: int = 2  # batches buffered per worker
     PIXEL_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)
     PIXEL_STD: tuple[float, ...] = (0.5, 0.5, 0.5)
-    # The embedding store (`es3 embed`): dtype of the stored trunk features ("bfloat16" or "float32"),
+    # The embedding store (`es3 embed`): dtype of the stored trunk features ("bfloat16", "float32", or
+    # "int8" with per-frame, per-channel scales: half bf16's bytes, read back as bf16),
     # frames per shard file (one frame per chunk inside it) and the blosc-zstd level.
     EMBEDDING_DTYPE: str = "bfloat16"
     EMBEDDING_SHARD_FRAMES: int = 16

@@ -291,7 +291,8 @@ def make_features_fn(
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    out_dtype = jnp.dtype(store_dtype)
+    # An int8 store quantizes on the host (VideoWriter), from float32 features.
+    out_dtype = jnp.dtype(jnp.float32 if store_dtype == "int8" else store_dtype)
 
     @jax.jit
     def features(state, images):

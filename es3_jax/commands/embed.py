@@ -11,7 +11,8 @@ DESCRIPTION = """\
 Run the frozen SAM3 ViT trunk over every frame of every video under --data_dir (SA-V
 `<video>/<frame>.jpg`, DAVIS `JPEGImages/480p/<seq>/`, or one folder of frames) and store the
 [h, w, C] features per frame in a TensorStore zarr v3 array per video (bfloat16 by default,
-DATA.EMBEDDING_DTYPE), with metadata.json per video and global_metadata.json.
+DATA.EMBEDDING_DTYPE: float32, or int8 with per-frame channel scales at half bf16's bytes), with
+metadata.json per video and global_metadata.json.
 
 Several processes (SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID):
 video i goes to process i mod N; process 0 writes the global metadata once all have finished.

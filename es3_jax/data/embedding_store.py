@@ -3,13 +3,17 @@
 Layout (DESIGN.md D9):
 ```
 <root>/global_metadata.json        dataset-level record, written by process 0 at the end of a run
-<root>/<video>/features.zarr/      [T, h, w, C] bfloat16 (or float32); one frame per chunk,
-                                   shards of 16 frames, blosc-zstd with byte shuffle
+<root>/<video>/features.zarr/      [T, h, w, C] bfloat16 (or float32, or int8); one frame per
+                                   chunk, shards of 16 frames, blosc-zstd with byte shuffle
+<root>/<video>/scales.zarr/        [T, C] float32, int8 stores only: each frame's per-channel scale
 <root>/<video>/metadata.json       frame names, shape, dtype, trunk, normalisation; written last
 ```
 A video is complete exactly when its `metadata.json` exists: the array is written (and synced)
 first and the metadata is renamed into place last, so an interrupted writer never leaves a video
 that reads as complete. One writer per video; writes cover whole shards.
+
+An int8 store holds round(x / s) with s = max|x| / 127 over each frame's channel (half the bytes
+of bf16); `read` gives back q · s in bfloat16.
 
 Readers open nothing until the first `read`, keep one TensorStore handle per video and process
 (TensorStore is not fork-safe: a store object is picklable and re-opens lazily in each worker),
@@ -39,7 +43,35 @@ ARRAY = "features.zarr"
 METADATA = "metadata.json"
 GLOBAL_METADATA = "global_metadata.json"
 LAYOUT = "THWC"
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "int8": np.dtype(np.int8),
+}
+SCALES = "scales.zarr"
+INT8_MAX = 127
+
+
+def read_dtype(dtype: str) -> np.dtype:
+    """What `EmbeddingStore.read` returns for a store of `dtype`: int8 stores come back as bfloat16."""
+    return DTYPES["bfloat16"] if dtype == "int8" else DTYPES[dtype]
+
+
+def quantize(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`[n, h, w, C]` float -> (int8 values `[n, h, w, C]`, float32 scales `[n, C]`): per frame and
+    channel, s = max|x| / 127 (1 where the channel is all zeros) and q = round(x / s)."""
+    x = np.asarray(features, np.float32)
+    scales = np.abs(x).max(axis=(1, 2)) / INT8_MAX
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scales[:, None, None, :]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scales
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of `quantize`, in float32."""
+    return q.astype(np.float32) * scales[:, None, None, :]
+
+
 # What makes two sets of features interchangeable; a store mixing values of these is refused.
 IDENTITY_KEYS = ("trunk", "pixel_mean", "pixel_std", "image_size")
 
@@ -103,6 +135,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _array_spec(path: Path, shape: Sequence[int], dtype: str, shard_frames: int, clevel: int) -> dict:
+    """A zarr v3 array of frames `[T, ...]`: one frame per chunk, `shard_frames` frames per file."""
     frame = [1, *shape[1:]]
     return {
         "driver": "zarr3",
@@ -139,7 +172,7 @@ def _array_spec(path: Path, shape: Sequence[int], dtype: str, shard_frames: int,
                     },
                 }
             ],
-            "dimension_names": ["frame", "h", "w", "c"],
+            "dimension_names": ["frame", "h", "w", "c"] if len(shape) == 4 else ["frame", "c"],
         },
     }
 
@@ -257,20 +290,23 @@ class EmbeddingStore:
         except KeyError:
             raise StoreError(f"video {video!r} has no frame {stem!r} in {self.root}") from None
 
-    def _array(self, video: str):
+    def _array(self, video: str, name: str | None = None):
+        """The video's features array (or its `name` array, e.g. the int8 scales), opened once."""
         self._check_process()
-        arr = self._arrays.get(video)
+        meta = self.metadata(video)
+        name = name or meta.get("array", ARRAY)
+        key = f"{video}/{name}"
+        arr = self._arrays.get(key)
         if arr is not None:
             return arr
-        meta = self.metadata(video)
         import tensorstore as ts
 
         with self._lock:
-            arr = self._arrays.get(video)
+            arr = self._arrays.get(key)
             if arr is None:
                 if self._context is None:
                     self._context = _context()
-                path = self.root / video / meta.get("array", ARRAY)
+                path = self.root / video / name
                 try:
                     arr = ts.open(
                         {
@@ -284,25 +320,31 @@ class EmbeddingStore:
                     ).result()
                 except ValueError as e:
                     raise StoreError(f"cannot open {path}: {e}") from e
-                if list(arr.shape) != list(meta["shape"]):
-                    raise StoreError(f"{path}: array shape {list(arr.shape)} != metadata {meta['shape']}")
-                self._arrays[video] = arr
+                want = meta["shape"] if name != SCALES else [meta["shape"][0], meta["shape"][-1]]
+                if list(arr.shape) != list(want):
+                    raise StoreError(f"{path}: array shape {list(arr.shape)} != metadata {want}")
+                self._arrays[key] = arr
         return arr
 
     def read(self, video: str, frames: Sequence[int], *, dtype=None) -> np.ndarray:
         """Features of `frames` (indices into the video's frame list, any order, repeats allowed):
-        `[len(frames), h, w, C]` in the stored dtype (ml_dtypes.bfloat16 by default) or `dtype`.
+        `[len(frames), h, w, C]` in `read_dtype` of the store's dtype (ml_dtypes.bfloat16 by
+        default; an int8 store's dequantized values in bfloat16) or `dtype`.
         Safe to call from several threads at once."""
         arr = self._array(video)
         idx = np.asarray(frames, dtype=np.int64).reshape(-1)
         n = arr.shape[0]
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise StoreError(f"video {video!r} has {n} frames; asked for frames {idx.tolist()}")
+        stored = self.metadata(video)["dtype"]
         if idx.size == 0:
-            out = np.zeros((0, *arr.shape[1:]), arr.dtype.numpy_dtype)
+            out = np.zeros((0, *arr.shape[1:]), read_dtype(stored))
         else:
             try:
                 out = arr[idx].read().result()
+                if stored == "int8":
+                    scales = self._array(video, SCALES)[idx].read().result()
+                    out = dequantize(out, scales).astype(read_dtype(stored))
             except ValueError as e:
                 raise StoreError(
                     f"reading video {video!r} frames {idx.tolist()} from {self.root}: {e}"
@@ -377,7 +419,9 @@ class EmbeddingStore:
             **dict(ident),
             **dict(extra or {}),
         }
-        return VideoWriter(folder, meta, _array_spec(folder / ARRAY, shape, dtype, shard_frames, clevel))
+        if dtype == "int8":
+            meta["scales"] = SCALES
+        return VideoWriter(folder, meta, shard_frames, clevel)
 
     def write_global_metadata(self, record: Mapping[str, Any]) -> Path:
         path = self.root / GLOBAL_METADATA
@@ -388,15 +432,23 @@ class EmbeddingStore:
 class VideoWriter:
     """Writes one video's frames in order, whole shards at a time, and its metadata last."""
 
-    def __init__(self, folder: Path, meta: dict, spec: dict):
+    def __init__(self, folder: Path, meta: dict, shard_frames: int, clevel: int):
         import tensorstore as ts
 
         self.folder, self.meta = folder, meta
         self.num_frames = meta["num_frames"]
         self.shard = meta["shard_frames"]
         self._dtype = DTYPES[meta["dtype"]]
-        self._array = ts.open(spec, create=True, context=_context()).result()
+        context = _context()
+        spec = _array_spec(folder / ARRAY, meta["shape"], meta["dtype"], shard_frames, clevel)
+        self._array = ts.open(spec, create=True, context=context).result()
+        self._scales = None
+        if meta["dtype"] == "int8":
+            shape = [meta["shape"][0], meta["shape"][-1]]
+            spec = _array_spec(folder / SCALES, shape, "float32", shard_frames, clevel)
+            self._scales = ts.open(spec, create=True, context=context).result()
         self._pending: list[np.ndarray] = []
+        self._pending_scales: list[np.ndarray] = []
         self._buffered = 0
         self._written = 0
         self._futures: list[Any] = []
@@ -416,20 +468,31 @@ class VideoWriter:
             raise ValueError(
                 f"{self.folder.name}: block {features.shape} at {start} does not fit {self.meta['shape']}"
             )
-        self._pending.append(np.asarray(features).astype(self._dtype, copy=False))
+        if self._scales is not None:
+            q, scales = quantize(features)
+            self._pending.append(q)
+            self._pending_scales.append(scales)
+        else:
+            self._pending.append(np.asarray(features).astype(self._dtype, copy=False))
         self._buffered += n
         while self._buffered >= self.shard or (self._buffered and self.frames_received == self.num_frames):
             self._flush_shard()
 
     def _flush_shard(self) -> None:
-        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        n = min(self.shard, block.shape[0])
+        n = min(self.shard, self._buffered)
         lo = self._written
-        self._futures.append(self._array[lo : lo + n].write(block[:n]))
-        rest = block[n:]
-        self._pending = [rest] if rest.shape[0] else []
-        self._buffered = rest.shape[0]
+        self._pending = self._write_block(self._array, self._pending, lo, n)
+        if self._scales is not None:
+            self._pending_scales = self._write_block(self._scales, self._pending_scales, lo, n)
+        self._buffered -= n
         self._written += n
+
+    def _write_block(self, array, pending: list[np.ndarray], lo: int, n: int) -> list[np.ndarray]:
+        """Write the first `n` pending frames at `lo`; returns what is left pending."""
+        block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        self._futures.append(array[lo : lo + n].write(block[:n]))
+        rest = block[n:]
+        return [rest] if rest.shape[0] else []
 
     def commit(self) -> dict:
         """Wait for the data, then publish the metadata (the video becomes complete); returns it."""

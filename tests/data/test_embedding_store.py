@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from es3_jax.data.embedding_store import EmbeddingStore, StoreError, identity
+from es3_jax.data.embedding_store import EmbeddingStore, StoreError, identity, quantize
 
 IDENT = identity("sha256:test", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224)
 
@@ -53,6 +53,32 @@ def test_round_trip_random_access(tmp_path, dtype):
         reader.read("sav_000001", [37])
     with pytest.raises(StoreError, match="no frame '00001'"):
         reader.frame_index("sav_000001", "00001")
+
+
+def test_int8_store_keeps_each_value_within_half_a_step(tmp_path):
+    # Channels of very different magnitudes, as trunk features have: one scale per frame and channel.
+    channel_scale = np.exp(np.random.default_rng(1).normal(0, 2, size=32)).astype(np.float32)
+    feats = _features(20, shape=(12, 12, 32)) * channel_scale
+    feats[3, :, :, 5] = 0.0  # an all-zero channel
+    store = EmbeddingStore(tmp_path)
+    _write(store, "v", feats, "int8")
+    _write(store, "b", feats, "bfloat16")
+    got = EmbeddingStore(tmp_path, expect=IDENT).read("v", list(range(20)))
+    assert got.dtype == ml_dtypes.bfloat16 and got.shape == feats.shape
+    step = np.abs(feats).max(axis=(1, 2), keepdims=True) / 127
+    # Half a quantisation step, plus bf16's rounding (half an ulp, ≤ 2^-8 relative) of the dequantized
+    # value, which lies within half a step of x.
+    bound = step / 2 + (np.abs(feats) + step / 2) * 2.0**-8 + 1e-30
+    err = np.abs(got.astype(np.float32) - feats)
+    assert (err <= bound).all(), f"worst error {float((err / bound).max()):.3f} of the bound"
+    assert np.all(got[3, :, :, 5] == 0)
+    q, scales = quantize(feats)
+    assert q.dtype == np.int8 and scales.shape == (20, 32) and np.abs(q).max() == 127
+
+    def disk(video):
+        return sum(f.stat().st_size for f in (tmp_path / video).rglob("*.zarr/**/*") if f.is_file())
+
+    assert disk("v") < 0.7 * disk("b"), f"int8 store {disk('v')} B against bf16 {disk('b')} B"
 
 
 def test_unfinished_video_is_invisible(tmp_path):
