@@ -12,6 +12,11 @@ teacher's by default, `TRAIN.MEMORY_SOURCE`); the teacher's bank holds raw memor
 the ones its `compress` made. The student's memory-conditioned features go through the frozen SAM
 heads; its masks are supervised by the ground truth and its features by the teacher's (MSE).
 Fine-tuning runs the tracker alone against the ground truth.
+
+`TRAIN.REMAT` frame checkpoints the scan body: the backward pass keeps one tracked frame's
+activations at a time and recomputes them, except the teacher's memory-conditioned features, which
+are kept by name (the frozen teacher is the costliest part of a distillation frame and needs no
+gradient).
 """
 
 from __future__ import annotations
