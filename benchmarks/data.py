@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _synthetic(cfg, root: Path, videos: int, frames: int):
     """Synthetic SA-V videos and a store of random features for them; returns the config pointing there."""
-    from es3_jax.data import embedding_store, sav, synthetic
+    from es3_jax.data import embedding_store, synthetic
+    from es3_jax.data.videos import numbered_frame_stems
 
     t = cfg.MODEL.TEACHER
     grid = t.IMAGE_SIZE // t.BACKBONE_STRIDE
@@ -48,7 +49,7 @@ def _synthetic(cfg, root: Path, videos: int, frames: int):
     ident = embedding_store.identity("random", cfg.DATA.PIXEL_MEAN, cfg.DATA.PIXEL_STD, t.IMAGE_SIZE)
     rng = np.random.default_rng(0)
     for name in sorted(p.name for p in (root / "frames").iterdir() if p.is_dir()):
-        stems = sav.list_frame_stems(root / "frames" / name)
+        stems = numbered_frame_stems(root / "frames" / name)
         w = store.begin_video(
             name,
             frame_names=stems,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from es3_jax.data.masks import DAVIS_PALETTE
 
@@ -32,9 +33,8 @@ def overlay(
 def grid(
     images: Sequence[np.ndarray], columns: int = 4, width: int = 320, labels: Sequence[str] = ()
 ) -> np.ndarray:
-    """Tile frames `[H, W, 3]` uint8 into one picture, each scaled to `width` px wide, with optional labels."""
-    from PIL import Image, ImageDraw
-
+    """Tile frames `[H, W, 3]` uint8 into one picture, each scaled to `width` px wide, with optional
+    labels."""
     cells = []
     for k, image in enumerate(images):
         h, w = image.shape[:2]
@@ -55,8 +55,6 @@ def grid(
 
 def save_gif(path: str | Path, images: Sequence[np.ndarray], fps: float = 8.0, width: int = 480) -> Path:
     """An animated GIF of frames `[H, W, 3]` uint8, scaled to `width` px wide, looping."""
-    from PIL import Image
-
     frames = []
     for image in images:
         h, w = image.shape[:2]
@@ -66,13 +64,3 @@ def save_gif(path: str | Path, images: Sequence[np.ndarray], fps: float = 8.0, w
     path = Path(path)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return path
-
-
-def logits_to_ids(logits: np.ndarray, obj_ids: Sequence[int]) -> np.ndarray:
-    """Per-object mask logits `[O, H, W]` -> object ids `[H, W]`: where any logit is positive, the
-    object with the highest one (the usual way to turn overlapping masks into one palette mask)."""
-    if len(obj_ids) == 0:
-        return np.zeros(logits.shape[1:], np.uint8)
-    best = np.argmax(logits, axis=0)
-    ids = np.asarray(obj_ids, np.int64)[best]
-    return np.where(np.max(logits, axis=0) > 0, ids, 0).astype(np.uint8)

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return _score_only(args)
     from pathlib import Path
 
-    from es3_jax.data import davis
+    from es3_jax.data import datasets
+    from es3_jax.data.videos import DatasetError
     from es3_jax.eval import vos
     from es3_jax.predictor import VideoPredictor
 
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset or cfg.EVAL.DATASET
     data_root = args.data_root or cfg.EVAL.DATA_ROOT
     if not data_root:
-        raise davis.DatasetError("no dataset root: give --data_root (or EVAL.DATA_ROOT)")
-    videos = davis.open_dataset(
+        raise DatasetError("no dataset root: give --data_root (or EVAL.DATA_ROOT)")
+    videos = datasets.open_dataset(
         dataset, data_root, split=args.split, sequences=_sequences(args), resolution=args.resolution
     )
     if args.checkpoint is None:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = VideoPredictor.from_checkpoint(args.checkpoint, config=cfg, seed=args.seed)
     out = Path(args.output_dir)
     timing = vos.propagate_dataset(predictor, videos, out / "predictions")
-    _, annotations = davis.dataset_dirs(dataset, data_root, args.resolution)
+    _, annotations = datasets.dataset_dirs(dataset, data_root, args.resolution)
     results = vos.score(
         out / "predictions",
         annotations,

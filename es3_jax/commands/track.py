@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from es3_jax import visualize
-    from es3_jax.data.masks import read_palette_png, write_palette_png
+    from es3_jax.data.masks import logits_to_ids, read_palette_png, write_palette_png
     from es3_jax.predictor import PredictorError as TrackError
     from es3_jax.predictor import VideoPredictor
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         desc="track",
         disable=not sys.stderr.isatty(),
     ):
-        ids = visualize.logits_to_ids(logits, obj_ids)
+        ids = logits_to_ids(logits, obj_ids)
         write_palette_png(out / "masks" / f"{stems[frame_idx]}.png", ids)
         if args.save_logits:
             np.savez_compressed(

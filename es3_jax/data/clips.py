@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from es3_jax.data.sav import VideoEntry
+from es3_jax.data.videos import VideoEntry
 
 _ORDER_STREAM = 0  # separates the per-epoch permutation stream from the per-clip streams
 _CLIP_STREAM = 1

@@ -1,4 +1,5 @@
-"""Palette (indexed-colour) PNG masks, the DAVIS / YouTube-VOS / SA-V annotation format.
+"""Palette (indexed-colour) PNG masks, the DAVIS / YouTube-VOS / SA-V annotation format, and the
+object-id map a tracker's per-object logits make.
 
 A palette PNG stores one object id per pixel (0 = background) and a colour table; the ids,
 not the colours, are the data. Written masks use the DAVIS palette, so they open in the usual
@@ -7,9 +8,11 @@ VOS tools and the official evaluators read them back unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from es3_jax.errors import Es3Error
 
@@ -35,9 +38,7 @@ def davis_palette() -> np.ndarray:
 DAVIS_PALETTE = davis_palette()
 
 
-def _open(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
+def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise MaskFileError(f"mask file not found: {path}")
@@ -79,8 +80,6 @@ def read_binary_png(path: str | Path) -> np.ndarray:
 
 def write_palette_png(path: str | Path, ids: np.ndarray, palette: np.ndarray = DAVIS_PALETTE) -> Path:
     """Write object ids `[H, W]` (integers 0..255) as a palette PNG; returns the path."""
-    from PIL import Image
-
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise MaskFileError(f"{path}: object ids must be [H, W], got shape {ids.shape}")
@@ -93,3 +92,19 @@ def write_palette_png(path: str | Path, ids: np.ndarray, palette: np.ndarray = D
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def logits_to_ids(logits: np.ndarray, obj_ids: Sequence[int]) -> np.ndarray:
+    """Per-object mask logits `[O, H, W]` -> object ids `[H, W]` uint8: each pixel goes to its
+    highest-scoring object when that score is > 0 (sam2's non-overlap constraint; ties go to the earlier
+    object), else 0. `obj_ids` are the O objects' ids, each in 1..255 so that it fits a palette PNG."""
+    if len(obj_ids) != len(logits):
+        raise ValueError(f"{len(obj_ids)} object ids for {len(logits)} mask logits")
+    ids = np.asarray(obj_ids, np.int64)
+    if ids.size and (ids.min() < 1 or ids.max() > 255):
+        raise ValueError(f"object ids must lie in 1..255 for a palette mask, got {ids.tolist()}")
+    if ids.size == 0:
+        return np.zeros(logits.shape[1:], np.uint8)
+    best = np.argmax(logits, axis=0)
+    top = np.take_along_axis(logits, best[None], axis=0)[0]
+    return np.where(top > 0, ids[best], 0).astype(np.uint8)

@@ -36,7 +36,7 @@ Resuming: `iterator.get_state()` / `set_state()`, or in orbax
 `grain.checkpoint.CheckpointRestore(iterator)` on restore; the state is per process, so keep the
 process count and DATA.NUM_WORKERS fixed across a resume (`Pipeline.iterator(start_step=k)` is the
 stateless alternative). On several processes, create the pipeline after `jax.distributed.initialize`
-and turn batches into global arrays with `to_global`.
+and turn batches into global arrays with `es3_jax.train.sharding.global_batch`.
 """
 
 from __future__ import annotations
@@ -48,10 +48,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import grain
+import jax
 import numpy as np
+from absl import flags
+from PIL import Image
 
 from es3_jax.data.clips import Clip, ClipSpec, can_sample, eval_clip, sample_epoch_clip
-from es3_jax.data.sav import ANN_EVERY, Problem, VideoEntry, load_masks, scan_davis, scan_sav
+from es3_jax.data.datasets import load_masks
+from es3_jax.data.davis import scan_davis
+from es3_jax.data.embedding_store import EmbeddingStore
+from es3_jax.data.frames import load_frames
+from es3_jax.data.sav import ANN_EVERY, scan_sav
+from es3_jax.data.videos import Problem, VideoEntry
 from es3_jax.errors import Es3Error
 
 SPLITS = ("train", "val")
@@ -94,8 +103,6 @@ def _frame_path(folder: Path, stem: str) -> Path:
 def _resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
     """[N, H, W] uint8 0/1 -> [N, size, size] bool, bilinear (antialiased when shrinking) then >= 0.5,
     the resampling the frames get, so masks stay aligned with them."""
-    from PIL import Image
-
     if masks.shape[1:] == (size, size):
         return masks.astype(bool)
     out = np.empty((len(masks), size, size), bool)
@@ -164,8 +171,6 @@ class ClipLoader:
         if self.store is not None:
             out["embeddings"] = self.store.read(entry.name, [int(i) for i in frame_positions])
         else:
-            from es3_jax.data.frames import load_frames
-
             folder = Path(entry.frames_dir or Path(self.frames_root) / entry.name)
             paths = [_frame_path(folder, entry.stems[p]) for p in positions]
             out["images"] = load_frames(paths, self.image_size, self.pixel_mean, self.pixel_std)
@@ -222,9 +227,6 @@ class Pipeline:
 
 
 def _grain_dataset(loader: ClipLoader, num_epochs: int | None, workers: int, prefetch: int, start: int = 0):
-    import grain
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags, even outside absl.app.run
         flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(loader.steps_per_epoch).repeat(num_epochs)
@@ -243,7 +245,7 @@ def index_dataset(
     cfg, *, store: Any = None, progress: bool = False
 ) -> tuple[list[VideoEntry], list[Problem]]:
     """Every usable training video of the config (SA-V under DATA.SAV_ROOT, plus the DAVIS "train"
-    split when DATA.DAVIS_ROOT is set), and the problems found (see `sav.scan_sav`).
+    split when DATA.DAVIS_ROOT is set), and the problems found (see `sav.scan_sav`, `davis.scan_davis`).
 
     With DATA.USE_PRECOMPUTED the videos and their frame names come from the embedding store.
     """
@@ -286,8 +288,6 @@ def index_dataset(
 def open_store(cfg):
     """The embedding store of DATA.EMBEDDING_DIR (opened lazily, per process); it refuses features made
     with another pixel normalisation or image size than the config's."""
-    from es3_jax.data.embedding_store import EmbeddingStore
-
     if not cfg.DATA.EMBEDDING_DIR:
         raise PipelineError("DATA.USE_PRECOMPUTED is True but DATA.EMBEDDING_DIR is empty")
     expect = {
@@ -331,8 +331,6 @@ def build_pipeline(
         raise PipelineError(f"split must be one of {SPLITS}, got {split!r}")
     data = cfg.DATA
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     if data.USE_PRECOMPUTED and store is None:
         store = open_store(cfg)
@@ -386,14 +384,3 @@ def build_pipeline(
         workers=workers,
         prefetch=data.PREFETCH,
     )
-
-
-def to_global(batch: dict[str, np.ndarray], mesh, axes: Sequence[str] = ("data", "fsdp")) -> dict[str, Any]:
-    """Process-local batches -> global jax arrays sharded over the batch dimension on `axes` of `mesh`
-    (those of them the mesh has), via `jax.make_array_from_process_local_data`."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    names = tuple(a for a in axes if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(names or None))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,4 +1,5 @@
-"""SA-V training annotations (`<video>_manual.json`, `<video>_auto.json`) and the training-video index.
+"""SA-V on disk: training annotations (`<video>_manual.json`, `<video>_auto.json`) and their index, and
+the val/test layout with the semi-supervised prompts of an evaluation video.
 
 SA-V videos are 24 fps; masks are annotated on every 4th frame. Annotated index i is the 24-fps frame
 4·i, and the extracted JPEGs are named by the 24-fps index (`<frames_root>/<video>/00004.jpg`). The
@@ -7,10 +8,19 @@ column-major); an object that is not visible on a frame is an empty RLE (the SAM
 tolerates `None`, and so does this one). `masklet_first_appeared_frame` is in annotated-frame units
 and is a float in manual files, an int in auto files.
 
-The index (`scan_sav`) turns a dataset folder into compact `VideoEntry` records, the only thing the
+The index (`scan_sav`) turns a training folder into compact `VideoEntry` records, the only thing the
 clip sampler and the pipeline need per video: the frame stems that carry an annotation, their 24-fps
 numbers and an [annotated frame, object] visibility table. Videos whose annotation does not fit their
 frames are reported as `Problem`s and left out, so a bad video never stops a long run.
+
+Val/test layout::
+
+    <root>/JPEGImages_24fps/<video>/00000.jpg ...           every 24-fps frame
+    <root>/Annotations_6fps/<video>/<obj:03d>/00000.png ...  one binary PNG per object per annotated frame
+    <root>/sav_<split>.txt                                  video names (else: every annotation folder)
+
+An object's id is its folder number. The semi-supervised prompt of a video is each object's mask on the
+first annotated frame where it is non-empty, so an object may join after frame 0.
 """
 
 from __future__ import annotations
@@ -23,9 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 
+from es3_jax.data.frames import FrameError
+from es3_jax.data.masks import read_palette_png
+from es3_jax.data.videos import (
+    DatasetError,
+    Problem,
+    Prompt,
+    VideoEntry,
+    VosVideo,
+    numbered_frame_stems,
+    require_dirs,
+    split_sequences,
+)
 from es3_jax.errors import Es3Error
+from es3_jax.progress import progress_bar
 
 ANN_EVERY = 4  # SA-V annotates every 4th 24-fps frame
 ANNOTATION_KINDS = ("manual", "auto", "both")
@@ -45,7 +69,8 @@ def decode_rle(rle: Mapping[str, Any] | None, size: tuple[int, int] | None = Non
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Mask [H, W] (bool or 0/1) -> COCO compressed RLE `{"size": [H, W], "counts": str}` as SA-V stores it."""
+    """Mask [H, W] (bool or 0/1) -> COCO compressed RLE `{"size": [H, W], "counts": str}`, as SA-V
+    stores it."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
@@ -184,41 +209,6 @@ def merge_annotations(parts: Sequence[SavAnnotation]) -> SavAnnotation:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """Why a video (or some of its objects) was left out of the index."""
-
-    video: str
-    reason: str
-    skipped: bool = True  # False: the video is used, only some objects were dropped
-
-    def __str__(self) -> str:
-        return f"{self.video}: {self.reason}" + ("" if self.skipped else " (video kept)")
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoEntry:
-    """What the sampler and the pipeline need of one training video (small and picklable).
-
-    `stems[a]` names annotated frame a (its JPEG stem and embedding-store frame name),
-    `frame_numbers[a]` is its 24-fps index, `frame_positions[a]` its position among all the frames of
-    the frame source (the sorted JPEGs or the embedding store's frames), `visible[a, k]` whether kept object k has a non-empty mask
-    there, and `objects[k]` is the object's index in the annotation (the manual objects, then auto).
-    """
-
-    name: str
-    source: str  # "sav" or "davis"
-    annotation: tuple[str, ...]  # the file(s) the masks are read from
-    stems: tuple[str, ...]
-    frame_numbers: np.ndarray  # [A] int64
-    frame_positions: np.ndarray  # [A] int64
-    visible: np.ndarray  # [A, N] bool
-    objects: tuple[int, ...]
-    height: int
-    width: int
-    frames_dir: str = ""  # the video's JPEG folder, when it has one
-
-
 def annotation_files(annotation_dir: str | Path, skip_dirs: Iterable[str] = ()) -> dict[str, dict[str, Path]]:
     """`{video: {"manual": path, "auto": path}}` for the `*_manual.json` / `*_auto.json` files in
     `annotation_dir` and in its direct subfolders (SA-V ships them in `sav_train/sav_000/`, ...).
@@ -252,17 +242,8 @@ def annotation_files(annotation_dir: str | Path, skip_dirs: Iterable[str] = ()) 
     return found
 
 
-def list_frame_stems(frames_dir: str | Path) -> list[str]:
-    """JPEG stems of one extracted-frames folder, sorted by their integer value."""
-    names = [n for n in os.listdir(frames_dir) if n.lower().endswith((".jpg", ".jpeg"))]
-    stems = [n.rsplit(".", 1)[0] for n in names]
-    return sorted((s for s in stems if s.isdigit()), key=int)
-
-
 def _jpeg_size(frames_dir: Path, stem: str) -> tuple[int, int] | None:
     """(H, W) of one frame, from its header only."""
-    from PIL import Image
-
     for ext in (".jpg", ".jpeg", ".JPG", ".JPEG"):
         p = frames_dir / f"{stem}{ext}"
         if p.exists():
@@ -368,119 +349,90 @@ def scan_sav(
     kinds = ("manual", "auto") if annotation == "both" else (annotation,)
     entries: list[VideoEntry] = []
     problems: list[Problem] = []
-    names = sorted(videos)
-    if progress:
-        from tqdm import tqdm
-
-        names = tqdm(names, desc="indexing SA-V", unit="video", disable=None)
-    for name in names:
-        paths = [files.get(name, {}).get(k) for k in kinds]
-        if any(p is None for p in paths):
-            wanted = " and ".join(f"{name}_{k}.json" for k, p in zip(kinds, paths, strict=True) if p is None)
-            problems.append(Problem(name, f"no {wanted} under {ann_root}"))
-            continue
-        frames_dir = frames_root / name if frames_root is not None else None
-        if frame_stems is not None:
-            stems = frame_stems(name)
-        else:
-            stems = list_frame_stems(frames_dir) if frames_dir.is_dir() else None
-        if not stems:
-            problems.append(Problem(name, "no frames"))
-            continue
-        size = None
-        if check_frame_size and frames_dir is not None and frames_dir.is_dir():
-            size = _jpeg_size(frames_dir, stems[0])
-        entry, found = index_sav_video(name, paths, stems, frame_size=size)
-        problems.extend(found)
-        if entry is not None:
-            if frames_dir is not None:
-                entry = dataclasses.replace(entry, frames_dir=str(frames_dir))
-            entries.append(entry)
-    return entries, problems
-
-
-DAVIS_VOID = 255
-
-
-def scan_davis(
-    root: str | Path,
-    split: str = "train",
-    *,
-    frame_stems: Callable[[str], Sequence[str] | None] | None = None,
-) -> tuple[list[VideoEntry], list[Problem]]:
-    """Index a DAVIS 2017 split as training videos (every frame annotated; object = palette id, 255 =
-    void, not an object). Frames are the JPEGs, or `frame_stems(seq)` (e.g. the embedding store's)."""
-    from es3_jax.data.davis import DatasetError, dataset_dirs, list_sequences
-    from es3_jax.data.masks import MaskFileError, read_palette_png
-
-    try:
-        frames_dir, ann_dir = dataset_dirs("davis", root)
-        names = list_sequences("davis", root, split)
-    except DatasetError as e:
-        raise SavError(str(e)) from e
-    entries, problems = [], []
-    for name in names:
-        pngs = sorted((ann_dir / name).glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
-        stems = (
-            frame_stems(name)
-            if frame_stems
-            else (list_frame_stems(frames_dir / name) if (frames_dir / name).is_dir() else None)
-        )
-        if not pngs or not stems:
-            problems.append(Problem(name, "no annotation PNGs" if not pngs else "no frames"))
-            continue
-        try:
-            ids = [read_palette_png(p) for p in pngs]
-        except MaskFileError as e:
-            problems.append(Problem(name, str(e)))
-            continue
-        shapes = {m.shape for m in ids}
-        if len(shapes) > 1:
-            problems.append(Problem(name, f"annotation PNGs differ in size: {sorted(shapes)}"))
-            continue
-        by_number = {int(s): (i, s) for i, s in enumerate(stems) if s.isdigit()}
-        numbers = np.array([int(p.stem) for p in pngs], np.int64)
-        missing = [int(f) for f in numbers if int(f) not in by_number]
-        if missing:
-            problems.append(
-                Problem(name, f"{len(missing)} annotated frames have no frame, e.g. {missing[0]:05d}")
-            )
-            continue
-        objects = tuple(int(i) for i in np.unique(np.stack(ids)) if i not in (0, DAVIS_VOID))
-        if not objects:
-            problems.append(Problem(name, "no object in any annotation"))
-            continue
-        entries.append(
-            VideoEntry(
-                name=name,
-                source="davis",
-                annotation=tuple(str(p) for p in pngs),
-                stems=tuple(by_number[int(f)][1] for f in numbers),
-                frame_numbers=numbers,
-                frame_positions=np.array([by_number[int(f)][0] for f in numbers], np.int64),
-                visible=np.array([[(m == k).any() for k in objects] for m in ids], bool),
-                objects=objects,
-                height=shapes.pop()[0],
-                width=ids[0].shape[1],
-                frames_dir=str(frames_dir / name),
-            )
-        )
+    with progress_bar(len(videos), "indexing SA-V", unit="video", enabled=progress) as bar:
+        for name in sorted(videos):
+            bar.update()
+            paths = [files.get(name, {}).get(k) for k in kinds]
+            if any(p is None for p in paths):
+                wanted = " and ".join(
+                    f"{name}_{k}.json" for k, p in zip(kinds, paths, strict=True) if p is None
+                )
+                problems.append(Problem(name, f"no {wanted} under {ann_root}"))
+                continue
+            frames_dir = frames_root / name if frames_root is not None else None
+            try:
+                stems = frame_stems(name) if frame_stems is not None else numbered_frame_stems(frames_dir)
+            except FrameError as e:
+                problems.append(Problem(name, str(e)))
+                continue
+            if not stems:
+                problems.append(Problem(name, "no frames"))
+                continue
+            size = None
+            if check_frame_size and frames_dir is not None and frames_dir.is_dir():
+                size = _jpeg_size(frames_dir, stems[0])
+            entry, found = index_sav_video(name, paths, stems, frame_size=size)
+            problems.extend(found)
+            if entry is not None:
+                if frames_dir is not None:
+                    entry = dataclasses.replace(entry, frames_dir=str(frames_dir))
+                entries.append(entry)
     return entries, problems
 
 
 def load_masks(entry: VideoEntry, positions: Sequence[int], objects: Sequence[int]) -> np.ndarray:
     """Ground-truth masks of kept objects `objects` (indices into `entry.objects`) on annotated frames
     `positions` [T, O, H, W] uint8, read from the entry's annotation file(s)."""
-    if entry.source == "davis":
-        from es3_jax.data.masks import read_palette_png
-
-        ids = np.array([entry.objects[o] for o in objects])
-        return np.stack(
-            [
-                (read_palette_png(entry.annotation[p])[None] == ids[:, None, None]).astype(np.uint8)
-                for p in positions
-            ]
-        )
     ann = merge_annotations([read_sav_json(f) for f in entry.annotation])
     ids = [entry.objects[o] for o in objects]
     return np.stack([ann.masks(int(p), ids) for p in positions])
+
+
+# --------------------------------------------------------------------------------------------------
+# Val/test layout
+
+
+def dataset_dirs(root: str | Path) -> tuple[Path, Path]:
+    """(frames folder, annotations folder) of an SA-V val/test root; DatasetError when either is missing."""
+    root = Path(root)
+    frames, annotations = root / "JPEGImages_24fps", root / "Annotations_6fps"
+    require_dirs("sav", root, frames, annotations)
+    return frames, annotations
+
+
+def list_sequences(root: str | Path, split: str = "val") -> list[str]:
+    """Video names of a val/test split: from `sav_<split>.txt` when the root has it, else every annotation
+    folder."""
+    root = Path(root)
+    _, annotations = dataset_dirs(root)
+    return split_sequences(root / f"sav_{split}.txt", annotations)
+
+
+class SavVideo(VosVideo):
+    """An SA-V val/test video: one folder of binary PNGs per object, named by the object id."""
+
+    layout = "sav"
+
+    def object_dirs(self) -> list[Path]:
+        """The per-object annotation folders, by object id."""
+        dirs = [p for p in self.annotation_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        return sorted(dirs, key=lambda p: int(p.name))
+
+    def prompts(self) -> list[Prompt]:
+        """Each object's first non-empty annotated mask, by frame then object id; objects never visible
+        are left out."""
+        index = {name: i for i, name in enumerate(self.frame_names)}
+        prompts = []
+        for obj_dir in self.object_dirs():
+            pngs = sorted(obj_dir.glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
+            for png in pngs:
+                mask = read_palette_png(png) > 0
+                if mask.any():
+                    if png.stem not in index:
+                        raise DatasetError(
+                            f"{self.name}: annotation {png} has no frame {png.stem} among the JPEGs"
+                        )
+                    prompts.append(Prompt(index[png.stem], int(obj_dir.name), mask))
+                    break
+        prompts.sort(key=lambda p: (p.frame_idx, p.obj_id))
+        return prompts

@@ -15,6 +15,7 @@ style changes how objects look, never where they go.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from es3_jax.data.sav import ANN_EVERY, encode_mask, rle_area
+from es3_jax.progress import progress_bar
 
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "hexagon", "cross")
 TEXTURES = ("stripes", "checker", "dots", "rings")
@@ -84,8 +86,6 @@ def _polygon_area(p: np.ndarray) -> float:
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
-    import colorsys
-
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v)) * 255.0
 
 
@@ -329,12 +329,12 @@ def make_synthetic(
     progress: bool = False,
 ) -> list[str]:
     """Write `num_videos` synthetic SA-V videos under `output_dir`; returns their names."""
-    indices = range(num_videos)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="synthetic videos", unit="video", disable=None)
-    return [
-        write_video(output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style)
-        for i in indices
-    ]
+    names = []
+    with progress_bar(num_videos, "synthetic videos", unit="video", enabled=progress) as bar:
+        for i in range(num_videos):
+            name = write_video(
+                output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style
+            )
+            names.append(name)
+            bar.update()
+    return names

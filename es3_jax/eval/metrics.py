@@ -167,12 +167,6 @@ def statistics(values: np.ndarray) -> tuple[float, float, float]:
     return mean, recall, decay
 
 
-def one_hot(labels: np.ndarray, num_objects: int) -> np.ndarray:
-    """Label map [..., H, W] -> bool [num_objects, ..., H, W] for ids 1..num_objects."""
-    ids = np.arange(1, num_objects + 1).reshape((num_objects,) + (1,) * labels.ndim)
-    return labels[None] == ids
-
-
 def davis_sequence(
     gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], *, name: str = "", bound_th: float = BOUND_TH
 ) -> tuple[np.ndarray, np.ndarray]:

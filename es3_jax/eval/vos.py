@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,10 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
-from es3_jax.data.davis import VosVideo
-from es3_jax.data.masks import MaskFileError, read_palette_png, write_palette_png
+from es3_jax.data.masks import MaskFileError, logits_to_ids, read_palette_png, write_palette_png
+from es3_jax.data.videos import VosVideo
 from es3_jax.eval.metrics import EvalError, SavObjectScorer, davis_sequence, statistics
+from es3_jax.progress import progress_bar
 
 LAYOUTS = ("davis", "sav")
 
@@ -241,7 +242,8 @@ def sav_csv(results: Sequence[ObjectResult]) -> str:
 def write_results(
     output_dir: str | Path, results: Sequence[ObjectResult], layout: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write the layout's official CSV(s), `per-object_results.csv` and `summary.json`; returns the summary."""
+    """Write the layout's official CSV(s), `per-object_results.csv` and `summary.json`; returns the
+    summary."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results, layout)
@@ -268,7 +270,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     j, f = summary["J"], summary["F"]
     lines = [
-        f"{summary['layout']} layout: {summary['num_objects']} objects in {summary['num_sequences']} sequences",
+        f"{summary['layout']} layout: {summary['num_objects']} objects "
+        f"in {summary['num_sequences']} sequences",
         f"J&F {summary['J&F']:.4f}   J {j['mean']:.4f} (recall {j['recall']:.4f}, decay {j['decay']:.4f})   "
         f"F {f['mean']:.4f} (recall {f['recall']:.4f}, decay {f['decay']:.4f})",
     ]
@@ -298,16 +301,6 @@ class Predictor(Protocol):
     ) -> Iterator[tuple[int, list[int], np.ndarray]]: ...
 
 
-def non_overlapping_ids(obj_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
-    """Mask logits [O, H, W] -> object ids [H, W] uint8: each pixel goes to its highest-scoring object
-    when that score is > 0 (sam2's non-overlap constraint, ties to the earlier object), else 0."""
-    if len(obj_ids) == 0:
-        return np.zeros(logits.shape[1:], np.uint8)
-    best = np.argmax(logits, axis=0)
-    top = np.take_along_axis(logits, best[None], axis=0)[0]
-    return np.where(top > 0, np.asarray(obj_ids, np.uint8)[best], 0).astype(np.uint8)
-
-
 class _MaskWriter:
     """Writes one video's predicted masks in the dataset layout as frames arrive, and the empty masks of
     the frames (or objects) never predicted at the end, so the evaluators find a PNG for every frame."""
@@ -325,7 +318,7 @@ class _MaskWriter:
         start = time.perf_counter()
         name = self.names[frame_idx]
         if self.layout == "davis":
-            write_palette_png(self.dir / f"{name}.png", non_overlapping_ids(obj_ids, logits))
+            write_palette_png(self.dir / f"{name}.png", logits_to_ids(logits, obj_ids))
         else:
             # SA-V: one binary PNG per object; overlaps are allowed, so no non-overlap constraint.
             by_id = dict(zip(obj_ids, logits, strict=True))
@@ -343,8 +336,6 @@ class _MaskWriter:
 
 
 def _frame_size(video: VosVideo) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(video.frame_paths[0]) as im:
         return im.height, im.width
 
@@ -376,12 +367,6 @@ def propagate_video(
     return frames, writer.seconds
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty())
-
-
 def _timing_numbers(timings: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in timings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -401,7 +386,7 @@ def propagate_dataset(
     before = _timing_numbers(getattr(predictor, "timings", {}))
     frames, writing = 0, 0.0
     start = time.perf_counter()
-    with _progress(sum(len(v) for v in videos), "es3 eval") as bar:
+    with progress_bar(sum(len(v) for v in videos), "es3 eval") as bar:
         for video in videos:
             bar.set_postfix_str(video.name)
             n, w = propagate_video(predictor, video, pred_root, bar)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from es3_jax.data import clips, sav
+from es3_jax.data import clips, sav, videos
 
 FIXTURE = (
     Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ FIXTURE = (
 
 def _entry(frame_numbers, visible, name="v"):
     frame_numbers = np.asarray(frame_numbers, np.int64)
-    return sav.VideoEntry(
+    return videos.VideoEntry(
         name=name,
         source="sav",
         annotation=(),

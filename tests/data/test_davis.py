@@ -1,4 +1,4 @@
-"""DAVIS 2017 and SA-V val layouts: sequence lists, frames, and the semi-supervised prompts."""
+"""DAVIS 2017: sequence lists, frames, the semi-supervised prompts, and a split indexed for training."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from es3_jax.data import davis
+from es3_jax.data import datasets, davis
 from es3_jax.data.masks import write_palette_png
 
 CUTIE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "cutie_examples"
@@ -25,19 +25,19 @@ def davis_root(tmp_path):
 
 
 def test_davis_sequences_from_folders_or_split_file(davis_root):
-    assert davis.list_sequences("davis", davis_root) == ["bike", "judo"]
+    assert davis.list_sequences(davis_root) == ["bike", "judo"]
     (davis_root / "ImageSets" / "2017").mkdir(parents=True)
     (davis_root / "ImageSets" / "2017" / "val.txt").write_text("judo\n\n")
-    videos = davis.open_dataset("davis", davis_root)
+    videos = datasets.open_dataset("davis", davis_root)
     assert [v.name for v in videos] == ["judo"]
     judo = videos[0]
     assert judo.layout == "davis" and len(judo) == 16
     assert judo.frame_names == [f"{i:05d}" for i in range(16)]
-    assert [v.name for v in davis.open_dataset("davis", davis_root, sequences=["bike"])] == ["bike"]
+    assert [v.name for v in datasets.open_dataset("davis", davis_root, sequences=["bike"])] == ["bike"]
 
 
 def test_davis_prompts_are_the_first_frame_objects(davis_root):
-    judo, bike = (davis.open_dataset("davis", davis_root, sequences=[s])[0] for s in ("judo", "bike"))
+    judo, bike = (datasets.open_dataset("davis", davis_root, sequences=[s])[0] for s in ("judo", "bike"))
     # judo's objects 2..4 first appear on later frames: the DAVIS protocol prompts frame 0 only.
     prompts = judo.prompts()
     assert [(p.frame_idx, p.obj_id) for p in prompts] == [(0, 1)]
@@ -55,38 +55,31 @@ def test_void_is_not_an_object(tmp_path):
     np.testing.assert_array_equal(objects[3], ids == 3)
 
 
-def _sav_root(root: Path) -> Path:
-    """SA-V val layout: 12 frames, annotations every 4th; object 1 appears on frame 8, object 2 never."""
-    frames = root / "JPEGImages_24fps" / "sav_000001"
-    frames.mkdir(parents=True)
-    for t in range(12):
-        Image.fromarray(np.full((16, 24, 3), 10 * t, np.uint8)).save(frames / f"{t:05d}.jpg")
-    for t in range(0, 12, 4):
-        for obj in range(3):
-            m = np.zeros((16, 24), np.uint8)
-            if obj == 0 or (obj == 1 and t >= 8):
-                m[2:6, 3 + t : 8 + t] = 1
-            write_palette_png(root / "Annotations_6fps" / "sav_000001" / f"{obj:03d}" / f"{t:05d}.png", m)
-    (root / "Annotations_6fps" / "sav_000002").mkdir()
-    (root / "JPEGImages_24fps" / "sav_000002").mkdir()
-    return root
+def _write_frames(folder: Path, numbers, size):
+    folder.mkdir(parents=True)
+    img = Image.new("RGB", (size[1], size[0]))
+    for n in numbers:
+        img.save(folder / f"{n:05d}.jpg")
 
 
-def test_sav_prompts_from_first_appearance(tmp_path):
-    root = _sav_root(tmp_path)
-    (root / "sav_val.txt").write_text("sav_000001\n")
-    (video,) = davis.open_dataset("sav", root)
-    assert video.layout == "sav" and len(video) == 12
-    prompts = video.prompts()
-    assert [(p.frame_idx, p.obj_id) for p in prompts] == [(0, 0), (8, 1)]  # object 2 is never visible
-    assert prompts[1].mask[2:6, 11:16].all() and prompts[1].mask.sum() == 20
-
-
-def test_layout_errors_name_the_path(tmp_path):
-    with pytest.raises(davis.DatasetError, match="JPEGImages_24fps not found"):
-        davis.open_dataset("sav", tmp_path)
-    root = _sav_root(tmp_path / "sav")
-    with pytest.raises(davis.DatasetError, match="nope"):
-        davis.open_dataset("sav", root, sequences=["nope"])
-    with pytest.raises(davis.DatasetError, match="unknown dataset"):
-        davis.open_dataset("ytvos", root)
+def test_davis_training_source(tmp_path):
+    """DAVIS palette PNGs: ids are objects, 255 is void; every frame is annotated."""
+    frames = tmp_path / "JPEGImages" / "480p" / "seq"
+    anns = tmp_path / "Annotations" / "480p" / "seq"
+    _write_frames(frames, range(6), (12, 16))
+    anns.mkdir(parents=True)
+    for t in range(6):
+        ids = np.zeros((12, 16), np.uint8)
+        ids[t : t + 3, 2:6] = 1
+        ids[0, :] = 255
+        if t >= 3:
+            ids[8:11, 10:14] = 3  # object 3 appears on frame 3
+        write_palette_png(anns / f"{t:05d}.png", ids)
+    entries, problems = davis.scan_davis(tmp_path, "train")
+    assert not problems and len(entries) == 1
+    e = entries[0]
+    assert e.objects == (1, 3) and e.source == "davis" and (e.height, e.width) == (12, 16)
+    np.testing.assert_array_equal(e.visible[:, 1], [0, 0, 0, 1, 1, 1])
+    masks = datasets.load_masks(e, [4, 1], [1, 0])
+    assert masks.shape == (2, 2, 12, 16) and masks[0, 0].sum() == 12 and masks[1, 0].sum() == 0
+    assert masks[1, 1, 1:4, 2:6].all() and masks[1, 1].sum() == 12

@@ -6,6 +6,7 @@ import pytest
 from es3_jax.data.masks import (
     DAVIS_PALETTE,
     MaskFileError,
+    logits_to_ids,
     read_binary_png,
     read_palette_png,
     write_palette_png,
@@ -34,6 +35,24 @@ def test_bad_inputs(tmp_path):
         read_palette_png(tmp_path / "junk.png")
     with pytest.raises(MaskFileError, match=r"\[H, W\]"):
         write_palette_png(tmp_path / "x.png", np.zeros((2, 2, 2)))
+
+
+def test_logits_to_ids():
+    logits = np.array(
+        [
+            [[5.0, 1.0, -1.0, 2.0]],
+            [[4.0, 3.0, -2.0, 2.0]],
+        ]
+    )
+    # Highest positive logit wins; a tie goes to the earlier object; no positive logit is background.
+    np.testing.assert_array_equal(logits_to_ids(logits, [3, 7]), [[3, 7, 0, 3]])
+    assert logits_to_ids(logits, [3, 255]).dtype == np.uint8
+    empty = logits_to_ids(np.zeros((0, 2, 3), np.float32), [])
+    assert empty.shape == (2, 3) and empty.dtype == np.uint8 and not empty.any()
+    with pytest.raises(ValueError, match=r"1\.\.255"):
+        logits_to_ids(logits, [3, 256])
+    with pytest.raises(ValueError, match="2 mask logits"):
+        logits_to_ids(logits, [3])
 
 
 def test_cutie_fixture_masks():

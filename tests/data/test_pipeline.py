@@ -4,16 +4,19 @@ resuming from a saved iterator state, host sharding, and a 2-process global batc
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax.data import embedding_store, frames, pipeline, sav, synthetic
+from es3_jax.data import embedding_store, frames, pipeline, sav, synthetic, videos
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_VIDEOS = 7
@@ -36,7 +39,7 @@ def dataset(tmp_path_factory):
     store = embedding_store.EmbeddingStore(store_root)
     ident = embedding_store.identity("test-trunk", (0.5,) * 3, (0.5,) * 3, 56)
     for i, name in enumerate(names):
-        stems = sav.list_frame_stems(frames_root / name)
+        stems = videos.numbered_frame_stems(frames_root / name)
         w = store.begin_video(name, frame_names=stems, feature_shape=FEATURE, dtype="bfloat16", ident=ident)
         w.write(0, _features(i, len(stems)))
         w.commit()
@@ -142,9 +145,6 @@ def test_resume_from_iterator_state(dataset):
 
 def test_resume_with_worker_processes_through_orbax(dataset, tmp_path):
     """2 spawned workers (the store opens inside them); the state goes through an orbax checkpoint."""
-    import grain
-    import orbax.checkpoint as ocp
-
     cfg, _ = dataset
     it = iter(_build(cfg, num_workers=2))
     try:
@@ -219,12 +219,13 @@ WORKER = textwrap.dedent(
     from jax.experimental import multihost_utils
     from es3_jax import config as config_lib
     from es3_jax.data import pipeline
+    from es3_jax.train import sharding
     cfg = config_lib.load(overrides=sys.argv[4:])
     pipe = pipeline.build_pipeline(cfg, batch_size=2, num_epochs=1)   # process index/count from jax
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = sharding.make_mesh(cfg.MESH)   # every device of both processes on the data axis
     local, glob = [], []
     for batch in pipe:
-        g = pipeline.to_global(batch, mesh)
+        g = sharding.global_batch(batch, mesh)
         assert g["masks"].shape[0] == 4 and g["embeddings"].shape[0] == 4
         local.append(batch["video_index"].tolist())
         glob.append(np.asarray(multihost_utils.process_allgather(g["video_index"], tiled=True)).tolist())
@@ -239,8 +240,6 @@ WORKER = textwrap.dedent(
 def test_two_processes_build_global_batches(dataset, tmp_path):
     """Two jax.distributed processes on localhost: disjoint local clips, equal batch counts, and the
     global batch assembled by make_array_from_process_local_data is their concatenation."""
-    import socket
-
     cfg, names = dataset
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -1,4 +1,5 @@
-"""SA-V annotation parsing on the sam2 example video, and the index's per-video problem reports."""
+"""SA-V: annotation parsing on the sam2 example video, the index's per-video problem reports, and the
+val/test layout's first-appearance prompts."""
 
 import json
 import shutil
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from es3_jax.data import sav
+from es3_jax.data import datasets, sav
+from es3_jax.data.masks import write_palette_png
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "sav_example"
 MANUAL = FIXTURES / "sav_000001_manual.json"
@@ -112,7 +114,7 @@ def test_scan_reports_bad_videos_and_keeps_good_ones(tmp_path):
     assert e.stems[113] == "00452" and e.frame_numbers[113] == 452 and e.frame_positions[113] == 113
     assert e.visible.shape == (121, 5) and e.objects == (0, 1, 2, 3, 4)
     assert entries[1].objects == (0, 1, 3, 4)
-    masks = sav.load_masks(entries[1], [113, 114], [2])  # kept object 2 is annotation object 3
+    masks = datasets.load_masks(entries[1], [113, 114], [2])  # kept object 2 is annotation object 3
     ref = sav.read_sav_json(MANUAL)
     np.testing.assert_array_equal(masks[:, 0], np.stack([ref.masks(a, [3])[0] for a in (113, 114)]))
 
@@ -134,26 +136,29 @@ def test_scan_with_store_frame_names_and_both(tmp_path):
         sav.scan_sav(None, tmp_path / "ann", annotation="all", frame_stems=lambda v: stems)
 
 
-def test_davis_training_source(tmp_path):
-    """DAVIS palette PNGs: ids are objects, 255 is void; every frame is annotated."""
-    from es3_jax.data.masks import write_palette_png
+def _sav_root(root: Path) -> Path:
+    """SA-V val layout: 12 frames, annotations every 4th; object 1 appears on frame 8, object 2 never."""
+    frames = root / "JPEGImages_24fps" / "sav_000001"
+    frames.mkdir(parents=True)
+    for t in range(12):
+        Image.fromarray(np.full((16, 24, 3), 10 * t, np.uint8)).save(frames / f"{t:05d}.jpg")
+    for t in range(0, 12, 4):
+        for obj in range(3):
+            m = np.zeros((16, 24), np.uint8)
+            if obj == 0 or (obj == 1 and t >= 8):
+                m[2:6, 3 + t : 8 + t] = 1
+            write_palette_png(root / "Annotations_6fps" / "sav_000001" / f"{obj:03d}" / f"{t:05d}.png", m)
+    (root / "Annotations_6fps" / "sav_000002").mkdir()
+    (root / "JPEGImages_24fps" / "sav_000002").mkdir()
+    return root
 
-    frames = tmp_path / "JPEGImages" / "480p" / "seq"
-    anns = tmp_path / "Annotations" / "480p" / "seq"
-    _write_frames(frames, range(6), (12, 16))
-    anns.mkdir(parents=True)
-    for t in range(6):
-        ids = np.zeros((12, 16), np.uint8)
-        ids[t : t + 3, 2:6] = 1
-        ids[0, :] = 255
-        if t >= 3:
-            ids[8:11, 10:14] = 3  # object 3 appears on frame 3
-        write_palette_png(anns / f"{t:05d}.png", ids)
-    entries, problems = sav.scan_davis(tmp_path, "train")
-    assert not problems and len(entries) == 1
-    e = entries[0]
-    assert e.objects == (1, 3) and e.source == "davis" and (e.height, e.width) == (12, 16)
-    np.testing.assert_array_equal(e.visible[:, 1], [0, 0, 0, 1, 1, 1])
-    masks = sav.load_masks(e, [4, 1], [1, 0])
-    assert masks.shape == (2, 2, 12, 16) and masks[0, 0].sum() == 12 and masks[1, 0].sum() == 0
-    assert masks[1, 1, 1:4, 2:6].all() and masks[1, 1].sum() == 12
+
+def test_sav_prompts_from_first_appearance(tmp_path):
+    root = _sav_root(tmp_path)
+    assert sav.list_sequences(root) == ["sav_000001", "sav_000002"]
+    (root / "sav_val.txt").write_text("sav_000001\n")
+    (video,) = datasets.open_dataset("sav", root)
+    assert video.layout == "sav" and len(video) == 12
+    prompts = video.prompts()
+    assert [(p.frame_idx, p.obj_id) for p in prompts] == [(0, 0), (8, 1)]  # object 2 is never visible
+    assert prompts[1].mask[2:6, 11:16].all() and prompts[1].mask.sum() == 20

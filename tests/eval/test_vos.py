@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from es3_jax.data import davis
+from es3_jax.data import datasets
 from es3_jax.data.masks import read_palette_png, write_palette_png
 from es3_jax.eval import vos
 from es3_jax.eval.metrics import EvalError
@@ -104,16 +104,6 @@ def test_missing_prediction_is_an_error(ref, tmp_path):
             vos.score(tmp_path / "pred", JF_REFERENCE / "gt_davis2017fmt_derived", layout, ["car-shadow"])
 
 
-def test_non_overlapping_ids():
-    logits = np.array(
-        [
-            [[5.0, 1.0, -1.0, 2.0]],
-            [[4.0, 3.0, -2.0, 2.0]],
-        ]
-    )
-    np.testing.assert_array_equal(vos.non_overlapping_ids([3, 7], logits), [[3, 7, 0, 3]])
-
-
 # ------------------------------------------------------------------------------------------------
 # The propagate / write / score loop, with an oracle predictor that returns the ground truth.
 
@@ -185,7 +175,7 @@ class OraclePredictor:
 @pytest.mark.parametrize("dataset", ["davis", "sav"])
 def test_propagate_write_score_with_an_oracle(tmp_path, dataset):
     truth = _make_dataset(tmp_path / "data", dataset)
-    videos = davis.open_dataset(dataset, tmp_path / "data")
+    videos = datasets.open_dataset(dataset, tmp_path / "data")
     predictor = OraclePredictor(truth, dataset)
     timing = vos.propagate_dataset(predictor, videos, tmp_path / "pred")
     if dataset == "davis":
@@ -200,7 +190,7 @@ def test_propagate_write_score_with_an_oracle(tmp_path, dataset):
             read_palette_png(tmp_path / "pred" / "vid" / "001" / "00004.png") > 0, truth[4][1]
         )
     assert timing["frames"] == 6 and timing["ms_per_frame"]["track_step"] == 2.0
-    _, annotations = davis.dataset_dirs(dataset, tmp_path / "data")
+    _, annotations = datasets.dataset_dirs(dataset, tmp_path / "data")
     results = vos.score(tmp_path / "pred", annotations, dataset)
     summary = vos.write_results(tmp_path / "out", results, dataset, timing)
     assert summary["num_objects"] == 2 and summary["J&F"] == 1.0
