@@ -57,12 +57,12 @@ def _jax_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: in
 
     from benchmarks.harness import block
     from es3_jax.models.memory_attention import MemoryAttention
-    from es3_jax.models.memory_path import RawMemory
+    from es3_jax.models.memory_path import MemoryPath
     from es3_jax.models.student import student_from_config
 
     t = cfg.MODEL.TEACHER
     if name == "teacher":
-        module = MemoryAttention(
+        attention = MemoryAttention(
             t.MEMORY_ATTENTION_LAYERS,
             t.D_MODEL,
             t.MEM_DIM,
@@ -71,6 +71,7 @@ def _jax_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: in
             t.ROPE_THETA,
             rngs=nnx.Rngs(seed),
         )
+        module = MemoryPath(attention)
         tokens = grid * grid
     else:
         module = student_from_config(cfg, seed=seed)
@@ -80,9 +81,7 @@ def _jax_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: in
 
     @jax.jit
     def step(state, src, src_pos, bank, bank_pos, ptr, ptr_pos):
-        merged = nnx.merge(graphdef, state)
-        memory = RawMemory(merged) if name == "teacher" else merged
-        return memory(
+        return nnx.merge(graphdef, state)(
             src,
             src_pos,
             query_grid=(grid, grid),

@@ -1,6 +1,6 @@
 """`es3 bench plan`: what `es3 train`'s step needs per device, compiled ahead of time and never run.
 
-For a config, mode and mesh, the exact step `es3 train` jits (`trainer.set_up`: the teacher's
+For a config, mode and mesh, the exact step `es3 train` jits (`trainer.Learner`: the teacher's
 rollout, the student beside it when distilling, the losses, the AdamW update) is lowered on
 abstract batches of `TRAIN.BATCH_SIZE` clips per device and compiled. XLA's memory analysis gives
 the per-device argument, output, donated (aliased) and temporary bytes; the peak is
@@ -125,14 +125,11 @@ def abstract_batch(cfg, clips: int, mesh) -> dict:
     return batch
 
 
-def compiled_plan(setup, cfg, mesh) -> dict:
-    """Compile `setup.train_step` for `cfg`'s batch on `mesh`; its memory and FLOP figures per device."""
+def compiled_plan(learner, cfg, mesh) -> dict:
+    """Compile `learner`'s train step for `cfg`'s batch on `mesh`; its memory and FLOP figures per device."""
     clips = cfg.TRAIN.BATCH_SIZE * mesh.size
     start = time.perf_counter()
-    lowered = setup.train_step.lower(
-        setup.trainable, setup.opt_state, setup.frozen, abstract_batch(cfg, clips, mesh)
-    )
-    compiled = lowered.compile()
+    compiled = learner.lower(abstract_batch(cfg, clips, mesh)).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -154,12 +151,12 @@ def compiled_plan(setup, cfg, mesh) -> dict:
     }
 
 
-def record(args: argparse.Namespace, cfg, mesh, setup, batch_size: int) -> dict:
-    """The plan of `setup`'s step at `batch_size` clips per device, with its GPU prediction."""
+def record(args: argparse.Namespace, cfg, mesh, learner, batch_size: int) -> dict:
+    """The plan of `learner`'s step at `batch_size` clips per device, with its GPU prediction."""
     from es3_jax import config as config_lib
 
     cfg = config_lib.override(cfg, "TRAIN.BATCH_SIZE", str(batch_size))
-    plan = compiled_plan(setup, cfg, mesh)
+    plan = compiled_plan(learner, cfg, mesh)
     dtype = cfg.MODEL.COMPUTE_DTYPE
     flops = batch_size * flops_per_clip(cfg)
     step_s = flops / (PEAK_FLOPS[args.gpu][dtype] * args.mfu)
@@ -184,8 +181,9 @@ def record(args: argparse.Namespace, cfg, mesh, setup, batch_size: int) -> dict:
 def run(args: argparse.Namespace) -> list[dict]:
     if args.devices > 0:
         use_fake_devices(args.devices)
+    from es3_jax import weights
     from es3_jax.train import sharding
-    from es3_jax.train.trainer import set_up
+    from es3_jax.train.trainer import Learner
 
     records = []
     for mode, dtype, remat in itertools.product(args.modes, args.dtypes, args.remat or [None]):
@@ -193,6 +191,6 @@ def run(args: argparse.Namespace) -> list[dict]:
         overrides += ["TRAIN.REMAT", remat] if remat else []
         cfg = config_for(args.config, mode, overrides, on_the_fly=args.on_the_fly)
         mesh = sharding.make_mesh(cfg.MESH)
-        setup = set_up(cfg, mesh, accumulate=1)
-        records += [record(args, cfg, mesh, setup, b) for b in args.batch_sizes]
+        learner = Learner(cfg, mesh, 1, weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED))
+        records += [record(args, cfg, mesh, learner, b) for b in args.batch_sizes]
     return records

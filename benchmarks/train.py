@@ -125,20 +125,20 @@ def _measure(cfg, args: argparse.Namespace) -> dict:
     import jax
 
     from benchmarks.harness import block, time_call
+    from es3_jax import weights
     from es3_jax.models.trunk import compute_dtype
     from es3_jax.train import sharding
     from es3_jax.train.step import TRUNK
-    from es3_jax.train.trainer import set_up
+    from es3_jax.train.trainer import Learner
 
     mesh = sharding.make_mesh(cfg.MESH)
-    setup = set_up(cfg, mesh, accumulate=1)
-    step, frozen = setup.train_step, setup.frozen
+    learner = Learner(cfg, mesh, 1, weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED))
     clips = cfg.TRAIN.BATCH_SIZE * mesh.size
     batch = sharding.global_batch(_synthetic_batch(cfg, clips), mesh)
-    state = {"params": setup.trainable, "opt": setup.opt_state}
+    state = {}
 
     def run_step():
-        state["params"], state["opt"], state["metrics"] = step(state["params"], state["opt"], frozen, batch)
+        state["metrics"] = learner.step(batch)
         block(state["metrics"])
 
     start = time.perf_counter()
@@ -151,7 +151,7 @@ def _measure(cfg, args: argparse.Namespace) -> dict:
     record = {
         "config": args.config,
         "mode": cfg.TRAIN.MODE,
-        "features": "frames + trunk" if TRUNK in frozen else "store",
+        "features": "frames + trunk" if TRUNK in learner.frozen else "store",
         "device": devices[0].device_kind,
         "devices": len(devices),
         "compute": dtype,

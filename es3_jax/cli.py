@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from es3_jax import __version__
 from es3_jax.commands.common import Formatter
+from es3_jax.errors import Es3Error
 
 # Subcommand name -> module under es3_jax.commands, in the order `es3 --help` lists them.
 COMMANDS = {
@@ -60,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from es3_jax.errors import Es3Error
-
     try:
         return _command_module(args.command).run(args)
     except Es3Error as e:

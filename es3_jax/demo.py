@@ -13,13 +13,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
 from pathlib import Path
 
+import jax
+
 from es3_jax import config as config_lib
-from es3_jax.data.synthetic import Style
+from es3_jax import embed, weights
+from es3_jax.data.synthetic import Style, make_synthetic
+from es3_jax.errors import TORCH_EXTRA
+from es3_jax.train.trainer import Trainer
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 # With the demo config, the distillation stage's TRAIN settings (the config's own are the fine-tuning
@@ -53,17 +59,11 @@ def run(
     distill_steps: int | None = None,
 ) -> dict:
     """Run every stage into `output_dir`; returns the summary (also written as summary.json)."""
-    from es3_jax import embed
-    from es3_jax.data.synthetic import make_synthetic
-    from es3_jax.train.trainer import Trainer
-
     start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_lib.load(config or DEMO_CONFIG, list(overrides))
     if config is None:
-        import jax
-
         # The demo config takes one batch per step on whatever devices the machine has.
         per_step = cfg.TRAIN.BATCH_SIZE * jax.device_count()
         cfg = config_lib.merge(cfg, {"TRAIN": {"EFFECTIVE_BATCH_SIZE": per_step}})
@@ -78,7 +78,8 @@ def run(
 
     _stage(f"2/6 embedding the frames with the trunk -> {store_dir}")
     t0 = time.perf_counter()
-    embed.run(cfg, str(data_dir), str(store_dir), sam3_weights=sam3_weights, seed=cfg.TRAIN.SEED)
+    trunk = weights.load(sam3_weights, cfg, seed=cfg.TRAIN.SEED, parts=(weights.TRUNK,))
+    embed.run(cfg, str(data_dir), str(store_dir), weights=trunk, seed=cfg.TRAIN.SEED)
     timings["embed_s"] = time.perf_counter() - t0
 
     if sam3_weights:
@@ -147,13 +148,13 @@ def run(
     return summary
 
 
-def _export(student_weights: Path, teacher_weights: str, output_path: Path) -> str | None:
+def _export(
+    student_weights: Path, teacher_weights: str, cfg: config_lib.Config, output_path: Path
+) -> str | None:
     """The merged PyTorch file's path, or None (with the reason printed) where torch is missing."""
-    import importlib.util
-
     if importlib.util.find_spec("torch") is None:
-        print("skipped: the PyTorch export needs torch (pip install torch)", flush=True)
+        print(f"skipped: the PyTorch export needs torch ({TORCH_EXTRA})", flush=True)
         return None
-    from porting.export import export_merged
+    from porting.export import export_merged  # porting imports torch
 
     return str(export_merged(student_weights, teacher_weights, output_path, overwrite=True).path)

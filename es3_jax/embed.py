@@ -15,17 +15,24 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax._src import distributed as jax_distributed
 
+from es3_jax import distributed
 from es3_jax.config import Config, to_dict
 from es3_jax.data.embedding_store import EmbeddingStore, StoreError, VideoWriter, identity
 from es3_jax.data.frames import FrameError, VideoFrames, list_videos, load_frame_uint8, normalize
+from es3_jax.models.trunk import ViTTrunk, compute_dtype, trunk_fingerprint, trunk_from_config
+from es3_jax.progress import progress_bar
+from es3_jax.weights import Weights
 
 ON_ERROR = ("stop", "skip")
 # How long process 0 waits for the others to finish their videos (they may have far more work).
@@ -74,13 +81,6 @@ def _load_stream(
             yield v0, f0, fut.result()
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: shown only on a terminal.
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, disable=None if enabled else True)
-
-
 def embed_videos(
     store: EmbeddingStore,
     videos: Sequence[VideoFrames],
@@ -122,7 +122,7 @@ def embed_videos(
     failed: set[int] = set()
     inflight: collections.deque = collections.deque()
     batch: list[tuple[int, int, np.ndarray]] = []
-    bar = _progress(sum(len(v) for v in todo), desc, progress)
+    bar = progress_bar(sum(len(v) for v in todo), desc, enabled=progress)
     bar.set_postfix_str(f"videos 0/{len(todo)}")
 
     def fail(v: int, error: Exception) -> None:
@@ -207,9 +207,7 @@ def embed_videos(
 def _client():
     # The coordination service of jax.distributed (as orbax and maxtext use it): a barrier and a
     # key-value store that wait for slow processes without holding a device collective open.
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    return jax_distributed.global_state.client
 
 
 def gather_results(result: EmbedResult, process_index: int, process_count: int) -> list[dict] | None:
@@ -266,27 +264,10 @@ def publish_global(store: EmbeddingStore, record: dict) -> bool:
 # ---- the command -----------------------------------------------------------------------------------
 
 
-def _trunk(cfg: Config, sam3_weights: str | None, seed: int, dtype):
-    from es3_jax.models.trunk import trunk_fingerprint, trunk_from_config
-    from es3_jax.params import param_dict
-
-    if sam3_weights:
-        from porting.sam3_checkpoint import port_trunk
-
-        params = port_trunk(sam3_weights)
-        return trunk_from_config(cfg, params, dtype=dtype), trunk_fingerprint(params)
-    trunk = trunk_from_config(cfg, seed=seed, dtype=dtype)
-    return trunk, trunk_fingerprint(param_dict(trunk))
-
-
 def make_features_fn(
-    trunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
+    trunk: ViTTrunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
 ) -> FeaturesFn:
     """uint8 frames -> stored-dtype features, jit-compiled, the batch split over `devices`."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     graphdef, state = nnx.split(trunk)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -302,41 +283,65 @@ def make_features_fn(
     return lambda images: features(state, jax.device_put(images, batch_sharding))
 
 
+def _publish(
+    store: EmbeddingStore,
+    result: EmbedResult,
+    rank: int,
+    nproc: int,
+    names: Sequence[str],
+    *,
+    ident: dict,
+    dtype: str,
+    feature_shape: Sequence[int],
+    extra: dict,
+) -> dict:
+    """This process's summary; on process 0, once every process is done, the global metadata too."""
+    results = gather_results(result, rank, nproc)
+    summary = {"process": rank, "processes": nproc, **result.to_json()}
+    if results is not None:
+        record = global_record(
+            store, names, results, ident=ident, dtype=dtype, feature_shape=feature_shape, extra=extra
+        )
+        summary["global_metadata_written"] = publish_global(store, record)
+        summary["complete"] = record["num_complete"]
+        summary["total_videos"] = record["num_videos"]
+        summary["failed_all"] = record["failed"]
+    return summary
+
+
 def run(
     cfg: Config,
     data_dir: str,
     output_dir: str,
     *,
+    weights: Weights,
     batch_size: int = 8,
-    sam3_weights: str | None = None,
     on_error: str = "stop",
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """`es3 embed`: the whole job for this process -> a summary. Joins the other processes first."""
-    from es3_jax import distributed
+    """`es3 embed`: the whole job for this process -> a summary. Joins the other processes first.
 
+    weights: where the trunk comes from (`es3_jax.weights.load`); random weights draw the trunk
+    from `seed`.
+    """
     rank, nproc = distributed.initialize()
-    import jax
-
-    from es3_jax.models.trunk import compute_dtype
-
     data = cfg.DATA
     if batch_size < 1:
         raise StoreError(f"--batch_size must be at least 1, got {batch_size}")
     all_videos = list_videos(data_dir)
     mine = [v for i, v in enumerate(all_videos) if i % nproc == rank]
-    trunk, fingerprint = _trunk(cfg, sam3_weights, seed, compute_dtype(cfg.MODEL.COMPUTE_DTYPE))
-    ident = identity(fingerprint, data.PIXEL_MEAN, data.PIXEL_STD, cfg.MODEL.TEACHER.IMAGE_SIZE)
+    params = weights.trunk_params(seed)
+    trunk = trunk_from_config(cfg, params, dtype=compute_dtype(cfg.MODEL.COMPUTE_DTYPE))
+    ident = identity(trunk_fingerprint(params), data.PIXEL_MEAN, data.PIXEL_STD, cfg.MODEL.TEACHER.IMAGE_SIZE)
     store = EmbeddingStore(output_dir)
     store.check_writable(ident, data.EMBEDDING_DTYPE)
     devices = jax.local_devices()
-    grid = trunk.grid
-    feature_shape = (grid, grid, cfg.MODEL.TRUNK.WIDTH)
+    feature_shape = (trunk.grid, trunk.grid, cfg.MODEL.TRUNK.WIDTH)
     settings = {
         "backbone_stride": cfg.MODEL.TRUNK.PATCH_SIZE,
         "trunk_config": to_dict(cfg.MODEL.TRUNK),
-        "trunk_weights": str(sam3_weights) if sam3_weights else f"random (seed {seed})",
+        "trunk_weights": weights.source,
     }
     result = embed_videos(
         store,
@@ -353,27 +358,161 @@ def run(
         progress=progress,
         desc=f"embed [{rank}/{nproc}]" if nproc > 1 else "embed",
     )
-    results = gather_results(result, rank, nproc)
-    summary = {"process": rank, "processes": nproc, **result.to_json()}
-    if results is not None:
-        record = global_record(
-            store,
-            [v.name for v in all_videos],
-            results,
-            ident=ident,
-            dtype=data.EMBEDDING_DTYPE,
-            feature_shape=feature_shape,
-            extra={
-                "data_dir": str(Path(data_dir).resolve()),
-                "shard_frames": data.EMBEDDING_SHARD_FRAMES,
-                **settings,
-            },
+    return _publish(
+        store,
+        result,
+        rank,
+        nproc,
+        [v.name for v in all_videos],
+        ident=ident,
+        dtype=data.EMBEDDING_DTYPE,
+        feature_shape=feature_shape,
+        extra={
+            "data_dir": str(Path(data_dir).resolve()),
+            "shard_frames": data.EMBEDDING_SHARD_FRAMES,
+            **settings,
+        },
+    )
+
+
+# ---- importing a seed-format embeddings folder -------------------------------------------------
+#
+# Seed layout (`save_video_embeddings_stage2.py` output): `<src>/<video>/metadata.json` (`video_name`,
+# `num_frames`, `feature_shape` [1024, 72, 72], `image_size`, `backbone_stride`, `save_format` "pt"
+# or "npy", `frames` (stems), `completed`) and one `<stem>.pt` (or `.npy`) float32 `[C, h, w]` array
+# per frame. Frames are stored channels-last, unchanged apart from the cast to the store's dtype.
+# The seed's v1 saver normalised with ImageNet statistics after a short-side resize and centre crop
+# (reference memory_compression.md §4.7), not SAM3's 0.5/0.5 full-frame resize; the importer records
+# the normalisation it is told.
+
+SeedFrameReader = Callable[[Path], np.ndarray]  # a `.pt` frame file -> [C, h, w] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedVideo:
+    name: str
+    folder: Path
+    stems: tuple[str, ...]
+    suffix: str  # ".pt" or ".npy"
+    meta: dict
+
+    def frame_path(self, i: int) -> Path:
+        return self.folder / f"{self.stems[i]}{self.suffix}"
+
+
+def list_seed_videos(src: str | Path) -> list[SeedVideo]:
+    """Every `<src>/<video>/metadata.json` folder, sorted by name; StoreError when there is none."""
+    src = Path(src)
+    if not src.is_dir():
+        raise StoreError(f"seed embeddings folder not found: {src}")
+    videos = []
+    for folder in sorted(p for p in src.iterdir() if (p / "metadata.json").is_file()):
+        try:
+            meta = json.loads((folder / "metadata.json").read_text())
+        except ValueError as e:
+            raise StoreError(f"{folder / 'metadata.json'}: not valid JSON: {e}") from e
+        stems = meta.get("frames")
+        if not isinstance(stems, list):
+            raise StoreError(f"{folder / 'metadata.json'}: no 'frames' list")
+        fmt = str(meta.get("save_format", "pt")).lstrip(".")
+        videos.append(
+            SeedVideo(meta.get("video_name", folder.name), folder, tuple(map(str, stems)), f".{fmt}", meta)
         )
-        summary["global_metadata_written"] = publish_global(store, record)
-        summary["complete"] = record["num_complete"]
-        summary["total_videos"] = record["num_videos"]
-        summary["failed_all"] = record["failed"]
-    return summary
+    if not videos:
+        raise StoreError(f"no seed videos (<video>/metadata.json) under {src}")
+    return videos
+
+
+def load_seed_frame(path: Path, read_pt: SeedFrameReader) -> np.ndarray:
+    """One seed frame `[C, h, w]` -> float32 `[h, w, C]`; StoreError naming a missing or unreadable file.
+
+    `.npy` frames are read here; `.pt` frames by `read_pt` (PyTorch's format needs torch)."""
+    try:
+        array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else read_pt(path)
+    except FileNotFoundError as e:
+        raise StoreError(f"seed frame missing: {path}") from e
+    except StoreError:
+        raise
+    except Exception as e:  # numpy and torch raise a variety of types on a corrupt file
+        raise StoreError(f"seed frame unreadable: {path}: {e}") from e
+    if array.ndim != 3:
+        raise StoreError(f"{path}: expected a [C, h, w] array, got shape {array.shape}")
+    return np.ascontiguousarray(np.moveaxis(array.astype(np.float32, copy=False), 0, -1))
+
+
+def import_seed_folder(
+    src: str | Path,
+    store: EmbeddingStore,
+    *,
+    read_pt: SeedFrameReader,
+    trunk: str,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    dtype: str = "bfloat16",
+    shard_frames: int = 16,
+    clevel: int = 3,
+    on_error: str = "stop",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[EmbedResult, list[str], dict]:
+    """Copy this process's share of the seed videos (video i -> process i mod N) into `store`.
+
+    -> (result, names of all seed videos, identity). Complete videos with the same frames are skipped.
+    """
+    start = time.perf_counter()
+    videos = list_seed_videos(src)
+    image_sizes = {int(v.meta.get("image_size", 1008)) for v in videos}
+    if len(image_sizes) != 1:
+        raise StoreError(f"{src}: videos were embedded at different image sizes {sorted(image_sizes)}")
+    ident = identity(trunk, pixel_mean, pixel_std, image_sizes.pop())
+    store.check_writable(ident, dtype)
+    result = EmbedResult()
+    for i, video in enumerate(videos):
+        if i % process_count != process_index:
+            continue
+        if store.complete_and_current(video.name, video.stems, ident):
+            result.skipped.append(video.name)
+            continue
+        if video.meta.get("completed") is False or not video.stems:
+            error = StoreError(f"{video.folder}: the seed marked this video incomplete")
+            if on_error == "stop":
+                raise error
+            result.failed[video.name] = str(error)
+            continue
+        writer = None
+        try:
+            for f in range(len(video.stems)):
+                frame = load_seed_frame(video.frame_path(f), read_pt)
+                if writer is None:
+                    writer = store.begin_video(
+                        video.name,
+                        frame_names=video.stems,
+                        feature_shape=frame.shape,
+                        dtype=dtype,
+                        ident=ident,
+                        shard_frames=shard_frames,
+                        clevel=clevel,
+                        extra={"source": str(video.folder), "imported_from": "seed"},
+                    )
+                if list(frame.shape) != writer.meta["shape"][1:]:
+                    raise StoreError(
+                        f"{video.frame_path(f)}: shape {list(frame.shape)} differs from the video's first "
+                        f"frame {writer.meta['shape'][1:]} (channels-last)"
+                    )
+                writer.write(f, frame[None])
+            writer.commit()
+            writer = None
+            result.written.append(video.name)
+            result.frames += len(video.stems)
+        except StoreError as e:
+            if on_error == "stop":
+                raise
+            result.failed[video.name] = str(e)
+        finally:
+            if writer is not None:
+                writer.abort()
+    result.seconds = time.perf_counter() - start
+    return result, [v.name for v in videos], ident
 
 
 def run_import(
@@ -381,29 +520,23 @@ def run_import(
     src: str,
     output_dir: str,
     *,
-    sam3_weights: str | None = None,
+    read_pt: SeedFrameReader,
+    weights: Weights | None = None,
     on_error: str = "stop",
 ) -> dict:
     """`es3 embed --import_pt`: a seed-format folder into the store, without recomputing anything.
 
-    The trunk identity is the fingerprint of `sam3_weights`' trunk when given, else "unknown"; the
+    The trunk identity is the fingerprint of `weights`' trunk when given, else "unknown"; the
     normalisation recorded is `DATA.PIXEL_MEAN/STD` (state the seed's ImageNet values if it used them).
     """
-    from es3_jax import distributed
-    from porting.seed_embeddings import import_seed_folder
-
     rank, nproc = distributed.initialize()
-    trunk = "unknown"
-    if sam3_weights:
-        from es3_jax.models.trunk import trunk_fingerprint
-        from porting.sam3_checkpoint import port_trunk
-
-        trunk = trunk_fingerprint(port_trunk(sam3_weights))
+    trunk = "unknown" if weights is None else trunk_fingerprint(weights.trunk_params(0))
     data = cfg.DATA
     store = EmbeddingStore(output_dir)
     result, names, ident = import_seed_folder(
         src,
         store,
+        read_pt=read_pt,
         trunk=trunk,
         pixel_mean=data.PIXEL_MEAN,
         pixel_std=data.PIXEL_STD,
@@ -414,22 +547,15 @@ def run_import(
         process_index=rank,
         process_count=nproc,
     )
-    results = gather_results(result, rank, nproc)
-    summary = {"process": rank, "processes": nproc, **result.to_json()}
-    if results is not None:
-        complete = [n for n in names if store.is_complete(n)]
-        shape = store.metadata(complete[0])["shape"][1:] if complete else []
-        record = global_record(
-            store,
-            names,
-            results,
-            ident=ident,
-            dtype=data.EMBEDDING_DTYPE,
-            feature_shape=shape,
-            extra={"imported_from": str(Path(src).resolve()), "shard_frames": data.EMBEDDING_SHARD_FRAMES},
-        )
-        summary["global_metadata_written"] = publish_global(store, record)
-        summary["complete"] = record["num_complete"]
-        summary["total_videos"] = record["num_videos"]
-        summary["failed_all"] = record["failed"]
-    return summary
+    complete = [n for n in names if store.is_complete(n)]
+    return _publish(
+        store,
+        result,
+        rank,
+        nproc,
+        names,
+        ident=ident,
+        dtype=data.EMBEDDING_DTYPE,
+        feature_shape=store.metadata(complete[0])["shape"][1:] if complete else [],
+        extra={"imported_from": str(Path(src).resolve()), "shard_frames": data.EMBEDDING_SHARD_FRAMES},
+    )

@@ -3,12 +3,14 @@
 Checkpoints and key tables speak of parameters by dotted path
 (`memory_attention.layers.0.norm1.scale`); NNX modules hold them as `nnx.Param`s. `bind`
 builds a module abstractly and fills every parameter from a nested dict, refusing (in one
-error that lists them all) missing, unexpected and mis-shaped entries.
+error that lists them all) missing, unexpected and mis-shaped entries; `check_shapes` is that
+check, shared by every strict loader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import jax
@@ -22,21 +24,58 @@ M = TypeVar("M", bound=nnx.Module)
 
 
 class ParamMismatchError(Es3Error):
-    """Loaded parameters do not fit the module: lists every missing, unexpected and mis-shaped path."""
+    """Parameters that do not fit what they are loaded into: every missing, unexpected and mis-shaped
+    entry, in one message. Every strict check (binding a module, porting a checkpoint, merging an
+    export, loading one in PyTorch) reports through it."""
 
-    def __init__(
-        self,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[tuple[str, tuple, tuple]],
-        source: str = "",
-    ):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"parameters do not match the module{f' ({source})' if source else ''}:"]
-        lines += [f"  missing: {p}" for p in missing]
-        lines += [f"  unexpected: {p}" for p in unexpected]
-        lines += [f"  shape mismatch: {p}: got {got}, expected {want}" for p, got, want in mismatched]
+    def __init__(self, what: str, mismatch: Mismatch, describe: Callable[[str], str] = str):
+        self.mismatch = mismatch
+        lines = [f"{what}:"]
+        lines += [f"  missing key: {describe(k)}, expected shape {want}" for k, want in mismatch.missing]
+        lines += [f"  unexpected key: {describe(k)}, shape {got}" for k, got in mismatch.unexpected]
+        lines += [
+            f"  shape mismatch: {describe(k)}: shape {got}, expected {want}"
+            for k, got, want in mismatch.mismatched
+        ]
         super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """How a set of named shapes differs from the expected one (each list sorted by name)."""
+
+    missing: tuple[tuple[str, tuple[int, ...]], ...]  # (name, expected shape)
+    unexpected: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape found)
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (name, found, expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def compare_shapes(found: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]]) -> Mismatch:
+    """The difference between `{name: shape}` found and expected."""
+    return Mismatch(
+        tuple((k, tuple(expected[k])) for k in sorted(set(expected) - set(found))),
+        tuple((k, tuple(found[k])) for k in sorted(set(found) - set(expected))),
+        tuple(
+            (k, tuple(found[k]), tuple(expected[k]))
+            for k in sorted(set(found) & set(expected))
+            if tuple(found[k]) != tuple(expected[k])
+        ),
+    )
+
+
+def check_shapes(
+    found: Mapping[str, Sequence[int]],
+    expected: Mapping[str, Sequence[int]],
+    what: str,
+    describe: Callable[[str], str] = str,
+) -> None:
+    """Raise `ParamMismatchError` (titled `what`) unless `found` has exactly the expected names and
+    shapes; `describe(name)` renders a name in the message (e.g. with its torch key)."""
+    mismatch = compare_shapes(found, expected)
+    if mismatch:
+        raise ParamMismatchError(what, mismatch, describe)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
@@ -74,21 +113,6 @@ def abstract_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, .
     return {p: tuple(v.shape) for p, v in flatten(param_dict(abstract)).items()}
 
 
-def check_params(
-    flat: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], source: str = ""
-) -> None:
-    """Raise `ParamMismatchError` unless `flat` has exactly the expected paths and shapes."""
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    mismatched = [
-        (p, tuple(np.shape(flat[p])), expected[p])
-        for p in sorted(set(flat) & set(expected))
-        if tuple(np.shape(flat[p])) != expected[p]
-    ]
-    if missing or unexpected or mismatched:
-        raise ParamMismatchError(missing, unexpected, mismatched, source)
-
-
 def bind(factory: Callable[[], M], params: Mapping, source: str = "") -> M:
     """Build the factory's module with its parameters taken from `params` (nested dict), strictly.
 
@@ -100,7 +124,8 @@ def bind(factory: Callable[[], M], params: Mapping, source: str = "") -> M:
     expected_tree = nnx.to_pure_dict(param_state)
     expected = {p: tuple(v.shape) for p, v in flatten(expected_tree).items()}
     flat = flatten(params)
-    check_params(flat, expected, source)
+    what = f"parameters do not match the module{f' ({source})' if source else ''}"
+    check_shapes({p: np.shape(v) for p, v in flat.items()}, expected, what)
     dtypes = {p: v.dtype for p, v in flatten(expected_tree).items()}
     filled = unflatten({p: jnp.asarray(np.asarray(v), dtype=dtypes[p]) for p, v in flat.items()})
     nnx.replace_by_pure_dict(param_state, filled)

@@ -40,6 +40,11 @@ class Transform:
             return tuple(torch_shape)  # reported as a shape mismatch by the caller
         return tuple(torch_shape[p] for p in self.perm)
 
+    def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.perm is None or len(jax_shape) != len(self.perm):
+            return tuple(jax_shape)
+        return tuple(jax_shape[i] for i in np.argsort(self.perm))
+
 
 IDENTITY = Transform("identity")
 LINEAR = Transform("linear", (1, 0))  # [out, in] -> [in, out]

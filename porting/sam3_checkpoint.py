@@ -1,14 +1,18 @@
-"""Read SAM3 tracker weights from PyTorch checkpoints into es3 parameter trees, strictly.
+"""SAM3 checkpoints' state dicts -> es3 parameter trees, strictly, through the key tables.
 
-Accepted inputs:
-* Meta's `sam3.pt`: `ckpt["model"]` with `tracker.*` and `detector.*` keys;
+Layouts (the state dict comes from `porting.checkpoint_file.read_checkpoint`, read once):
+* Meta's `sam3.pt`: `tracker.*` and `detector.*` keys;
 * a stage-1 merged checkpoint: the same layout with a different (student) trunk under
   `detector.backbone.vision_backbone.trunk.*`: the tracker and neck are ported, the trunk is
   reported as foreign;
-* a transformers `Sam3TrackerVideoModel` state dict (`.safetensors` file or a folder holding
-  `model.safetensors`), translated into the sam3.pt layout first.
+* a transformers `Sam3TrackerVideoModel` state dict, translated into the sam3.pt layout first;
+* an es3 merged export: the sam3.pt layout with the student's memory path
+  (`tracker.transformer.encoder.*` of any depth, `tracker.spatial_perceiver.*`).
 
-`.pt` files are read with `torch.load(weights_only=True)`: no code runs from a checkpoint.
+One function, `port_state_dict`, maps keys through a table; the tracker, the student and the trunk
+are each that function with their table. Within a table's namespaces every key must be mapped or
+explicitly ignored, and every expected parameter present with its shape: all violations are
+listed in one `ParamMismatchError` that names the torch keys, and nothing is returned.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
+from flax import nnx
 
-from es3_jax.errors import Es3Error
-from es3_jax.params import unflatten
+from es3_jax.models.trunk import ViTTrunk
+from es3_jax.params import abstract_shapes, check_shapes, flatten, unflatten
+from porting.checkpoint_file import CheckpointError, as_numpy
 from porting.keymap import (
     SAM3_POINT_EMBED,
+    STUDENT_TABLE,
     TRACKER_TABLE,
     TRANSFORMERS_ALIASES,
     TRANSFORMERS_POINT_EMBED,
@@ -36,7 +43,7 @@ from porting.keymap import (
 )
 
 TRUNK_PREFIX = "detector.backbone.vision_backbone.trunk."
-SAM3_TRUNK_PROBE = (f"{TRUNK_PREFIX}blocks.31.attn.qkv.weight", (3072, 1024))
+STUDENT_PREFIXES = ("tracker.transformer.encoder.", "tracker.spatial_perceiver.")
 
 # Where keys es3 does not use come from, for the report (first matching prefix wins).
 _UNUSED_GROUPS = (
@@ -48,98 +55,19 @@ _UNUSED_GROUPS = (
 )
 
 
-class CheckpointError(Es3Error):
-    """A checkpoint that cannot be read or does not fit es3; the message names the file and keys."""
-
-
 @dataclass
 class PortResult:
     """What a port produced: es3 parameters and an account of every key of the source."""
 
     params: dict  # nested, keyed by es3 path segments (ints for list indices)
     source: str
-    layout: str  # "sam3" or "transformers"
-    trunk: str  # "sam3-vit", "foreign", or "absent"
     consumed: int = 0
     ignored: list[str] = field(default_factory=list)
     unused: dict[str, int] = field(default_factory=dict)  # group -> number of keys
 
-    def summary(self) -> dict:
-        return {
-            "source": self.source,
-            "layout": self.layout,
-            "trunk": self.trunk,
-            "consumed_keys": self.consumed,
-            "ignored_keys": self.ignored,
-            "unused_keys": self.unused,
-        }
 
-
-def _to_numpy(value) -> np.ndarray:
-    import torch
-
-    if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
-        value = value.float()
-    return value.detach().cpu().numpy()
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(the state dict as torch tensors, in their stored dtypes; the file's other entries) of a
-    `.pt`/`.pth` (flat or `{"model": ...}`: the other top-level entries) or `.safetensors` file
-    (its metadata strings). Large `.pt` files are memory-mapped."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-        return sd, meta
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        ckpt = None  # legacy (non-zip) format: cannot be memory-mapped
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    if ckpt is None:
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    extras: dict = {}
-    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
-        extras = {k: v for k, v in ckpt.items() if k != "model"}
-        ckpt = ckpt["model"]
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (or {{'model': state dict}}), got {type(ckpt)}")
-    return dict(ckpt), extras
-
-
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a `.pt`/`.pth` or `.safetensors` checkpoint (or a folder with `model.safetensors`)."""
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
-        if not candidates:
-            raise CheckpointError(f"{path}: folder holds no .safetensors file")
-        sd: dict[str, np.ndarray] = {}
-        for file in candidates:
-            sd.update(read_state_dict(file))
-        return sd
-    tensors, _ = read_checkpoint(path)
-    return {k: _to_numpy(v) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-
-
-def detect_layout(sd: Mapping[str, np.ndarray]) -> str:
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """The key layout: `sam3` (sam3.pt, stage-1 and merged files) or `transformers`."""
     if any(k.startswith(("tracker.", "detector.")) for k in sd):
         return "sam3"
     if any(k.startswith(("memory_attention.", "mask_decoder.", "memory_encoder.")) for k in sd):
@@ -147,16 +75,17 @@ def detect_layout(sd: Mapping[str, np.ndarray]) -> str:
     raise CheckpointError("unrecognised checkpoint layout: neither sam3.pt (tracker.*) nor transformers keys")
 
 
-def transformers_to_sam3(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def transformers_to_sam3(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Rename a transformers `Sam3TrackerVideoModel` state dict into the sam3.pt layout.
 
     Keys transformers has and sam3.pt has not (the trunk, in another naming) keep their names.
     """
     out: dict[str, np.ndarray] = {}
     for key, value in sd.items():
+        value = as_numpy(value)
         if key in TRANSFORMERS_ALIASES:
             twin = TRANSFORMERS_ALIASES[key]
-            if twin in sd and not np.array_equal(sd[twin], value):
+            if twin in sd and not np.array_equal(as_numpy(sd[twin]), value):
                 raise CheckpointError(f"{key} differs from {twin}; they must be the same tensor")
             if twin in sd:
                 continue
@@ -190,106 +119,104 @@ def sam3_to_transformers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _trunk_kind(sd: Mapping[str, np.ndarray]) -> str:
-    if not any(k.startswith(TRUNK_PREFIX) for k in sd):
-        return "absent"
-    key, shape = SAM3_TRUNK_PROBE
-    return "sam3-vit" if key in sd and tuple(sd[key].shape) == shape else "foreign"
+def trunk_kind(sd: Mapping[str, Any]) -> str:
+    """The trunk a checkpoint holds: `sam3-vit` (every trunk key is one of SAM3's ViT, at any size),
+    `foreign` (e.g. a stage-1 student backbone) or `absent`."""
+    keys = [k for k in sd if k.startswith(TRUNK_PREFIX)]
+    if not keys:
+        return "sam3-vit" if any(k.startswith(TRANSFORMERS_TRUNK_PREFIXES) for k in sd) else "absent"
+    known = all(TRUNK_TABLE.to_jax(k) is not None or TRUNK_TABLE.is_ignored(k) for k in keys)
+    return "sam3-vit" if known else "foreign"
 
 
 def port_state_dict(
-    sd: Mapping[str, np.ndarray],
+    sd: Mapping[str, Any],
     *,
-    table: KeyTable = TRACKER_TABLE,
+    table: KeyTable,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     source: str = "<state dict>",
+    what: str = "checkpoint does not match the SAM3 tracker es3 expects",
 ) -> PortResult:
-    """Map a state dict through `table` into es3 parameters.
+    """Map the keys of `sd` in `table`'s namespaces into es3 parameters (values: tensors or arrays).
 
-    Within the table's namespaces every key must be mapped (or explicitly ignored) and, when
-    `expected` (es3 path -> shape) is given, every expected parameter must be filled with the
-    right shape. All violations are raised together in one `CheckpointError`. Keys outside the
-    namespaces are counted as unused.
+    With `expected` (`{es3 path: shape}`) the keys must be exactly the torch keys of those
+    parameters with the matching torch shapes; without it, every key the table maps is taken as it
+    is. Ignored keys are listed, keys outside the namespaces counted as unused.
     """
-    layout = detect_layout(sd)
-    if layout == "transformers":
-        sd = transformers_to_sam3(sd)
-    flat: dict[str, np.ndarray] = {}
-    origin: dict[str, str] = {}
-    unexpected, mismatched, ignored = [], [], []
+    found: dict[str, tuple[int, ...]] = {}
+    ignored: list[str] = []
     unused: Counter[str] = Counter()
     for key in sorted(sd):
         if not table.consumes(key):
-            group = next((g for p, g in _UNUSED_GROUPS if key.startswith(p)), "other")
-            unused[group] += 1
-            continue
-        if table.is_ignored(key):
+            unused[next((g for p, g in _UNUSED_GROUPS if key.startswith(p)), "other")] += 1
+        elif table.is_ignored(key):
             ignored.append(key)
-            continue
-        mapped = table.to_jax(key)
-        if mapped is None:
-            unexpected.append(key)
-            continue
-        path, transform = mapped
-        if path in flat:
-            unexpected.append(f"{key} (same parameter as {origin[path]})")
-            continue
-        value = np.asarray(sd[key])
-        if expected is not None and path in expected:
-            want = expected[path]
-            if transform.jax_shape(value.shape) != tuple(want):
-                torch_shape = (
-                    tuple(want)
-                    if transform.perm is None
-                    else tuple(want[i] for i in np.argsort(transform.perm))
-                )
-                mismatched.append(f"{key}: shape {tuple(value.shape)}, expected {torch_shape}")
-                continue
-        flat[path] = transform.to_jax(value)
-        origin[path] = key
-    if expected is not None:
-        unexpected += [f"{origin[p]} (no such es3 parameter {p})" for p in sorted(set(flat) - set(expected))]
-    missing = []
-    if expected is not None:
-        for path in sorted(set(expected) - set(flat)):
-            torch_key = table.to_torch(path)
-            missing.append(torch_key[0] if torch_key else f"(es3 parameter {path})")
-        # a shape mismatch is reported once, not also as missing
-        bad = {m.split(":")[0] for m in mismatched}
-        missing = [m for m in missing if m not in bad]
-    if missing or unexpected or mismatched:
-        lines = [f"{source}: checkpoint does not match the SAM3 tracker es3 expects:"]
-        lines += [f"  missing key: {k}" for k in missing]
-        lines += [f"  unexpected key: {k}" for k in unexpected]
-        lines += [f"  shape mismatch: {k}" for k in mismatched]
-        raise CheckpointError("\n".join(lines))
-    return PortResult(
-        params=unflatten(flat),
-        source=source,
-        layout=layout,
-        trunk=_trunk_kind(sd),
-        consumed=len(flat),
-        ignored=ignored,
-        unused=dict(sorted(unused.items())),
-    )
+        else:
+            found[key] = tuple(sd[key].shape)
+    if expected is None:
+        # Each parameter through its canonical key: an alias of the same parameter is unexpected.
+        want = {}
+        for key, shape in found.items():
+            hit = table.to_jax(key)
+            if hit is not None and table.to_torch(hit[0])[0] == key:
+                want[key] = shape
+    else:
+        want = {}
+        for path, shape in expected.items():
+            hit = table.to_torch(path)
+            if hit is None:
+                raise ValueError(f"the key table has no torch key for es3 parameter {path}")
+            key, transform = hit
+            want[key] = transform.torch_shape(tuple(shape))
+    check_shapes(found, want, f"{source}: {what}")
+    flat = {}
+    for key in want:
+        path, transform = table.to_jax(key)
+        flat[path] = transform.to_jax(as_numpy(sd[key]))
+    return PortResult(unflatten(flat), source, len(flat), ignored, dict(sorted(unused.items())))
 
 
-def port_checkpoint(path: str | Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> PortResult:
-    """Read and port a checkpoint file (see the module docstring for the accepted layouts)."""
-    return port_state_dict(read_state_dict(path), expected=expected, source=str(path))
+def port_tracker(sd: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> PortResult:
+    """The tracker and its neck (sam3.pt, stage-1, merged or transformers layout), strictly."""
+    if detect_layout(sd) == "transformers":
+        sd = transformers_to_sam3(sd)
+    return port_state_dict(sd, table=TRACKER_TABLE, expected=expected, source=source)
 
 
-def format_report(result: PortResult) -> str:
+def port_student(sd: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> dict:
+    """The student's memory path of a merged export (`tracker.transformer.encoder.*`,
+    `tracker.spatial_perceiver.*`) against the student its record describes, strictly."""
+    student = {k: v for k, v in sd.items() if k.startswith(STUDENT_PREFIXES)}
+    what = "the student keys do not match the student its record describes"
+    return port_state_dict(student, table=STUDENT_TABLE, expected=expected, source=source, what=what).params
+
+
+def student_to_torch(params: Mapping) -> dict[str, np.ndarray]:
+    """es3 student params (`{"memory_attention": ..., "spatial_perceiver": ...}`) -> export keys (`tracker.*`)."""
+    out: dict[str, np.ndarray] = {}
+    for path, value in flatten(params).items():
+        hit = STUDENT_TABLE.to_torch(path)
+        if hit is None:
+            raise CheckpointError(f"no export key for student parameter {path}")
+        key, transform = hit
+        out[key] = transform.to_torch(np.asarray(value))
+    return out
+
+
+def format_report(result: PortResult, trunk: str, layout: str) -> str:
+    """A person's account of a port: what was read, what was not used, what the trunk is."""
     lines = [
-        f"source: {result.source} ({result.layout} layout)",
+        f"source: {result.source} ({layout} layout)",
         f"ported: {result.consumed} tensors (tracker + tracker neck)",
     ]
-    trunk = {
-        "sam3-vit": "SAM3 ViT trunk present (read by `es3 embed`, not part of the tracker)",
-        "foreign": "foreign trunk (e.g. a stage-1 student backbone): not ported",
-        "absent": "no trunk in this checkpoint",
-    }[result.trunk]
-    lines.append(f"trunk: {trunk}")
+    lines.append(
+        "trunk: "
+        + {
+            "sam3-vit": "SAM3 ViT trunk (ported: frames can be embedded and tracked)",
+            "foreign": "foreign trunk (e.g. a stage-1 student backbone): not ported",
+            "absent": "no trunk in this checkpoint",
+        }[trunk]
+    )
     if result.ignored:
         lines.append(f"ignored (unused by the tracker): {', '.join(result.ignored)}")
     for group, n in result.unused.items():
@@ -297,10 +224,10 @@ def format_report(result: PortResult) -> str:
     return "\n".join(lines)
 
 
-# --- The ViT trunk (read by `es3 embed`) ------------------------------------------------------
+# --- The ViT trunk --------------------------------------------------------------------------------
 
 
-def transformers_trunk_to_sam3(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def transformers_trunk_to_sam3(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The transformers trunk keys of `sd` (see `TRANSFORMERS_TRUNK_PREFIXES`) in the sam3.pt layout.
 
     q/k/v projections are fused into `qkv`; the position table gets back the class-token row it
@@ -314,17 +241,17 @@ def transformers_trunk_to_sam3(sd: Mapping[str, np.ndarray]) -> dict[str, np.nda
     for key, value in sd.items():
         if not key.startswith(prefix):
             continue
+        value = as_numpy(value)
         name = key.removeprefix(prefix)
         renamed = TRANSFORMERS_TRUNK_TABLE.forward(name) or name
         module, _, leaf = renamed.rpartition(".")
         head, _, proj = module.rpartition(".")
         if proj in TRANSFORMERS_TRUNK_QKV and head.endswith(".attn"):
-            split.setdefault(f"{head}.qkv.{leaf}", {})[proj] = np.asarray(value)
+            split.setdefault(f"{head}.qkv.{leaf}", {})[proj] = value
             continue
         if renamed == "pos_embed":
-            value = np.asarray(value)
             value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
-        out[TRUNK_PREFIX + renamed] = np.asarray(value)
+        out[TRUNK_PREFIX + renamed] = value
     for fused, parts in split.items():
         if set(parts) == set(TRANSFORMERS_TRUNK_QKV):
             out[TRUNK_PREFIX + fused] = np.concatenate([parts[p] for p in TRANSFORMERS_TRUNK_QKV], axis=0)
@@ -334,13 +261,8 @@ def transformers_trunk_to_sam3(sd: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def _checkpoint_trunk_shapes(trunk: Mapping[str, np.ndarray], source: str) -> dict[str, tuple[int, ...]]:
-    """The es3 parameter shapes of the ViT whose geometry the checkpoint's own tensors give."""
-    from flax import nnx
-
-    from es3_jax.models.trunk import ViTTrunk
-    from es3_jax.params import abstract_shapes
-
+def _checkpoint_trunk_shapes(trunk: Mapping[str, Any], source: str) -> dict[str, tuple[int, ...]]:
+    """`{trunk.<path>: shape}` of the ViT whose geometry the checkpoint's own tensors give."""
     probes = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
     absent = [TRUNK_PREFIX + k for k in probes if k not in trunk]
     if absent:
@@ -352,92 +274,54 @@ def _checkpoint_trunk_shapes(trunk: Mapping[str, np.ndarray], source: str) -> di
     depth = 1 + max(int(i) for k in trunk if k.startswith("blocks.") and (i := k.split(".")[1]).isdigit())
     mlp_dim = trunk["blocks.0.mlp.fc1.weight"].shape[0]
     try:
-        return abstract_shapes(
+        shapes = abstract_shapes(
             lambda: ViTTrunk(
                 patch, patch, width, depth, 1, mlp_dim, 1, (depth - 1,), grid * patch, rngs=nnx.Rngs(0)
             )
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: the ViT trunk's tensors give no valid geometry: {e}") from e
+    return {f"trunk.{p}": s for p, s in shapes.items()}
 
 
 def port_trunk(
-    source: str | Path | Mapping[str, np.ndarray], *, expected: Mapping[str, tuple[int, ...]] | None = None
+    sd: Mapping[str, Any],
+    *,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    source: str = "<state dict>",
 ) -> dict:
-    """The SAM3 ViT trunk of a checkpoint as nested es3 parameters of `ViTTrunk`, strictly.
+    """The SAM3 ViT trunk of a state dict as nested es3 parameters of `ViTTrunk`, strictly.
 
-    `source`: a sam3.pt-layout checkpoint (keys `detector.backbone.vision_backbone.trunk.*`), a
-    transformers one (`[detector_model.]vision_encoder.backbone.*`), as a path or a state dict.
-    `expected`: `{path inside the trunk: shape}`, e.g.
-    `es3_jax.params.abstract_shapes(lambda: trunk_from_config(cfg))`; without it, the geometry is
-    read from the checkpoint itself (depth, widths, patch, pretraining grid) and every block must
-    be complete and consistent with it. Missing, unexpected and mis-shaped keys are listed together
-    in one `CheckpointError`; so is a checkpoint without a trunk or with a foreign one (a stage-1
-    student backbone). The complex RoPE buffers (`attn.freqs_cis`) are skipped: they are recomputed.
+    Keys: sam3.pt's `detector.backbone.vision_backbone.trunk.*`, or transformers'
+    `[detector_model.]vision_encoder.backbone.*`. `expected`: `{path inside the trunk: shape}`, e.g.
+    `abstract_shapes(lambda: trunk_from_config(cfg))`; without it, the geometry is read from the
+    checkpoint itself (depth, widths, patch, pretraining grid) and every block must be complete
+    and consistent with it. A checkpoint without a trunk or with a foreign one (a stage-1
+    student backbone) is a `CheckpointError`. The complex RoPE buffers (`attn.freqs_cis`) are
+    skipped: they are recomputed.
     """
-    if isinstance(source, Mapping):
-        sd, name = source, "<state dict>"
-    else:
-        sd, name = read_state_dict(source), str(source)
     if any(k.startswith(TRUNK_PREFIX) for k in sd):
-        trunk_sd = {k: np.asarray(v) for k, v in sd.items() if k.startswith(TRUNK_PREFIX)}
+        trunk_sd = {k: v for k, v in sd.items() if k.startswith(TRUNK_PREFIX)}
     else:
         trunk_sd = transformers_trunk_to_sam3(sd)
     if not trunk_sd:
         raise CheckpointError(
-            f"{name}: no trunk in this checkpoint (no key under {TRUNK_PREFIX} nor the transformers "
-            f"{' / '.join(TRANSFORMERS_TRUNK_PREFIXES)}); `es3 embed` needs SAM3's ViT weights, e.g. sam3.pt"
+            f"{source}: no trunk in this checkpoint (no key under {TRUNK_PREFIX} nor the transformers "
+            f"{' / '.join(TRANSFORMERS_TRUNK_PREFIXES)}); frames need SAM3's ViT weights, e.g. sam3.pt"
         )
     known = [k for k in trunk_sd if TRUNK_TABLE.to_jax(k) is not None or TRUNK_TABLE.is_ignored(k)]
     if 2 * len(known) < len(trunk_sd):
         examples = ", ".join(sorted(set(trunk_sd) - set(known))[:3])
         raise CheckpointError(
-            f"{name}: the trunk is not SAM3's ViT ({len(trunk_sd) - len(known)} of {len(trunk_sd)} keys "
+            f"{source}: the trunk is not SAM3's ViT ({len(trunk_sd) - len(known)} of {len(trunk_sd)} keys "
             f"under {TRUNK_PREFIX} do not fit it, e.g. {examples}); a stage-1 student backbone? "
             "Embeddings for the tracker need the SAM3 ViT trunk"
         )
     if expected is None:
         relative = {k.removeprefix(TRUNK_PREFIX): v for k, v in trunk_sd.items()}
-        expected = _checkpoint_trunk_shapes(relative, name)
-    jax_prefix = TRUNK_TABLE.components[0].jax_prefix
-    flat: dict[str, np.ndarray] = {}
-    unexpected, mismatched = [], []
-    for key in sorted(trunk_sd):
-        if TRUNK_TABLE.is_ignored(key):
-            continue
-        mapped = TRUNK_TABLE.to_jax(key)
-        path = None if mapped is None else mapped[0].removeprefix(jax_prefix)
-        if path is None or path not in expected:
-            unexpected.append(key)
-            continue
-        transform = mapped[1]
-        value = trunk_sd[key]
-        if transform.jax_shape(value.shape) != tuple(expected[path]):
-            want = TRUNK_TABLE.to_torch(jax_prefix + path)[1]
-            mismatched.append(
-                f"{key}: shape {tuple(value.shape)}, expected {_torch_shape(want, expected[path])}"
-            )
-            continue
-        flat[path] = transform.to_jax(value)
-    bad = {m.split(":")[0] for m in mismatched}
-    missing = [
-        k
-        for p in sorted(set(expected) - set(flat))
-        if (k := TRUNK_TABLE.to_torch(jax_prefix + p)[0]) not in bad
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{name}: the checkpoint's trunk does not match the SAM3 ViT es3 expects:"]
-        lines += [f"  missing key: {k}" for k in missing]
-        lines += [f"  unexpected key: {k}" for k in unexpected]
-        lines += [f"  shape mismatch: {k}" for k in mismatched]
-        raise CheckpointError("\n".join(lines))
-    return unflatten(flat)
-
-
-def _torch_shape(transform, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torch shape whose JAX layout is `jax_shape` under `transform`."""
-    if hasattr(transform, "torch_shape"):
-        return tuple(transform.torch_shape(tuple(jax_shape)))
-    if transform.perm is None:
-        return tuple(jax_shape)
-    return tuple(jax_shape[i] for i in np.argsort(transform.perm))
+        full = _checkpoint_trunk_shapes(relative, source)
+    else:
+        full = {f"trunk.{p}": s for p, s in expected.items()}
+    what = "the checkpoint's trunk does not match the SAM3 ViT es3 expects"
+    result = port_state_dict(trunk_sd, table=TRUNK_TABLE, expected=full, source=source, what=what)
+    return result.params["trunk"]

@@ -1,15 +1,15 @@
 """PyTorch twins of the student memory path, with the key names the export writes.
 
-`TorchStudentMemory` computes what `es3_jax.models.student.StudentMemory` computes (same
+`TorchStudentMemory` computes what `es3_jax.models.memory_path.MemoryPath` computes (same
 config, same inputs in the batch-first token layout) and its `state_dict()` has the export's
 keys without the `tracker.` prefix: `spatial_perceiver.*` (EdgeTAM's names) and
 `transformer.encoder.*` (the SAM3 teacher's memory-attention names; with 4 layers, no perceiver
 and no pooling, upstream's `tracker.transformer.encoder` weights load into it unchanged).
 
 The code is written independently of the JAX modules (complex-number RoPE, `avg_pool2d`
-pooling, `unfold` windows) so that the parity tests compare two implementations.
-`student_to_torch` / `student_from_torch` move parameters between the two through
-`porting.keymap.STUDENT_TABLE`.
+pooling, `unfold` windows) so that the parity tests compare two implementations. Parameters move
+between the two through `porting.keymap.STUDENT_TABLE` (`porting.sam3_checkpoint.port_student`
+and `student_to_torch`).
 
 `load_efficient_sam3` builds upstream sam3's tracker predictor around the twin from a merged
 export (`es3 export`), so PyTorch users track with the student as they track with SAM3;
@@ -19,16 +19,22 @@ export (`es3 export`), so PyTorch users track with the student as they track wit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from es3_jax.config import Config
-from es3_jax.params import flatten, unflatten
-from porting.keymap import STUDENT_TABLE
+from es3_jax.params import check_shapes
+from porting.checkpoint_file import (
+    CheckpointError,
+    read_checkpoint,
+    record_config,
+    record_of,
+    write_checkpoint,
+)
+from porting.sam3_checkpoint import trunk_kind
 
 EXPORT_PREFIX = "tracker."
 
@@ -274,7 +280,7 @@ class _Transformer(nn.Module):
 
 
 class TorchStudentMemory(nn.Module):
-    """The PyTorch twin of `StudentMemory`: `compress` one memory frame, `forward` to condition a frame."""
+    """The PyTorch twin of `MemoryPath`: `compress` one memory frame, `forward` to condition a frame."""
 
     def __init__(
         self,
@@ -326,7 +332,7 @@ class TorchStudentMemory(nn.Module):
         pointers_pos,
         pointer_valid,
     ) -> torch.Tensor:
-        """Same arguments and layout as `StudentMemory.__call__` -> `[B, Nq, C]`."""
+        """Same arguments and layout as `MemoryPath.__call__` -> `[B, Nq, C]`."""
         encoder = self.transformer.encoder
         _, s, n, _ = frames.shape
         n_global, (gh, gw), xs, ys = self._frame_layout(query_grid, src.device)
@@ -389,30 +395,6 @@ def torch_student_from_config(cfg: Config) -> TorchStudentMemory:
             t.MEM_DIM, pc.NUM_LATENTS, pc.NUM_LATENTS_2D, pc.DEPTH, pc.HEADS, pc.FF_MULT, pc.WINDOW_SIZE
         )
     return TorchStudentMemory(attention, perceiver, mc.POOL_SIZE).eval()
-
-
-def student_to_torch(params: Mapping) -> dict[str, np.ndarray]:
-    """es3 student params (`{"memory_attention": ..., "spatial_perceiver": ...}`) -> export keys (`tracker.*`)."""
-    out: dict[str, np.ndarray] = {}
-    for path, value in flatten(params).items():
-        hit = STUDENT_TABLE.to_torch(path)
-        if hit is None:
-            raise KeyError(f"no export key for student parameter {path}")
-        key, transform = hit
-        out[key] = transform.to_torch(np.asarray(value))
-    return out
-
-
-def student_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
-    """Export keys (`tracker.spatial_perceiver.*`, `tracker.transformer.encoder.*`) -> es3 student params."""
-    flat = {}
-    for key, value in state_dict.items():
-        hit = STUDENT_TABLE.to_jax(key)
-        if hit is None:
-            raise KeyError(f"{key} is not a student key")
-        path, transform = hit
-        flat[path] = transform.to_jax(np.asarray(value))
-    return unflatten(flat)
 
 
 def twin_state_dict(twin: TorchStudentMemory) -> dict[str, torch.Tensor]:
@@ -530,7 +512,7 @@ def _sam3_backbone(cfg: Config) -> nn.Module:
     from sam3.model.position_encoding import PositionEmbeddingSine
     from sam3.model.vl_combiner import SAM3VLBackbone
 
-    from porting.upstream import vit_trunk
+    from porting.upstream import vit_trunk  # imports sam3
 
     t, tr = cfg.MODEL.TEACHER, cfg.MODEL.TRUNK
     trunk = vit_trunk(
@@ -553,13 +535,6 @@ def _sam3_backbone(cfg: Config) -> nn.Module:
     return SAM3VLBackbone(visual=neck, text=None, scalp=1)
 
 
-def _has_sam3_trunk(sd: Mapping) -> bool:
-    from porting.sam3_checkpoint import TRUNK_PREFIX, TRUNK_TABLE
-
-    keys = [k for k in sd if k.startswith(TRUNK_PREFIX)]
-    return bool(keys) and all(TRUNK_TABLE.to_jax(k) or TRUNK_TABLE.is_ignored(k) for k in keys)
-
-
 def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | torch.device | None = None):
     """The tracker of a merged export (`es3 export`) as an upstream sam3 video predictor.
 
@@ -572,16 +547,18 @@ def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | tor
     every `tracker.*` key (and backbone key) must be one the model has, with its shape, and the
     model must find all of its keys; otherwise the error names each key.
     """
-    from porting.export import ExportError, read_torch_checkpoint, record_config
-    from porting.upstream import tracker_predictor
+    from porting.upstream import tracker_predictor  # imports sam3
 
-    sd, record = read_torch_checkpoint(path)
+    sd, extras = read_checkpoint(path)
+    record = record_of(extras)
     if record is None:
-        raise ExportError(f"{path}: no es3_config record: not a merged export (write one with `es3 export`)")
+        raise CheckpointError(
+            f"{path}: no es3_config record: not a merged export (write one with `es3 export`)"
+        )
     cfg = record_config(record)
     t = cfg.MODEL.TEACHER
     if backbone is None:
-        backbone = _has_sam3_trunk(sd)
+        backbone = trunk_kind(sd) == "sam3-vit"
     student = torch_student_from_config(cfg) if record.get("memory", "student") == "student" else None
     model = tracker_predictor(
         image_size=t.IMAGE_SIZE,
@@ -596,16 +573,12 @@ def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | tor
     )
     namespaces = ("tracker.", BACKBONE_PREFIX) if backbone else ("tracker.",)
     source = {_model_key(k): v for k, v in sd.items() if k.startswith(namespaces)}
-    own = model.state_dict()
-    lines = [f"  missing key: {_file_key(k)}" for k in own if k not in source]
-    lines += [f"  unexpected key: {_file_key(k)}" for k in source if k not in own]
-    lines += [
-        f"  shape mismatch: {_file_key(k)}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
-        for k, v in source.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if lines:
-        raise ExportError("\n".join([f"{path}: does not match the tracker its record describes:", *lines]))
+    check_shapes(
+        {k: tuple(v.shape) for k, v in source.items()},
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        f"{path}: does not match the tracker its record describes",
+        _file_key,
+    )
     model.load_state_dict(source, strict=True)
     model.es3_record, model.es3_source = record, str(path)
     if device is None:
@@ -629,13 +602,9 @@ def save_efficient_sam3(model, path, *, base=None, fmt: str = "auto"):
     """Write a `load_efficient_sam3` model (e.g. after training or editing it in PyTorch) as a merged
     file: the merged file it was loaded from (or `base`) with every tensor the model holds replaced
     by the model's, and its record. `es3 port` and `VideoPredictor.from_checkpoint` read it back."""
-    from pathlib import Path
-
-    from porting.export import read_torch_checkpoint, write_checkpoint
-
     path = Path(path)
     if fmt == "auto":
         fmt = "safetensors" if path.suffix == ".safetensors" else "pt"
-    sd, _ = read_torch_checkpoint(base if base is not None else model.es3_source)
+    sd, _ = read_checkpoint(base if base is not None else model.es3_source)
     sd.update({_file_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     return write_checkpoint(path, sd, model.es3_record, fmt)

@@ -2,11 +2,13 @@
 
 Parity tests and the PyTorch columns of `es3 bench` build their references here. Importing this
 module needs torch and sam3 (the `torch` extra); it patches the few places where upstream code
-hard-codes CUDA, and only when no GPU is present.
+hard-codes CUDA, and only when no GPU is present. sam3's modules are imported where they are used,
+once the patches are in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -283,8 +285,6 @@ def trunk_call(trunk: torch.nn.Module, batch: int, image_size: int):
     On CUDA under bfloat16 autocast, as SAM3's predictor runs; float32 on CPU. Returns
     `(call, device, dtype description)` for the benchmarks.
     """
-    import contextlib
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     trunk = trunk.to(device)

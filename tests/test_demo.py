@@ -46,9 +46,9 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert not any(k.startswith("tracker.transformer.encoder.layers.2.") for k in model), (
         "the teacher's 4-layer memory attention survived the merge"
     )
-    from es3_jax import tracker_weights
-    from porting.torch_student import student_to_torch
+    from es3_jax import weights
+    from porting.sam3_checkpoint import student_to_torch
 
-    params, _ = tracker_weights.load(summary["student_weights"])
-    for key, value in student_to_torch(params["student"]).items():
+    student = weights.load(summary["student_weights"]).student
+    for key, value in student_to_torch(student).items():
         np.testing.assert_array_equal(model[key].numpy(), value, err_msg=f"exported {key}")

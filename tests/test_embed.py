@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax import embed
+from es3_jax import embed, weights
 from es3_jax.cli import main
 from es3_jax.data.embedding_store import EmbeddingStore, identity
 from es3_jax.data.frames import FrameError, list_videos
@@ -173,7 +173,10 @@ def test_unreadable_frame_stop_or_skip(tmp_path):
     assert np.array_equal(got, features(_frame(videos[2].paths[1]))[0])
 
     # The job end to end with --on_error skip lists the video in the global metadata.
-    summary = embed.run(cfg, str(data), str(tmp_path / "job"), batch_size=1, on_error="skip", progress=False)
+    trunk = weights.load(None, cfg, parts=(weights.TRUNK,))
+    summary = embed.run(
+        cfg, str(data), str(tmp_path / "job"), weights=trunk, batch_size=1, on_error="skip", progress=False
+    )
     assert summary["written"] == ["a", "c"] and summary["failed_all"][0]["video"] == "b"
     glob = json.loads((tmp_path / "job" / "global_metadata.json").read_text())
     assert glob["videos"] == ["a", "c"] and glob["failed"][0]["video"] == "b"

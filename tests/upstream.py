@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sam3")
 
+from es3_jax import weights  # noqa: E402
 from porting.upstream import build_neck, build_tracker, randomize_  # noqa: E402, F401
 
 
@@ -44,18 +45,16 @@ def save_sam3_checkpoint(path: Path, model: dict) -> Path:
 
 def ported_reference(folder: Path, *, tracker_fn=None):
     """Fresh upstream tracker and neck, written as `folder/sam3.pt` and read back through the
-    production loader -> (seed, tracker, neck, ported params).
+    production loader -> (seed, tracker, neck, ported tracker params).
 
     `tracker_fn(tracker)` may adjust the upstream tracker's weights before they are saved.
     """
-    from porting.sam3_checkpoint import port_checkpoint
-
     seed = fresh_seed()
     tracker, neck = build_tracker(seed), build_neck(seed)
     if tracker_fn is not None:
         tracker_fn(tracker)
     path = save_sam3_checkpoint(Path(folder) / "sam3.pt", sam3_checkpoint_dict(tracker, neck))
-    return seed, tracker, neck, port_checkpoint(path).params
+    return seed, tracker, neck, weights.load(path).tracker
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from es3_jax import config as config_lib
+
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
@@ -22,6 +24,4 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace):
     """The config tree from `--config` and the trailing overrides."""
-    from es3_jax import config as config_lib
-
     return config_lib.load(args.config, args.overrides)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 from es3_jax.commands.common import add_config_args, load_config
+from es3_jax.errors import TORCH_EXTRA, Es3Error
 
 HELP = "pre-compute trunk embeddings of video frames into the embedding store"
 DESCRIPTION = """\
@@ -42,25 +45,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
 
 
+def _pt_frame_reader():
+    """How `.pt` seed frames are read: through torch when it is installed, else an error naming the extra."""
+    if importlib.util.find_spec("torch") is None:
+
+        def missing(path: Path):
+            raise Es3Error(f"{path}: reading a .pt seed frame needs torch: {TORCH_EXTRA}")
+
+        return missing
+    from porting.seed_embeddings import read_pt_frame  # porting imports torch
+
+    return read_pt_frame
+
+
 def run(args: argparse.Namespace) -> int:
-    from es3_jax import embed
-    from es3_jax.errors import Es3Error
+    from es3_jax import embed, weights  # jax and the models load when the command runs
 
     cfg = load_config(args)
     output_dir = args.output_dir or cfg.DATA.EMBEDDING_DIR
     if not output_dir:
         raise Es3Error("no store given: pass --output_dir or set DATA.EMBEDDING_DIR")
+    trunk = weights.load(args.sam3_weights, cfg, seed=args.seed, parts=(weights.TRUNK,))
     if args.import_pt:
         summary = embed.run_import(
-            cfg, args.import_pt, output_dir, sam3_weights=args.sam3_weights, on_error=args.on_error
+            cfg,
+            args.import_pt,
+            output_dir,
+            read_pt=_pt_frame_reader(),
+            weights=trunk if args.sam3_weights else None,
+            on_error=args.on_error,
         )
     else:
         summary = embed.run(
             cfg,
             args.data_dir or cfg.DATA.SAV_ROOT,
             output_dir,
+            weights=trunk,
             batch_size=args.batch_size,
-            sam3_weights=args.sam3_weights,
             on_error=args.on_error,
             seed=args.seed,
             progress=not args.no_progress,

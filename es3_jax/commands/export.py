@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from porting.export import export_merged
+    from porting.export import export_merged  # torch, jax and the models load when the command runs
 
     result = export_merged(
         args.stage2_weights,

@@ -8,17 +8,16 @@ from es3_jax.commands.common import add_config_args, load_config
 
 HELP = "port SAM3 tracker weights from PyTorch into an es3 weights folder"
 DESCRIPTION = """\
-Read the SAM3 tracker and its neck from a PyTorch checkpoint and write them as an es3
-weights folder (orbax params + config.yaml + port.json) that loads without torch.
+Read the SAM3 tracker, its neck and its ViT trunk from a PyTorch checkpoint and write them as
+an es3 weights folder (orbax params + config.yaml + port.json) that loads without torch.
 
 Accepted: Meta's sam3.pt (ckpt['model'] with tracker.* and detector.* keys); a stage-1
 merged checkpoint (same layout, another trunk: reported as foreign, not ported); a
 transformers Sam3TrackerVideoModel .safetensors file or folder; a merged export (`es3 export`,
 or `save_efficient_sam3` after training or editing the student in PyTorch): its student comes
 back as the folder's "student" with the config its record describes (`es3 track`/`es3 eval`
-then run the student). Porting is strict: missing, unexpected and mis-shaped tracker keys are
-listed together and nothing is written. Detector keys es3 does not use are reported, not an
-error."""
+then run the student). Porting is strict: missing, unexpected and mis-shaped keys are listed
+together and nothing is written. Detector keys es3 does not use are reported, not an error."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,23 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from es3_jax import tracker_weights
-    from es3_jax.models.tracker import expected_param_shapes
-    from porting.export import is_merged_file, port_merged
-    from porting.sam3_checkpoint import format_report, port_checkpoint
+    from es3_jax import weights  # jax and the models load when the command runs
 
     cfg = load_config(args)
-    if is_merged_file(args.sam3_weights):
-        params, cfg, report = port_merged(args.sam3_weights, cfg)
-        out = tracker_weights.save(args.output_dir, params, cfg, {**report, "mode": "export"})
-        print(f"source: {args.sam3_weights} (es3 merged export, memory path: {report['memory']})")
-        print(
-            f"ported: {report['consumed_keys']} tracker tensors + {report.get('student_keys', 0)} student tensors"
-        )
-        print(f"wrote {out}")
-        return 0
-    result = port_checkpoint(args.sam3_weights, expected=expected_param_shapes(cfg.MODEL.TEACHER))
-    out = tracker_weights.save(args.output_dir, result.params, cfg, result.summary())
-    print(format_report(result))
+    ported = weights.load(args.sam3_weights, cfg)
+    out = weights.save(args.output_dir, ported)
+    print(ported.report.get("text", f"source: {ported.source} ({ported.kind})"))
     print(f"wrote {out}")
     return 0

@@ -34,6 +34,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import tensorstore as ts
 
 from es3_jax.errors import Es3Error
 
@@ -178,8 +179,6 @@ def _array_spec(path: Path, shape: Sequence[int], dtype: str, shard_frames: int,
 
 
 def _context(read_threads: int = 8):
-    import tensorstore as ts
-
     # No chunk cache: frames are read once per clip, and cached handles grow RSS (tensorstore#223).
     return ts.Context(
         {
@@ -299,8 +298,6 @@ class EmbeddingStore:
         arr = self._arrays.get(key)
         if arr is not None:
             return arr
-        import tensorstore as ts
-
         with self._lock:
             arr = self._arrays.get(key)
             if arr is None:
@@ -433,8 +430,6 @@ class VideoWriter:
     """Writes one video's frames in order, whole shards at a time, and its metadata last."""
 
     def __init__(self, folder: Path, meta: dict, shard_frames: int, clevel: int):
-        import tensorstore as ts
-
         self.folder, self.meta = folder, meta
         self.num_frames = meta["num_frames"]
         self.shard = meta["shard_frames"]

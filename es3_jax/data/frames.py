@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -119,10 +120,7 @@ def load_frame_uint8(path: str | Path, image_size: int) -> tuple[np.ndarray, tup
 
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
     """uint8 RGB `[..., 3]` -> float32 `(x / 255 - mean) / std`; numpy or jax arrays alike."""
-    if isinstance(images, np.ndarray):
-        xp = np
-    else:
-        import jax.numpy as xp
+    xp = np if isinstance(images, np.ndarray) else jnp
     x = images.astype(xp.float32) / xp.float32(255.0)
     return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 

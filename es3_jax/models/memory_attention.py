@@ -51,25 +51,6 @@ class ProjectedMemory(NamedTuple):
 KVTransform = Callable[[ProjectedMemory], ProjectedMemory]
 
 
-def memory_key_angles(
-    grid_h: int,
-    grid_w: int,
-    num_frames: int,
-    num_ptr_tokens: int,
-    head_dim: int,
-    theta: float = 10000.0,
-) -> jax.Array:
-    """RoPE angles of the teacher's memory layout -> `[num_frames·grid_h·grid_w + num_ptr_tokens, Dh/2]`.
-
-    Spatial frames are contiguous blocks on the query grid, so key m gets the angles of grid
-    position `m mod (grid_h·grid_w)`; the object-pointer tokens come last with angle 0 (no rotation).
-    """
-    frame = axial_angles(grid_positions(grid_h, grid_w), head_dim, theta)
-    return jnp.concatenate(
-        [jnp.tile(frame, (num_frames, 1)), jnp.zeros((num_ptr_tokens, head_dim // 2), jnp.float32)]
-    )
-
-
 def pool_memory(
     memory: ProjectedMemory, *, num_frames: int, prefix: int, grid: tuple[int, int], pool: int
 ) -> ProjectedMemory:
@@ -239,7 +220,7 @@ class MemoryAttention(nnx.Module):
 
         src, src_pos: `[B, Nq, C]`, the frame's tokens (row-major on `query_grid = (H, W)`, Nq = H·W)
         and their sine encoding. memory, memory_pos: `[B, Nk, Ckv]`. key_angles: `[Nk, Dh/2]` or
-        `[B, Nk, Dh/2]` (see `memory_key_angles`). key_mask: `[B, Nk]` bool, False = the slot is
+        `[B, Nk, Dh/2]` (see `MemoryPath.key_angles`). key_mask: `[B, Nk]` bool, False = the slot is
         ignored exactly; a query row needs at least one valid key. kv_transform: applied to the
         projected, rotated memory in every layer. Returns `[B, Nq, C]`.
         """

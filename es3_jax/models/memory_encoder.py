@@ -1,4 +1,4 @@
-"""The tracker's memory encoder (upstream `SimpleMaskEncoder`) and `encode_new_memory`.
+"""The tracker's memory encoder (upstream `SimpleMaskEncoder`); `SAM3Tracker.encode_memory` runs it.
 
 A frame's predicted mask is down-sampled 16× by strided convs, added to the projected
 level-2 feature of the same frame, fused by two ConvNeXt blocks and projected to the
@@ -19,9 +19,6 @@ from es3_jax.nn.position_encoding import sine_2d
 # Four stride-2 stages: the mask reaches the feature grid at 16× below its input size.
 _STAGES = 4
 _MASK_STRIDE = 2**_STAGES
-# Upstream's `sigmoid_scale_for_mem_enc` / `sigmoid_bias_for_mem_enc`.
-_MASK_SCALE = 20.0
-_MASK_BIAS = -10.0
 
 
 class MaskDownSampler(nnx.Module):
@@ -111,7 +108,7 @@ class MemoryEncoder(nnx.Module):
         return x, pos
 
 
-def _keep_top_object(masks: jax.Array) -> jax.Array:
+def keep_top_object(masks: jax.Array) -> jax.Array:
     """Per pixel, only the highest-scoring object keeps its logit; the others are clamped to ≤ −10.
 
     masks: `[B, H, W, 1]` over the B objects of one frame (upstream `_apply_non_overlapping_constraints`).
@@ -119,34 +116,3 @@ def _keep_top_object(masks: jax.Array) -> jax.Array:
     top = jnp.argmax(masks, axis=0, keepdims=True)
     keep = top == jnp.arange(masks.shape[0])[:, None, None, None]
     return jnp.where(keep, masks, jnp.minimum(masks, -10.0))
-
-
-def encode_new_memory(
-    memory_encoder: MemoryEncoder,
-    no_obj_embed_spatial: jax.Array,
-    pix_feat: jax.Array,
-    high_res_masks: jax.Array,
-    object_score_logits: jax.Array,
-    *,
-    is_mask_from_pts: bool,
-    non_overlap_masks: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """One frame's predictions -> its memory, as upstream `Sam3TrackerBase._encode_new_memory` at eval.
-
-    pix_feat: the raw (not memory-conditioned) level-2 feature `[B, H, W, d_model]`;
-    high_res_masks: mask logits `[B, Hm, Wm, 1]`; object_score_logits: `[B, 1]`;
-    no_obj_embed_spatial: `[1, mem_dim]`, added to the memory of objects judged absent (logit ≤ 0).
-    Masks from clicks are binarised (logit > 0), others pass through a sigmoid; either is
-    mapped to `20·m − 10`. `non_overlap_masks` is upstream's `non_overlap_masks_for_mem_enc`
-    (False in SAM3): B is then the objects of one frame and overlaps go to the top scorer.
-    Returns (features, pos), each `[B, H, W, mem_dim]`.
-    """
-    masks = high_res_masks.astype(jnp.float32)
-    if non_overlap_masks and masks.shape[0] > 1:
-        masks = _keep_top_object(masks)
-    masks = (masks > 0).astype(jnp.float32) if is_mask_from_pts else jax.nn.sigmoid(masks)
-    masks = masks * _MASK_SCALE + _MASK_BIAS
-    features, pos = memory_encoder(pix_feat, masks, skip_mask_sigmoid=True)
-    absent = (object_score_logits <= 0).astype(features.dtype)[:, None, None, :]
-    features = features + absent * no_obj_embed_spatial.astype(features.dtype)
-    return features, pos

@@ -1,10 +1,9 @@
-"""SAM heads of the SAM3 tracker: prompt encoder, two-way mask decoder, object pointer.
+"""SAM heads of the SAM3 tracker: the prompt encoder and the two-way mask decoder.
 
-Upstream: `sam3/sam/prompt_encoder.py`, `sam3/sam/mask_decoder.py`, `sam3/sam/transformer.py`
-and `Sam3TrackerBase._forward_sam_heads` / `_use_mask_as_output` / `_get_tpos_enc`
-(`sam3/model/sam3_tracker_base.py`), at inference. The decoder is configured as the tracker
-builds it: high-resolution skip features, sigmoid IoU head, object-score MLP, multimask tokens
-for the object pointer, and the dynamic stability fallback for single-mask output.
+Upstream: `sam3/sam/prompt_encoder.py`, `sam3/sam/mask_decoder.py`, `sam3/sam/transformer.py`, at
+inference. The decoder is configured as the tracker builds it: high-resolution skip features,
+sigmoid IoU head, object-score MLP, multimask tokens for the object pointer, and the dynamic
+stability fallback for single-mask output. `SAM3Tracker.sam_heads` runs them on a frame.
 
 Everything is channels-last: features `[B, H, W, C]`, mask logits `[B, H, W, M]` (M masks).
 """
@@ -18,14 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from es3_jax.nn.attention import Attention
-from es3_jax.nn.layers import MLP, ConvTranspose2x2, Dtype, conv, gelu, layer_norm, linear, resize_bilinear
-from es3_jax.nn.position_encoding import random_fourier, sine_1d
+from es3_jax.nn.layers import MLP, ConvTranspose2x2, Dtype, conv, gelu, layer_norm, linear
+from es3_jax.nn.position_encoding import random_fourier
 
 # Upstream `NO_OBJ_SCORE`: the mask logit written wherever the object is judged absent.
 NO_OBJ_SCORE = -1024.0
-# `_use_mask_as_output` turns a {0, 1} mask into logits ±10 (sigmoid(−10) ≈ 4.5e-5).
-_MASK_OUT_SCALE = 20.0
-_MASK_OUT_BIAS = -10.0
 # Label −1 is padding ("not a point"); 0/1 negative/positive clicks; 2/3 box corners.
 _NUM_POINT_LABELS = 4
 
@@ -391,154 +387,3 @@ class MaskDecoder(nnx.Module):
         else:
             masks, ious = out.masks[..., :1], out.ious[:, :1]
         return DecoderOutput(masks, ious, out.sam_tokens[:, :1], out.object_score_logits)
-
-
-def object_pointer_mlp(dim: int = 256, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> MLP:
-    """The tracker's `obj_ptr_proj`: SAM output token -> object pointer, MLP dim→dim→dim→dim (ReLU)."""
-    return MLP([dim, dim, dim, dim], rngs=rngs, dtype=dtype)
-
-
-def mask_downsample_conv(*, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.Conv:
-    """The tracker's `mask_downsample`: a 4×4 stride-4 1→1 conv, input-mask size -> mask-prompt size."""
-    return conv(1, 1, 4, stride=4, rngs=rngs, dtype=dtype)
-
-
-def object_pointer_tpos_linear(
-    dim: int = 256, mem_dim: int = 64, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32
-) -> nnx.Linear:
-    """The tracker's `obj_ptr_tpos_proj`: a pointer's dim-wide temporal sine code -> mem_dim."""
-    return linear(dim, mem_dim, rngs=rngs, dtype=dtype)
-
-
-def object_pointer_pos(
-    obj_ptr_tpos_proj: nnx.Linear, rel_positions: jax.Array, max_abs_pos: int | None
-) -> jax.Array:
-    """Temporal encoding of object pointers (upstream `_get_tpos_enc`): `[N]` -> `[N, mem_dim]`.
-
-    rel_positions: signed frame distances; they are divided by `max_abs_pos − 1` (1 when None)
-    before the 1-D sine code of width `obj_ptr_tpos_proj.in_features`.
-    """
-    t_diff_max = 1 if max_abs_pos is None else max_abs_pos - 1
-    pos = rel_positions.astype(jnp.float32) / jnp.float32(t_diff_max)
-    return obj_ptr_tpos_proj(sine_1d(pos, obj_ptr_tpos_proj.in_features))
-
-
-class SamHeadsOutput(NamedTuple):
-    """`_forward_sam_heads` outputs; M = 3 (multimask) or 1. Mask logits are float32."""
-
-    low_res_multimasks: jax.Array  # [B, 4H, 4W, M]
-    high_res_multimasks: jax.Array  # [B, S, S, M], S = image size
-    ious: jax.Array  # [B, M]
-    low_res_masks: jax.Array  # [B, 4H, 4W, 1] the selected mask
-    high_res_masks: jax.Array  # [B, S, S, 1]
-    obj_ptr: jax.Array  # [B, C]
-    object_score_logits: jax.Array  # [B, 1]
-
-
-def forward_sam_heads(
-    prompt_encoder: PromptEncoder,
-    mask_decoder: MaskDecoder,
-    obj_ptr_proj: MLP,
-    no_obj_ptr: jax.Array,
-    features: jax.Array,
-    high_res: tuple[jax.Array, jax.Array],
-    *,
-    points: tuple[jax.Array, jax.Array] | None = None,
-    mask_prompt: jax.Array | None = None,
-    multimask_output: bool,
-) -> SamHeadsOutput:
-    """Upstream `Sam3TrackerBase._forward_sam_heads` at inference.
-
-    features `[B, H, W, C]` (memory-conditioned); high_res: projected skip features (see
-    `MaskDecoder.project_high_res`); points: (coords `[B, P, 2]` pixels, labels `[B, P]`) or None,
-    which feeds a single padding point; mask_prompt `[B, Hm, Wm, 1]`, resized (bilinear,
-    antialiased) to the prompt encoder's mask size when it differs; no_obj_ptr `[1, C]`.
-    With multimask output the mask, high-res mask and token with the highest predicted IoU are
-    selected. Where the object score is ≤ 0 the masks are NO_OBJ_SCORE and the pointer is no_obj_ptr.
-    """
-    b = features.shape[0]
-    if points is None:
-        points = (jnp.zeros((b, 1, 2), jnp.float32), jnp.full((b, 1), -1, jnp.int32))
-    if mask_prompt is not None:
-        size = prompt_encoder.mask_size
-        if mask_prompt.shape[1:3] != (size, size):
-            mask_prompt = resize_bilinear(mask_prompt.astype(jnp.float32), size, size, antialias=True)
-    sparse, dense = prompt_encoder(points=points, boxes=None, masks=mask_prompt)
-    out = mask_decoder(
-        features, prompt_encoder.dense_pe(), sparse, dense, high_res, multimask_output=multimask_output
-    )
-    present = out.object_score_logits > 0  # [B, 1]
-    low_res_multimasks = jnp.where(present[:, :, None, None], out.masks, NO_OBJ_SCORE).astype(jnp.float32)
-    s = prompt_encoder.image_size
-    high_res_multimasks = resize_bilinear(low_res_multimasks, s, s)
-
-    sam_token = out.sam_tokens[:, 0]
-    if multimask_output:
-        best = jnp.argmax(out.ious, axis=-1)
-        low_res_masks = jnp.take_along_axis(low_res_multimasks, best[:, None, None, None], axis=-1)
-        high_res_masks = jnp.take_along_axis(high_res_multimasks, best[:, None, None, None], axis=-1)
-        if out.sam_tokens.shape[1] > 1:
-            sam_token = jnp.take_along_axis(out.sam_tokens, best[:, None, None], axis=1)[:, 0]
-    else:
-        low_res_masks, high_res_masks = low_res_multimasks, high_res_multimasks
-
-    obj_ptr = _blend_no_obj(obj_ptr_proj(sam_token), no_obj_ptr, present)
-    return SamHeadsOutput(
-        low_res_multimasks,
-        high_res_multimasks,
-        out.ious,
-        low_res_masks,
-        high_res_masks,
-        obj_ptr,
-        out.object_score_logits,
-    )
-
-
-def use_mask_as_output(
-    prompt_encoder: PromptEncoder,
-    mask_decoder: MaskDecoder,
-    obj_ptr_proj: MLP,
-    no_obj_ptr: jax.Array,
-    mask_downsample: nnx.Conv,
-    features: jax.Array,
-    high_res: tuple[jax.Array, jax.Array],
-    mask: jax.Array,
-    *,
-    backbone_stride: int = 14,
-) -> SamHeadsOutput:
-    """Upstream `Sam3TrackerBase._use_mask_as_output`: a given mask becomes the output.
-
-    mask `[B, Hm, Wm, 1]` (float or bool; 1152² in the tracker). The outputs are the mask as
-    logits ±10 at its own size (high-res) and resized to `(Hm // backbone_stride · 4)²` (low-res,
-    antialiased; 328² for 1152², which the predictor discards), IoU 1, object score ±10 from
-    whether the mask has any positive pixel, and the pointer the SAM heads decode from the
-    down-sampled mask prompt on the raw `features` (blended with no_obj_ptr twice, as upstream).
-    """
-    mask = mask.astype(jnp.float32)
-    b, hm, wm, _ = mask.shape
-    high_res_masks = mask * _MASK_OUT_SCALE + _MASK_OUT_BIAS
-    low_res_masks = resize_bilinear(
-        high_res_masks, hm // backbone_stride * 4, wm // backbone_stride * 4, antialias=True
-    )
-    ious = jnp.ones((b, 1), jnp.float32)
-    heads = forward_sam_heads(
-        prompt_encoder,
-        mask_decoder,
-        obj_ptr_proj,
-        no_obj_ptr,
-        features,
-        high_res,
-        mask_prompt=mask_downsample(mask),
-        multimask_output=False,
-    )
-    present = jnp.any(mask.reshape(b, -1) > 0.0, axis=1)[:, None]
-    object_score_logits = _MASK_OUT_SCALE * present.astype(jnp.float32) + _MASK_OUT_BIAS
-    obj_ptr = _blend_no_obj(heads.obj_ptr, no_obj_ptr, present)
-    return SamHeadsOutput(
-        low_res_masks, high_res_masks, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits
-    )
-
-
-def _blend_no_obj(obj_ptr: jax.Array, no_obj_ptr: jax.Array, present: jax.Array) -> jax.Array:
-    """The pointer where `present` `[B, 1]` holds, else no_obj_ptr `[1, C]` -> `[B, C]`."""
-    return jnp.where(present, obj_ptr, no_obj_ptr.astype(obj_ptr.dtype))

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from es3_jax.errors import Es3Error
+from es3_jax.params import flatten, unflatten
 
 CHECKPOINTS = "checkpoints"
 BEST_METRIC = "val_jf"
@@ -112,17 +114,32 @@ def restore(mgr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: An
     }
 
 
-def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
-    """The `meta` item of a checkpoint (its config and counters) without reading any array."""
-    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
 @dataclass(frozen=True)
 class CheckpointRef:
     """A resolved checkpoint: the run's output folder and the step."""
 
     output_dir: Path
     step: int
+
+
+def is_reference(path: str | Path) -> bool:
+    """Whether `path` names a checkpoint by one of the forms `resolve` accepts other than a run folder."""
+    path = Path(path)
+    return (
+        path.name in ("ckpt_latest", "ckpt_best", CHECKPOINTS)
+        or re.fullmatch(r"ckpt_step_\d+", path.name) is not None
+        or (path.name.isdigit() and path.parent.name == CHECKPOINTS)
+    )
+
+
+def read(ref: CheckpointRef) -> tuple[dict, dict]:
+    """(trainable parameters as saved, meta) of a resolved checkpoint, without a template."""
+    mgr = manager(ref.output_dir, read_only=True)
+    out = mgr.restore(
+        ref.step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    params = unflatten({k: np.asarray(v) for k, v in flatten(out["params"]).items()})
+    return params, out["meta"]
 
 
 def resolve(name: str | Path) -> CheckpointRef:

@@ -29,21 +29,11 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from es3_jax.config import Config, TrackerConfig
-from es3_jax.models.memory_encoder import encode_new_memory
-from es3_jax.models.memory_path import MemoryPath, RawMemory
-from es3_jax.models.sam_heads import use_mask_as_output
-from es3_jax.models.tracker import (
-    MemoryBank,
-    SAM3Tracker,
-    Selection,
-    expand_frame,
-    frame_features,
-    memory_conditioned,
-    tracked_heads,
-    tracked_memory,
-    write_memory,
-)
+from es3_jax.models.memory_bank import MemoryBank, Selection
+from es3_jax.models.memory_path import MemoryPath
+from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.nn.layers import resize_bilinear
+from es3_jax.predictor.schedule import BankLayout, MemorySchedule
 from es3_jax.train import losses
 
 TEACHER_FEATURES = "teacher_features"  # the checkpoint name of the teacher's memory-conditioned features
@@ -56,42 +46,27 @@ class ClipOutput(NamedTuple):
     mse: jax.Array  # [T-1, O] student-vs-teacher feature MSE (zeros when fine-tuning)
     masks: jax.Array  # [T, O, Hm, Wm] bool: the supervised tracker's masks (frame 0: the prompt)
     teacher_masks: jax.Array  # [T, O, Hm, Wm] bool: the teacher's masks (= masks when fine-tuning)
+    # [T-1, O, g, g, d]: the memory-conditioned features the MSE compares (unused outputs cost nothing
+    # under jit: XLA drops them).
+    student_features: jax.Array
+    teacher_features: jax.Array
 
 
-def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> Selection:
-    """The bank reads of tracked frames 1..T-1, stacked `[T-1, O, ...]`; bank slot i holds frame i."""
-    max_ptrs = min(num_frames, cfg.MAX_OBJ_PTRS_IN_ENCODER)
-    s_slots = min(cfg.NUM_MASKMEM, num_frames)
+def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> tuple[BankLayout, Selection]:
+    """The bank layout of a clip and the reads of its tracked frames 1..T-1, stacked `[T-1, O, ...]`:
+    the predictor's schedule (`es3_jax.predictor.schedule`) with frame 0 conditioning every object
+    and memory selection off (a frame's score is known only on the device)."""
+    layout = BankLayout.for_clip(cfg, num_frames)
+    schedule = MemorySchedule(cfg, layout, num_frames, num_objects, memory_selection=False)
+    for obj in range(num_objects):
+        schedule.condition(obj, 0)
+    tracked = np.ones(num_objects, bool)
     rows = []
-    for t in range(1, num_frames):
-        spatial = [(0, cfg.NUM_MASKMEM - 1)]
-        spatial += [(t - d, d - 1) for d in range(1, cfg.NUM_MASKMEM) if t - d >= 1]
-        pointers = [(0, t)] + [(t - d, d) for d in range(1, max_ptrs) if t - d >= 1]
-        frame = np.zeros((3, s_slots), np.int64)
-        for k, (slot, tpos) in enumerate(spatial):
-            frame[:, k] = (slot, tpos, 1)
-        ptr = np.zeros((3, num_frames), np.float64)
-        for k, (slot, rel) in enumerate(pointers):
-            ptr[:, k] = (slot, rel, 1)
-        rows.append((frame, ptr, t))
-
-    def stack(fn, dtype):
-        return jnp.asarray(
-            np.stack([np.broadcast_to(fn(r), (num_objects, *np.shape(fn(r)))) for r in rows]), dtype
-        )
-
-    return Selection(
-        frame_slot=stack(lambda r: r[0][0], jnp.int32),
-        frame_tpos=stack(lambda r: r[0][1], jnp.int32),
-        frame_valid=stack(lambda r: r[0][2].astype(bool), bool),
-        pointer_slot=stack(lambda r: r[1][0], jnp.int32),
-        pointer_rel=stack(lambda r: r[1][1], jnp.float32),
-        pointer_valid=stack(lambda r: r[1][2].astype(bool), bool),
-        pointer_scale=jnp.full((num_frames - 1,), max(max_ptrs - 1, 1), jnp.float32),
-        write_slot=stack(lambda r: r[2], jnp.int32),
-        write_pointer_slot=stack(lambda r: r[2], jnp.int32),
-        write=jnp.ones((num_frames - 1, num_objects), bool),
-    )
+    for frame in range(1, num_frames):
+        reads = schedule.select(frame, False, tracked)
+        schedule.record(frame, reads)
+        rows.append(reads)
+    return layout, Selection(**{k: jnp.asarray(np.stack([r[k] for r in rows])) for k in Selection._fields})
 
 
 def gt_at_mask_size(masks: jax.Array, size: int) -> jax.Array:
@@ -121,73 +96,51 @@ def run_clip(
     t_cfg = cfg.MODEL.TEACHER
     num_frames, num_objects = gt_masks.shape[0], gt_masks.shape[1]
     distill = student is not None
-    teacher_path = RawMemory(teacher.memory_attention)
-    frames = frame_features(teacher, trunk)  # leading dim T
+    teacher_path = teacher.memory_path()
+    frames = teacher.frame_features(trunk)  # leading dim T
     compute = frames.feat.dtype
 
-    # Frame 0: the ground-truth masks are the output and the memory.
-    f0 = expand_frame(jax.tree.map(lambda x: x[:1], frames), num_objects)
-    # Mask prompts enter at the memory encoder's mask size, 16 × the feature grid (upstream 1152).
+    # Frame 0: the ground-truth masks are the output and the memory. Mask prompts enter at the
+    # memory encoder's mask size, 16 × the feature grid (upstream 1152).
+    first = jax.tree.map(lambda x: x[:1], frames).expand(num_objects)
     gt0 = gt_at_mask_size(gt_masks[0], 16 * t_cfg.grid)[..., None].astype(jnp.float32)
-    prompt = use_mask_as_output(
-        teacher.prompt_encoder,
-        teacher.mask_decoder,
-        teacher.obj_ptr_proj,
-        teacher.no_obj_ptr[...],
-        teacher.mask_downsample,
-        f0.feat,
-        f0.high_res,
-        gt0,
+    prompt = teacher.mask_as_output(first.feat, first.high_res, gt0)
+    mem, mem_pos = teacher.encode_memory(
+        first.feat, prompt.high_res_masks, prompt.object_score_logits, is_mask_from_pts=False
     )
-    mem, mem_pos = encode_new_memory(
-        teacher.memory_encoder,
-        teacher.no_obj_embed_spatial[...],
-        f0.feat,
-        prompt.high_res_masks,
-        prompt.object_score_logits,
-        is_mask_from_pts=False,
-    )
+    layout, selections = clip_selections(t_cfg, num_frames, num_objects)
+    cond_slot = jnp.zeros((num_objects,), jnp.int32)  # the schedule's slot of frame 0
 
     def new_bank(path: MemoryPath) -> MemoryBank:
         tokens, tokens_pos = path.compress(mem, mem_pos)
-        bank = jnp.zeros((num_objects, num_frames, *tokens.shape[1:]), compute)
-        pointers = jnp.zeros((num_objects, num_frames, prompt.obj_ptr.shape[-1]), jnp.float32)
-        return MemoryBank(
-            bank.at[:, 0].set(tokens.astype(compute)),
-            tokens_pos[0].astype(jnp.float32),
-            pointers.at[:, 0].set(prompt.obj_ptr.astype(jnp.float32)),
+        bank = MemoryBank.empty(
+            num_objects, layout.slots, layout.pointer_slots, tokens.shape[1:], t_cfg.D_MODEL, compute
+        )
+        return bank.write(
+            tokens, tokens_pos, prompt.obj_ptr, cond_slot, cond_slot, jnp.ones((num_objects,), bool)
         )
 
     banks = (new_bank(teacher_path), new_bank(student) if distill else None)
-    selections = clip_selections(t_cfg, num_frames, num_objects)
     tracked = jax.tree.map(lambda x: x[1:, None], frames)  # scanned: one batch-1 frame per step
 
     def step(carry, xs):
         bank_t, bank_s = carry
         frame, gt, sel = xs
-        expanded = expand_frame(frame, num_objects)
         # Named so that frame-level remat keeps it: recomputing it would run the frozen teacher twice.
-        cond_t = checkpoint_name(
-            memory_conditioned(teacher, teacher_path, frame, bank_t, sel), TEACHER_FEATURES
-        )
-        heads_t = tracked_heads(teacher, cond_t, expanded)
+        cond_t = checkpoint_name(teacher.condition(teacher_path, frame, bank_t, sel), TEACHER_FEATURES)
+        heads_t = teacher.tracked_heads(cond_t, frame)
         if distill:
-            cond_s = memory_conditioned(teacher, student, frame, bank_s, sel)
-            heads_s = tracked_heads(teacher, cond_s, expanded)
+            cond_s = teacher.condition(student, frame, bank_s, sel)
+            heads_s = teacher.tracked_heads(cond_s, frame)
             mse = ((cond_s.astype(jnp.float32) - cond_t.astype(jnp.float32)) ** 2).mean(axis=(1, 2, 3))
         else:
-            heads_s, mse = heads_t, jnp.zeros((num_objects,), jnp.float32)
+            cond_s, heads_s, mse = cond_t, heads_t, jnp.zeros((num_objects,), jnp.float32)
         source = heads_s if cfg.TRAIN.MEMORY_SOURCE == "student" else heads_t
-        features, pos = tracked_memory(teacher, expanded, source)
-        raw, raw_pos = teacher_path.compress(features, pos)
-        bank_t = write_memory(
-            bank_t, raw, raw_pos, source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write
-        )
+        features, pos = teacher.tracked_memory(frame, source)
+        write = (source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write)
+        bank_t = bank_t.write(*teacher_path.compress(features, pos), *write)
         if distill:
-            tokens, tokens_pos = student.compress(features, pos)
-            bank_s = write_memory(
-                bank_s, tokens, tokens_pos, source.obj_ptr, sel.write_slot, sel.write_pointer_slot, sel.write
-            )
+            bank_s = bank_s.write(*student.compress(features, pos), *write)
         terms = losses.mask_terms(
             jnp.moveaxis(heads_s.high_res_multimasks, -1, 1),
             heads_s.ious,
@@ -196,18 +149,22 @@ def run_clip(
             cfg.TRAIN.LOSS,
         )
         masks = (heads_s.high_res_masks[..., 0] > 0, heads_t.high_res_masks[..., 0] > 0)
-        return (bank_t, bank_s), (terms, mse, masks)
+        return (bank_t, bank_s), (terms, mse, masks, (cond_s, cond_t))
 
     if cfg.TRAIN.REMAT in ("frame", "frame_layer"):
         # A scan body needs no CSE barrier (the loop already keeps the recomputation apart), and
         # XLA's CPU backend crashes on the barrier there.
         policy = jax.checkpoint_policies.save_only_these_names(TEACHER_FEATURES)
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    _, (terms, mse, (masks, teacher_masks)) = jax.lax.scan(step, banks, (tracked, gt_masks[1:], selections))
-    first = gt_masks[:1].astype(bool)
+    _, (terms, mse, (masks, teacher_masks), (cond_s, cond_t)) = jax.lax.scan(
+        step, banks, (tracked, gt_masks[1:], selections)
+    )
+    first_masks = gt_masks[:1].astype(bool)
     return ClipOutput(
         terms,
         mse,
-        jnp.concatenate([first, masks], axis=0),
-        jnp.concatenate([first, teacher_masks], axis=0),
+        jnp.concatenate([first_masks, masks], axis=0),
+        jnp.concatenate([first_masks, teacher_masks], axis=0),
+        cond_s,
+        cond_t,
     )

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from es3_jax.config import ConfigError, MeshConfig
@@ -42,8 +44,6 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     types = (AxisType.Auto, AxisType.Auto)
     nodes = jax.process_count()
     if nodes > 1 and devices[0].platform == "gpu" and data % nodes == 0:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_hybrid_device_mesh((data // nodes, fsdp), (nodes, 1), devices=devices)
         return Mesh(grid, AXES, axis_types=types)
     return jax.make_mesh((data, fsdp), AXES, axis_types=types, devices=devices)
@@ -112,8 +112,6 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def optimizer_shardings(optimizer, params: Any, param_shards: Any, mesh: Mesh) -> Any:
     """Shardings of the optimiser state: per-parameter statistics follow their parameter's
     sharding (Adam moments of an fsdp-sharded kernel are sharded alike); counters are replicated."""
-    import optax
-
     abstract = jax.eval_shape(optimizer.init, params)
     return optax.tree_map_params(
         optimizer,

@@ -21,21 +21,28 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from es3_jax import config as config_lib
-from es3_jax import distributed
+from es3_jax import distributed, weights
+from es3_jax.data.pipeline import build_pipeline
 from es3_jax.errors import Es3Error
+from es3_jax.eval.metrics import boundary_f_measure, region_similarity
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import SAM3Tracker
+from es3_jax.models.trunk import compute_dtype, trunk_fingerprint, trunk_from_config
 from es3_jax.params import ModuleTemplate, param_dict
-from es3_jax.train.step import TRUNK, Templates
+from es3_jax.train import checkpoint, optim, sharding
+from es3_jax.train.metrics_log import MetricsLog
+from es3_jax.train.step import TRUNK, Templates, make_eval_step, make_train_step, split_trainable
 
 
 class TrainingError(Es3Error):
@@ -46,58 +53,16 @@ BATCH_KEYS = ("masks", "object_valid", "clip_valid")
 RANDOM_TRUNK_SEED = 0  # `es3 embed --seed` default: a random trunk here matches a random-trunk store
 
 
-@dataclass
-class Teacher:
-    params: dict
-    trunk: dict | None  # trunk parameters, when the weights hold them
-    source: str
+def due(step: int, every: int, last: int) -> bool:
+    """Whether something done every `every` steps (0: never) is due at `step`; the last step always is."""
+    return every > 0 and (step % every == 0 or step == last)
 
 
-def load_teacher(cfg: config_lib.Config) -> Teacher:
-    """The tracker named by `MODEL.TEACHER_WEIGHTS`: a sam3.pt (or stage-1 / transformers file), an
-    es3 weights folder, or "" for random weights from `TRAIN.SEED` (tests, the demo)."""
-    from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
-
-    path = cfg.MODEL.TEACHER_WEIGHTS
-    if not path:
-        tracker = SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(cfg.TRAIN.SEED))
-        return Teacher(param_dict(tracker), None, f"random (seed {cfg.TRAIN.SEED})")
-    path = Path(path)
-    if not path.exists():
-        raise TrainingError(f"MODEL.TEACHER_WEIGHTS: {path} does not exist")
-    if path.is_dir():
-        from es3_jax import tracker_weights
-
-        params, _ = tracker_weights.load(path)
-        params.pop("student", None)
-        trunk = params.pop("trunk", None)
-        return Teacher(params, trunk, str(path))
-    from porting.sam3_checkpoint import CheckpointError, port_checkpoint, port_trunk
-
-    params = port_checkpoint(path, expected=expected_param_shapes(cfg.MODEL.TEACHER)).params
-    try:
-        trunk = port_trunk(path)
-    except CheckpointError:
-        trunk = None
-    return Teacher(params, trunk, str(path))
-
-
-def frozen_trunk(cfg: config_lib.Config, teacher: Teacher) -> tuple[ModuleTemplate, dict, str]:
+def frozen_trunk(cfg: config_lib.Config, teacher: weights.Weights) -> tuple[ModuleTemplate, dict, str]:
     """(template, parameters, fingerprint) of the trunk that computes features on the fly, loaded as
     `es3 embed` loads it: the teacher weights' trunk, or a random one with `es3 embed`'s default
-    seed when MODEL.TEACHER_WEIGHTS is empty. The fingerprint is the one a store records."""
-    from es3_jax.models.trunk import compute_dtype, trunk_fingerprint, trunk_from_config
-
-    if teacher.trunk is not None:
-        params = teacher.trunk
-    elif not cfg.MODEL.TEACHER_WEIGHTS:
-        params = param_dict(trunk_from_config(cfg, seed=RANDOM_TRUNK_SEED))
-    else:
-        raise config_lib.ConfigError(
-            f"DATA.USE_PRECOMPUTED False needs the trunk, but MODEL.TEACHER_WEIGHTS "
-            f"{cfg.MODEL.TEACHER_WEIGHTS} holds no trunk weights; give a full sam3.pt, or train on "
-            "embeddings written by `es3 embed` (DATA.USE_PRECOMPUTED True)"
-        )
+    seed when the teacher is random. The fingerprint is the one a store records."""
+    params = teacher.trunk_params(RANDOM_TRUNK_SEED)
     dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
     template = ModuleTemplate(lambda: trunk_from_config(cfg, seed=0, dtype=dtype))
     # Binding checks every path and shape against the config's trunk before anything compiles.
@@ -109,10 +74,6 @@ def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Te
     """The modules of a run around parameter dicts, computing in MODEL.COMPUTE_DTYPE (parameters stay
     float32), with TRAIN.REMAT's per-layer checkpointing: the tracker, the student when distilling,
     and `trunk` (see `frozen_trunk`)."""
-    from es3_jax.models.student import student_from_config
-    from es3_jax.models.tracker import SAM3Tracker
-    from es3_jax.models.trunk import compute_dtype
-
     dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
     remat = cfg.TRAIN.REMAT in ("layer", "frame_layer")
     teacher = ModuleTemplate(
@@ -124,61 +85,81 @@ def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Te
     return Templates(teacher, student, trunk)
 
 
-@dataclass
-class Setup:
-    """A run's models and optimiser on its mesh, before any data or checkpoint."""
+class Learner:
+    """A run's models on its mesh: the frozen teacher (and trunk), what the optimiser updates (a fresh
+    student when distilling, the `TRAIN.FINETUNE_MODULES` of the tracker when fine-tuning), and the
+    compiled train and evaluation steps over them.
 
-    teacher: Teacher
-    templates: Templates
-    trainable: dict  # on the devices, sharded by `param_shardings`
-    frozen: dict  # on the devices, replicated
-    param_shardings: dict
-    opt_state: optax.OptState
-    train_step: Callable  # `make_train_step`'s jitted step
-    trunk_fingerprint: str | None  # of the on-the-fly trunk (`DATA.USE_PRECOMPUTED False`)
+    teacher: `weights.teacher(cfg, ...)`. The trainable parameters are sharded by
+    `MESH.PARAM_RULES`, the frozen ones replicated; `step` updates them in place.
+    """
 
-
-def set_up(cfg: config_lib.Config, mesh: Mesh, accumulate: int) -> Setup:
-    """The teacher (and a fresh student when distilling) split into trainable and frozen parameters,
-    placed on `mesh`, with the optimiser and the compiled train step of `accumulate` micro-batches."""
-    from es3_jax.models.student import student_from_config
-    from es3_jax.train import optim, sharding
-    from es3_jax.train.step import make_train_step, split_trainable
-
-    teacher = load_teacher(cfg)
-    student_params = None
-    if cfg.TRAIN.MODE == "distill":
-        student = student_from_config(
-            cfg, teacher_params=teacher.params["memory_attention"], seed=cfg.TRAIN.SEED
+    def __init__(self, cfg: config_lib.Config, mesh: Mesh, accumulate: int, teacher: weights.Weights):
+        self.cfg, self.mesh, self.teacher = cfg, mesh, teacher
+        student = None
+        if cfg.TRAIN.MODE == "distill":
+            fresh = student_from_config(
+                cfg, teacher_params=teacher.tracker["memory_attention"], seed=cfg.TRAIN.SEED
+            )
+            student = param_dict(fresh)
+        trainable, frozen = split_trainable(cfg, teacher.tracker, student)
+        trunk, self.trunk_fingerprint = None, None
+        if not cfg.DATA.USE_PRECOMPUTED:
+            trunk, frozen[TRUNK], self.trunk_fingerprint = frozen_trunk(cfg, teacher)
+        self.templates = templates(cfg, trunk)
+        self.param_shardings = sharding.param_shardings(trainable, mesh, cfg.MESH)
+        self.frozen = jax.device_put(frozen, sharding.replicated(mesh))
+        self.trainable = jax.device_put(trainable, self.param_shardings)
+        optimizer = optim.make_optimizer(cfg.TRAIN, accumulate)
+        self.opt_state, opt_shardings = sharding.init_optimizer(
+            optimizer, self.trainable, self.param_shardings, mesh
         )
-        student_params = param_dict(student)
-    trainable, frozen = split_trainable(cfg, teacher.params, student_params)
-    trunk_template, fingerprint = None, None
-    if not cfg.DATA.USE_PRECOMPUTED:
-        trunk_template, frozen[TRUNK], fingerprint = frozen_trunk(cfg, teacher)
-    run_templates = templates(cfg, trunk_template)
-    param_shardings = sharding.param_shardings(trainable, mesh, cfg.MESH)
-    frozen = jax.device_put(frozen, sharding.replicated(mesh))
-    trainable = jax.device_put(trainable, param_shardings)
-    optimizer = optim.make_optimizer(cfg.TRAIN, accumulate)
-    opt_state, opt_shardings = sharding.init_optimizer(optimizer, trainable, param_shardings, mesh)
-    train_step = make_train_step(run_templates, optimizer, cfg, mesh, param_shardings, opt_shardings)
-    return Setup(
-        teacher,
-        run_templates,
-        trainable,
-        frozen,
-        param_shardings,
-        opt_state,
-        train_step,
-        fingerprint,
-    )
+        self.train_step = make_train_step(
+            self.templates, optimizer, cfg, mesh, self.param_shardings, opt_shardings
+        )
+        self.eval_step = make_eval_step(self.templates, cfg, mesh, self.param_shardings)
+
+    def step(self, batch: Mapping[str, jax.Array]) -> dict:
+        """One optimiser (micro-)step on a global batch -> its metrics."""
+        self.trainable, self.opt_state, metrics = self.train_step(
+            self.trainable, self.opt_state, self.frozen, batch
+        )
+        return metrics
+
+    def evaluate(self, batch: Mapping[str, jax.Array]):
+        """(loss terms, masks, teacher masks) of a global batch (see `make_eval_step`)."""
+        return self.eval_step(self.trainable, self.frozen, batch)
+
+    def lower(self, batch) -> jax.stages.Lowered:
+        """The train step lowered for a batch of arrays or ShapeDtypeStructs (ahead-of-time planning)."""
+        return self.train_step.lower(self.trainable, self.opt_state, self.frozen, batch)
+
+    def trained_weights(self, step: int, source: str) -> weights.Weights:
+        """The weights the run produced, as numpy arrays: the tracker (fine-tuned parts merged in), the
+        student when distilling, and the teacher's trunk when it had one.
+
+        Every process must call it: parameters sharded across processes are gathered."""
+        # One collective replicates the (possibly fsdp-sharded) trainables; a replicated array reads
+        # on any process. The frozen parameters are replicated already.
+        gathered = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self.mesh))(self.trainable)
+        trainable = jax.tree.map(np.asarray, gathered)
+        frozen = jax.tree.map(np.asarray, {k: v for k, v in self.frozen.items() if k != TRUNK})
+        distill = self.cfg.TRAIN.MODE == "distill"
+        return weights.Weights(
+            self.cfg,
+            source,
+            "weights_folder",
+            tracker=frozen if distill else {**frozen, **trainable},
+            student=trainable if distill else None,
+            trunk=self.teacher.trunk,
+            trained={} if distill else trainable,
+            step=step,
+            report={"mode": self.cfg.TRAIN.MODE, "teacher": self.teacher.source},
+        )
 
 
 def _jf(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     """Mean J and F over the valid (clip, frame, object) masks `[N, S, S]`."""
-    from es3_jax.eval.metrics import boundary_f_measure, region_similarity
-
     js, fs = [], []
     for p, g in zip(pred[valid], gt[valid], strict=True):
         js.append(region_similarity(p, g))
@@ -190,11 +171,6 @@ class Trainer:
     """Builds everything from a config, then `run()`s to `TRAIN.MAX_STEPS` or a signal."""
 
     def __init__(self, cfg: config_lib.Config, output_dir: str | Path, *, resume: str | None = None):
-        from es3_jax.data.pipeline import build_pipeline
-        from es3_jax.train import checkpoint, optim, sharding
-        from es3_jax.train.metrics_log import MetricsLog
-        from es3_jax.train.step import make_eval_step
-
         cfg = config_lib.validate(cfg)
         self.process_index, self.process_count = distributed.initialize()
         self.cfg = cfg
@@ -203,12 +179,8 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.MESH)
         local_batch = cfg.TRAIN.BATCH_SIZE * jax.local_device_count()
         self.accumulate = optim.accumulation_steps(cfg.TRAIN, self.mesh.size)
-        setup = set_up(cfg, self.mesh, self.accumulate)
-        self.teacher, self.templates, self.frozen = setup.teacher, setup.templates, setup.frozen
-        self.trunk_fingerprint = setup.trunk_fingerprint
-        self.param_shardings, self.train_step = setup.param_shardings, setup.train_step
-        trainable, opt_state = setup.trainable, setup.opt_state
-        self.eval_step = make_eval_step(self.templates, cfg, self.mesh, self.param_shardings)
+        teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
+        self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
         self.checkpoints = checkpoint.manager(
             self.output_dir, keep_latest=cfg.TRAIN.KEEP_LATEST, save_every=cfg.TRAIN.SAVE_EVERY
@@ -221,14 +193,13 @@ class Trainer:
             restored = checkpoint.restore(
                 checkpoint.manager(ref.output_dir, read_only=True),
                 ref.step,
-                params=trainable,
-                opt_state=opt_state,
+                params=self.learner.trainable,
+                opt_state=self.learner.opt_state,
             )
-            trainable, opt_state = restored["params"], restored["opt_state"]
+            self.learner.trainable, self.learner.opt_state = restored["params"], restored["opt_state"]
             meta = restored["meta"]
             self.micro, self.bad_steps = int(meta["micro_step"]), int(meta["bad_steps"])
             self.best = -math.inf if meta.get("best") is None else float(meta["best"])
-        self.trainable, self.opt_state = trainable, opt_state
         self.step = self.micro // self.accumulate
         if self.process_index == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -237,11 +208,11 @@ class Trainer:
             self.output_dir, tensorboard=cfg.LOG.TENSORBOARD, resume_step=self.step if resume else None
         )
         self.log.info(
-            f"mode {cfg.TRAIN.MODE}, teacher {self.teacher.source}, mesh {dict(self.mesh.shape)}, "
+            f"mode {cfg.TRAIN.MODE}, teacher {teacher.source}, mesh {dict(self.mesh.shape)}, "
             f"{self.process_count} processes, accumulate {self.accumulate}, start step {self.step}"
         )
-        if self.trunk_fingerprint is not None:
-            self.log.info(f"trunk features computed on the fly by trunk {self.trunk_fingerprint}")
+        if self.learner.trunk_fingerprint is not None:
+            self.log.info(f"trunk features computed on the fly by trunk {self.learner.trunk_fingerprint}")
         self.train_data = build_pipeline(
             cfg,
             split="train",
@@ -262,10 +233,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _global(self, batch: Mapping[str, np.ndarray]) -> dict:
-        from es3_jax.train.sharding import global_batch
-
         features = "embeddings" if self.cfg.DATA.USE_PRECOMPUTED else "images"
-        return global_batch({k: batch[k] for k in (*BATCH_KEYS, features)}, self.mesh)
+        return sharding.global_batch({k: batch[k] for k in (*BATCH_KEYS, features)}, self.mesh)
 
     def _meta(self) -> dict:
         return {
@@ -278,13 +247,11 @@ class Trainer:
         }
 
     def save(self, metrics: Mapping[str, float] | None = None) -> None:
-        from es3_jax.train import checkpoint
-
         checkpoint.save(
             self.checkpoints,
             self.step,
-            params=self.trainable,
-            opt_state=self.opt_state,
+            params=self.learner.trainable,
+            opt_state=self.learner.opt_state,
             data_state={"micro_step": self.micro},
             meta=self._meta(),
             metrics=metrics,
@@ -295,14 +262,12 @@ class Trainer:
         """Loss terms and J&F on the held-out clips: of the supervised tracker against the ground
         truth, and (distilling) of the student against the teacher's masks and the teacher against
         the ground truth."""
-        from jax.experimental import multihost_utils
-
         sums: dict[str, float] = {}
         preds, teachers, gts, valids = [], [], [], []
         batches = 0
         for batch in self.val_data:
             g = self._global(batch)
-            terms, masks, teacher_masks = self.eval_step(self.trainable, self.frozen, g)
+            terms, masks, teacher_masks = self.learner.evaluate(g)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             batches += 1
@@ -336,11 +301,6 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to `TRAIN.MAX_STEPS`; returns the last train and validation metrics."""
-        from tqdm import tqdm
-
-        from es3_jax.train.checkpoint import BEST_METRIC
-        from es3_jax.train.optim import learning_rate
-
         cfg = self.cfg.TRAIN
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         total_micro = cfg.MAX_STEPS * self.accumulate
@@ -360,10 +320,7 @@ class Trainer:
         window = {"start": time.perf_counter(), "steps": 0}
         try:
             while self.micro < total_micro:
-                batch = self._global(next(data))
-                self.trainable, self.opt_state, metrics = self.train_step(
-                    self.trainable, self.opt_state, self.frozen, batch
-                )
+                metrics = self.learner.step(self._global(next(data)))
                 self.micro += 1
                 finite = bool(metrics["finite"])
                 self.bad_steps = 0 if finite else self.bad_steps + 1
@@ -384,27 +341,27 @@ class Trainer:
                     self.log.warning(
                         f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} in a row)"
                     )
-                if self.step % self.cfg.LOG.EVERY == 0 or self.step == cfg.MAX_STEPS:
+                if due(self.step, self.cfg.LOG.EVERY, cfg.MAX_STEPS):
                     elapsed = time.perf_counter() - window["start"]
                     clips = window["steps"] * self.accumulate * cfg.BATCH_SIZE * self.mesh.size
                     self.log.log(
                         self.step,
                         {
                             **last_train,
-                            "lr": float(learning_rate(cfg)(self.step - 1)),
+                            "lr": float(optim.learning_rate(cfg)(self.step - 1)),
                             "step_time_s": elapsed / max(window["steps"], 1),
                             "clips_per_s": clips / max(elapsed, 1e-9),
                         },
                     )
                     window = {"start": time.perf_counter(), "steps": 0}
                 metrics_for_ckpt = None
-                if cfg.EVAL_EVERY and (self.step % cfg.EVAL_EVERY == 0 or self.step == cfg.MAX_STEPS):
+                if due(self.step, cfg.EVAL_EVERY, cfg.MAX_STEPS):
                     last_val = self.validate()
                     self.log.log(self.step, last_val, prefix="val")
-                    metrics_for_ckpt = {BEST_METRIC: last_val["jf"]}
+                    metrics_for_ckpt = {checkpoint.BEST_METRIC: last_val["jf"]}
                     self.best = max(self.best, last_val["jf"])
-                periodic = cfg.SAVE_EVERY and self.step % cfg.SAVE_EVERY == 0
-                if metrics_for_ckpt is not None or periodic or self.step == cfg.MAX_STEPS:
+                last = self.step == cfg.MAX_STEPS
+                if metrics_for_ckpt is not None or due(self.step, cfg.SAVE_EVERY, cfg.MAX_STEPS) or last:
                     self.save(metrics_for_ckpt)
                 if self._stop_signal is not None:
                     self.save(metrics_for_ckpt)
@@ -422,41 +379,14 @@ class Trainer:
             "stopped_by_signal": self._stop_signal,
         }
 
-    def trained_params(self) -> dict:
-        """The full parameter set the run produced, as numpy arrays: the tracker (fine-tuned parts
-        merged in) plus, when distilling, `student`; with `trunk` when the teacher weights held one.
-
-        Every process must call it: parameters sharded across processes are gathered."""
-        from es3_jax.train.sharding import replicated
-
-        # One collective replicates the (possibly fsdp-sharded) trainables; a replicated array
-        # reads on any process. The frozen parameters are replicated already.
-        gathered = jax.jit(lambda tree: tree, out_shardings=replicated(self.mesh))(self.trainable)
-        trainable = jax.tree.map(np.asarray, gathered)
-        frozen = jax.tree.map(np.asarray, {k: v for k, v in self.frozen.items() if k != TRUNK})
-        params = {**frozen, **trainable} if not self.distill else {**frozen, "student": trainable}
-        if self.teacher.trunk is not None:
-            params[TRUNK] = self.teacher.trunk
-        return params
-
     def export_weights(self, folder: str | Path | None = None) -> Path:
         """Write the trained weights as an es3 weights folder (`<output_dir>/weights` by default),
         loadable by `VideoPredictor.from_checkpoint` and as `MODEL.TEACHER_WEIGHTS`.
 
         Every process calls it; process 0 writes, the others wait until the folder is complete."""
-        from jax.experimental import multihost_utils
-
-        from es3_jax import tracker_weights
-
         folder = Path(folder) if folder is not None else self.output_dir / "weights"
-        report = {
-            "source": "es3 train",
-            "mode": self.cfg.TRAIN.MODE,
-            "step": self.step,
-            "teacher": self.teacher.source,
-        }
-        params = self.trained_params()
+        trained = self.learner.trained_weights(self.step, f"es3 train {self.output_dir}")
         if self.process_index == 0:
-            tracker_weights.save(folder, params, self.cfg, report)
+            weights.save(folder, trained)
         multihost_utils.sync_global_devices("es3_train_export_weights")
         return folder

@@ -8,8 +8,9 @@ import pytest
 
 from benchmarks import plan
 from benchmarks.train import config_for
+from es3_jax import weights
 from es3_jax.train import sharding
-from es3_jax.train.trainer import set_up
+from es3_jax.train.trainer import Learner
 from tests.train.test_step import MICRO
 
 
@@ -29,13 +30,13 @@ def test_plan_accounts_for_every_argument_byte():
     plan.use_fake_devices(args.devices)  # the session's 8 devices: accepted, not restarted
     cfg = config_for("tiny", "distill", overrides)
     mesh = sharding.make_mesh(cfg.MESH)
-    setup = set_up(cfg, mesh, accumulate=1)
-    record = plan.record(args, cfg, mesh, setup, batch_size=2)
+    learner = Learner(cfg, mesh, 1, weights.teacher(cfg, trunk=False))
+    record = plan.record(args, cfg, mesh, learner, batch_size=2)
     assert record["mesh"] == "8×1" and record["clips_per_device"] == 2 and record["remat"] == "none"
 
     # The arguments are the parameters, the optimiser state and this device's 2 clips of the batch.
     batch = plan.abstract_batch(cfg, 2 * mesh.size, mesh)
-    expected = _bytes_per_device((setup.trainable, setup.opt_state, setup.frozen, batch))
+    expected = _bytes_per_device((learner.trainable, learner.opt_state, learner.frozen, batch))
     assert abs(record["argument_gib"] * plan.GIB - expected) <= 1024, (
         record["argument_gib"] * plan.GIB,
         expected,
@@ -43,7 +44,7 @@ def test_plan_accounts_for_every_argument_byte():
     peak = record["argument_gib"] + record["output_gib"] - record["aliased_gib"] + record["temp_gib"]
     assert np.isclose(record["peak_gib"], peak) and record["temp_gib"] > 0
     # The trainable parameters and their optimiser state are donated: the outputs reuse them.
-    assert record["aliased_gib"] * plan.GIB >= _bytes_per_device(setup.trainable)
+    assert record["aliased_gib"] * plan.GIB >= _bytes_per_device(learner.trainable)
     assert record["memory_path_tflop"] > 0 and record["xla_tflop"] > 0
     assert record["H100_step_s"] > 0 and record["fits_H100"] and record["fits_H200"]
 
@@ -57,7 +58,8 @@ def test_the_seed_config_fits_an_h100_at_its_default_batch():
     args = p.parse_args([])
     cfg = config_for("efficient_memory", "distill", ["MODEL.COMPUTE_DTYPE", "bfloat16"])
     mesh = sharding.make_mesh(cfg.MESH)
-    record = plan.record(args, cfg, mesh, set_up(cfg, mesh, accumulate=1), cfg.TRAIN.BATCH_SIZE)
+    learner = Learner(cfg, mesh, 1, weights.teacher(cfg, trunk=False))
+    record = plan.record(args, cfg, mesh, learner, cfg.TRAIN.BATCH_SIZE)
     print(record)
     assert record["clips_per_device"] == 4 and record["remat"] == cfg.TRAIN.REMAT
     assert record["fits_H100"], f"{record['peak_gib']:.1f} GiB per device does not fit an H100"

@@ -11,7 +11,7 @@ from es3_jax import config
 from es3_jax.models.flops import memory_path_cost, total
 from es3_jax.models.memory_attention import MemoryAttention
 from es3_jax.models.memory_encoder import MemoryEncoder
-from es3_jax.models.memory_path import RawMemory
+from es3_jax.models.memory_path import MemoryPath
 from es3_jax.models.student import student_from_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -41,16 +41,14 @@ def test_memory_attention_flops_match_xla(name):
     cfg = _config("efficient_memory" if name == "teacher" else name)
     costs = memory_path_cost(cfg, teacher=name == "teacher", grid=GRID)
     if name == "teacher":
-        module, tokens = MemoryAttention(4, rngs=nnx.Rngs(0)), GRID * GRID
+        module, tokens = MemoryPath(MemoryAttention(4, rngs=nnx.Rngs(0))), GRID * GRID
     else:
         module = student_from_config(cfg)
         tokens = module.compress(jnp.zeros((1, GRID, GRID, 64)), jnp.zeros((1, GRID, GRID, 64)))[0].shape[1]
     graphdef, state = nnx.split(module)
 
     def step(state, src, frames, pointers):
-        merged = nnx.merge(graphdef, state)
-        memory = RawMemory(merged) if name == "teacher" else merged
-        return memory(
+        return nnx.merge(graphdef, state)(
             src,
             src,
             query_grid=(GRID, GRID),

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from es3_jax.models.memory_attention import (
-    MemoryAttention,
-    ProjectedMemory,
-    memory_key_angles,
-    select_layers,
-)
+from es3_jax.models.memory_attention import MemoryAttention, ProjectedMemory, select_layers
+from es3_jax.models.memory_path import MemoryPath
 from es3_jax.nn.rope import axial_angles, grid_positions
 from es3_jax.params import bind
 from tests import upstream
@@ -40,7 +36,7 @@ def _bind(params, num_layers: int = 4) -> MemoryAttention:
 
 @functools.partial(nnx.jit, static_argnames=("query_grid", "num_frames", "num_ptr_tokens"))
 def _ours(module, src, src_pos, memory, memory_pos, key_mask=None, *, query_grid, num_frames, num_ptr_tokens):
-    angles = memory_key_angles(*query_grid, num_frames, num_ptr_tokens, module.head_dim, module.rope_theta)
+    angles = MemoryPath(module).key_angles(query_grid, num_frames, num_ptr_tokens)
     return module(
         src, src_pos, memory, memory_pos, query_grid=query_grid, key_angles=angles, key_mask=key_mask
     )
@@ -78,8 +74,9 @@ def _jax(*tensors):
     return tuple(jnp.asarray(t.numpy()) for t in tensors)
 
 
-def test_memory_key_angles_layout():
-    angles = memory_key_angles(3, 5, 2, 8, 64)
+def test_raw_memory_key_angles_layout():
+    """The teacher's keys: each frame rotated at the query grid's positions, pointers not at all."""
+    angles = MemoryPath(MemoryAttention(1, 64, 64, 128, rngs=nnx.Rngs(0))).key_angles((3, 5), 2, 8)
     frame = axial_angles(grid_positions(3, 5), 64)
     assert angles.shape == (2 * 15 + 8, 32)
     np.testing.assert_array_equal(np.asarray(angles[:15]), np.asarray(frame))
@@ -217,7 +214,7 @@ def test_kv_transform_hook_sees_projected_memory(teacher):
     nk = frames * grid * grid + ptr_tokens
     ns = nk - ptr_tokens
     memory, memory_pos = (jnp.asarray(rng.standard_normal((1, nk, 64)), jnp.float32) for _ in range(2))
-    angles = memory_key_angles(grid, grid, frames, ptr_tokens, module.head_dim)
+    angles = MemoryPath(module).key_angles((grid, grid), frames, ptr_tokens)
 
     def duplicate_spatial(m: ProjectedMemory, log_weight: float = -math.log(2.0)) -> ProjectedMemory:
         assert m.bias is None and m.mask.shape == (1, nk) and m.k.shape[1] == nk

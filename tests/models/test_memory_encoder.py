@@ -1,4 +1,4 @@
-"""Parity of the memory encoder and `encode_new_memory` with upstream sam3's tracker.
+"""Parity of the memory encoder and `SAM3Tracker.encode_memory` with upstream sam3's tracker.
 
 Reduced grids (16×16 features) need the upstream mask down-sampler to interpolate to
 16·16 = 256 px instead of its fixed 1152 px; ours derives that size from the feature grid.
@@ -6,6 +6,7 @@ Reduced grids (16×16 features) need the upstream mask down-sampler to interpola
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from es3_jax.config import Config
+from es3_jax.models.tracker import SAM3Tracker, build_tracker
 from tests import upstream
 
 torch = upstream.torch
@@ -24,13 +27,9 @@ GRID = 16
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from es3_jax.models.memory_encoder import MemoryEncoder
-    from es3_jax.params import bind
-
+    """(seed, upstream tracker, our tracker bound from its sam3.pt, the ported parameters)."""
     seed, tracker, _, params = upstream.ported_reference(tmp_path_factory.mktemp("memenc"))
-    ours = bind(lambda: MemoryEncoder(256, 64, rngs=nnx.Rngs(0)), params["memory_encoder"])
-    no_obj = jnp.asarray(params["no_obj_embed_spatial"])
-    return seed, tracker, ours, no_obj
+    return seed, tracker, build_tracker(Config().MODEL.TEACHER, params), params
 
 
 def _set_interpol_size(tracker, size: int) -> None:
@@ -69,7 +68,7 @@ def test_memory_encoder_matches_upstream(setup, mask_px, skip_mask_sigmoid):
     if skip_mask_sigmoid:
         mask = torch.sigmoid(mask) * 20 - 10
     name = f"memory encoder {GRID}² grid, {mask_px}² mask, sigmoid={not skip_mask_sigmoid}"
-    _check_memory_encoder(tracker, ours, pix, mask, name, skip_mask_sigmoid)
+    _check_memory_encoder(tracker, ours.memory_encoder, pix, mask, name, skip_mask_sigmoid)
 
 
 def test_memory_encoder_full_size(setup):
@@ -78,16 +77,14 @@ def test_memory_encoder_full_size(setup):
     pix, mask = _inputs(seed, 1, 72, 1008)
     mask = torch.sigmoid(mask) * 20 - 10
     start = time.perf_counter()
-    _check_memory_encoder(tracker, ours, pix, mask, "memory encoder 72² grid, 1008² mask")
+    _check_memory_encoder(tracker, ours.memory_encoder, pix, mask, "memory encoder 72² grid, 1008² mask")
     print(f"[timing] full-size memory encoder parity case: {time.perf_counter() - start:.1f} s")
 
 
 @pytest.mark.parametrize("non_overlap", [False, True], ids=["sam3", "non-overlap"])
 @pytest.mark.parametrize("is_mask_from_pts", [False, True], ids=["sigmoid", "from-points"])
-def test_encode_new_memory_matches_upstream(setup, is_mask_from_pts, non_overlap):
-    from es3_jax.models.memory_encoder import encode_new_memory
-
-    seed, tracker, ours, no_obj = setup
+def test_encode_memory_matches_upstream(setup, is_mask_from_pts, non_overlap):
+    seed, tracker, ours, params = setup
     _set_interpol_size(tracker, 16 * GRID)
     tracker.non_overlap_masks_for_mem_enc = non_overlap
     # 200 px: the upstream path also resizes (1008 -> 1152 at full size).
@@ -106,40 +103,31 @@ def test_encode_new_memory_matches_upstream(setup, is_mask_from_pts, non_overlap
             )
     finally:
         tracker.non_overlap_masks_for_mem_enc = False
-    feat, pos = encode_new_memory(
-        ours,
-        no_obj,
+    inputs = (
         jnp.asarray(upstream.nchw_to_nhwc(pix)),
         jnp.asarray(upstream.nchw_to_nhwc(masks)),
         jnp.asarray(scores.numpy()),
-        is_mask_from_pts=is_mask_from_pts,
-        non_overlap_masks=non_overlap,
     )
-    name = f"encode_new_memory from_pts={is_mask_from_pts} non_overlap={non_overlap}"
+    feat, pos = ours.encode_memory(*inputs, is_mask_from_pts=is_mask_from_pts, non_overlap_masks=non_overlap)
+    name = f"encode_memory from_pts={is_mask_from_pts} non_overlap={non_overlap}"
     upstream.report(f"{name} features", feat, upstream.nchw_to_nhwc(ref_feat), 1e-5)
     upstream.report(f"{name} pos", pos, upstream.nchw_to_nhwc(ref_pos[0]), 1e-5)
     # The no-object embedding reaches the absent object only, unchanged at every pixel.
-    without, _ = encode_new_memory(
-        ours,
-        jnp.zeros_like(no_obj),
-        jnp.asarray(upstream.nchw_to_nhwc(pix)),
-        jnp.asarray(upstream.nchw_to_nhwc(masks)),
-        jnp.asarray(scores.numpy()),
-        is_mask_from_pts=is_mask_from_pts,
-        non_overlap_masks=non_overlap,
+    no_obj = params["no_obj_embed_spatial"]
+    zeroed = build_tracker(Config().MODEL.TEACHER, {**params, "no_obj_embed_spatial": np.zeros_like(no_obj)})
+    without, _ = zeroed.encode_memory(
+        *inputs, is_mask_from_pts=is_mask_from_pts, non_overlap_masks=non_overlap
     )
     np.testing.assert_array_equal(feat[0], without[0])
     np.testing.assert_allclose(feat[1] - without[1], np.broadcast_to(no_obj, feat[1].shape), atol=1e-6)
 
 
-def test_encode_new_memory_jits_in_bfloat16():
-    from es3_jax.models.memory_encoder import MemoryEncoder, encode_new_memory
-
-    module = MemoryEncoder(256, 64, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-    step = nnx.jit(encode_new_memory, static_argnames=("is_mask_from_pts", "non_overlap_masks"))
+def test_encode_memory_jits_in_bfloat16():
+    small = dataclasses.replace(Config().MODEL.TEACHER, IMAGE_SIZE=112)
+    tracker = SAM3Tracker(small, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    step = nnx.jit(lambda t, *a, **k: t.encode_memory(*a, **k), static_argnames=("is_mask_from_pts",))
     feat, pos = step(
-        module,
-        jnp.ones((1, 64)),
+        tracker,
         jnp.ones((2, 8, 8, 256)),
         jnp.ones((2, 100, 100, 1)),
         jnp.array([[1.0], [-1.0]]),

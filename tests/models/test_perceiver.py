@@ -8,10 +8,13 @@ from flax import nnx
 
 from es3_jax.models.perceiver import PerceiverResampler
 from es3_jax.params import bind
-from porting.sam3_checkpoint import port_state_dict, read_state_dict
+from porting.keymap import STUDENT_TABLE
 from tests import upstream
 
 torch = upstream.torch
+from porting.checkpoint_file import read_checkpoint  # noqa: E402
+from porting.sam3_checkpoint import port_state_dict  # noqa: E402
+
 edgetam = pytest.importorskip("transformers.models.edgetam_video.modeling_edgetam_video")
 from transformers.models.edgetam_video.configuration_edgetam_video import EdgeTamVideoConfig  # noqa: E402
 
@@ -58,9 +61,9 @@ def _hf_to_export(sd: dict) -> dict:
 
 
 def _port(tmp_path, export: dict, **kwargs) -> PerceiverResampler:
-    """Through the production loader: a sam3.pt file, `read_state_dict`, `port_state_dict`, `bind`."""
+    """Through the production readers: a sam3.pt file, `read_checkpoint`, `port_state_dict`, `bind`."""
     path = upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", export)
-    params = port_state_dict(read_state_dict(path)).params["spatial_perceiver"]
+    params = port_state_dict(read_checkpoint(path)[0], table=STUDENT_TABLE).params["spatial_perceiver"]
     return bind(lambda: PerceiverResampler(DIM, rngs=nnx.Rngs(0), **kwargs), params, "spatial_perceiver")
 
 

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from es3_jax import weights
+from es3_jax.models.sam_heads import PromptEncoder
+from es3_jax.models.tracker import build_tracker
+from es3_jax.params import bind
 from tests import upstream
 
 torch = upstream.torch
@@ -23,37 +27,24 @@ TOL = 1e-5
 
 
 class Heads:
-    """Our SAM heads and the tracker-level parameters they take, bound from a ported sam3.pt."""
+    """Our tracker, its weights taken from the upstream tracker through a sam3.pt and the production
+    loader (`es3_jax.weights.load`)."""
 
-    def __init__(self, tracker, path):
-        from es3_jax.models.sam_heads import (
-            MaskDecoder,
-            PromptEncoder,
-            mask_downsample_conv,
-            object_pointer_mlp,
-            object_pointer_tpos_linear,
-        )
-        from es3_jax.params import bind
-        from porting.sam3_checkpoint import port_state_dict, read_state_dict
-
-        upstream.save_sam3_checkpoint(path, upstream.sam3_checkpoint_dict(tracker))
-        params = port_state_dict(read_state_dict(path)).params
-        self.prompt_encoder = bind(lambda: PromptEncoder(rngs=nnx.Rngs(0)), params["prompt_encoder"])
-        self.mask_decoder = bind(lambda: MaskDecoder(rngs=nnx.Rngs(0)), params["mask_decoder"])
-        self.obj_ptr_proj = bind(lambda: object_pointer_mlp(rngs=nnx.Rngs(0)), params["obj_ptr_proj"])
-        self.mask_downsample = bind(lambda: mask_downsample_conv(rngs=nnx.Rngs(0)), params["mask_downsample"])
-        self.obj_ptr_tpos_proj = bind(
-            lambda: object_pointer_tpos_linear(rngs=nnx.Rngs(0)), params["obj_ptr_tpos_proj"]
-        )
-        self.no_obj_ptr = jnp.asarray(params["no_obj_ptr"])
-        self.params = params
+    def __init__(self, tracker, path, seed: int):
+        neck = upstream.build_neck(seed)
+        upstream.save_sam3_checkpoint(path, upstream.sam3_checkpoint_dict(tracker, neck))
+        loaded = weights.load(path)
+        self.tracker = build_tracker(loaded.cfg.MODEL.TEACHER, loaded.tracker)
+        self.prompt_encoder = self.tracker.prompt_encoder
+        self.mask_decoder = self.tracker.mask_decoder
+        self.params = loaded.tracker
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     seed = upstream.fresh_seed()
     tracker = upstream.build_tracker(seed)
-    return seed, tracker, Heads(tracker, tmp_path_factory.mktemp("sam_heads") / "sam3.pt")
+    return seed, tracker, Heads(tracker, tmp_path_factory.mktemp("sam_heads") / "sam3.pt", seed)
 
 
 def _gen(seed: int, salt: int) -> torch.Generator:
@@ -121,9 +112,6 @@ def test_prompt_encoder(setup):
 
 def test_prompt_encoder_reduced_geometry(setup):
     from sam3.sam.prompt_encoder import PromptEncoder as RefPromptEncoder
-
-    from es3_jax.models.sam_heads import PromptEncoder
-    from es3_jax.params import bind
 
     seed, tracker, heads = setup
     image, grid = 224, 16
@@ -285,8 +273,6 @@ def _check_heads(name: str, ours, ref, score_shift: float = 0.0) -> None:
 
 
 def _run_heads(tracker, heads, feat, high_res, points, multimask):
-    from es3_jax.models.sam_heads import forward_sam_heads
-
     def ref():
         point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
         with torch.no_grad():
@@ -295,12 +281,9 @@ def _run_heads(tracker, heads, feat, high_res, points, multimask):
             )
 
     def ours():
-        fn = nnx.jit(forward_sam_heads, static_argnames="multimask_output")
+        fn = nnx.jit(lambda t, *a, **k: t.sam_heads(*a, **k), static_argnames="multimask_output")
         return fn(
-            heads.prompt_encoder,
-            heads.mask_decoder,
-            heads.obj_ptr_proj,
-            heads.no_obj_ptr,
+            heads.tracker,
             _nhwc(feat),
             tuple(_nhwc(h) for h in high_res),
             points=None if points is None else (_j(points[0]), _j(points[1])),
@@ -319,7 +302,7 @@ def test_forward_sam_heads(tmp_path, clicks):
     points = _points(g, 2, [1, 0]) if clicks else None
     ref, _ = _run_heads(tracker, None, feat, high_res, points, clicks <= 1)
     shift = _split_presence(tracker, ref)
-    heads = Heads(tracker, tmp_path / "sam3.pt")
+    heads = Heads(tracker, tmp_path / "sam3.pt", seed)
     ref, ours = _run_heads(tracker, heads, feat, high_res, points, clicks <= 1)
     _check_heads(f"_forward_sam_heads, {clicks} clicks", ours(), ref(), shift)
 
@@ -350,14 +333,12 @@ def test_forward_sam_heads_stability_fallback(tmp_path):
         )[0]
         stability = dec._get_stability_scores(all_masks[:, 0:1])
     assert (stability < dec.dynamic_multimask_stability_thresh).all(), stability
-    heads = Heads(tracker, tmp_path / "sam3.pt")
+    heads = Heads(tracker, tmp_path / "sam3.pt", seed)
     ref, ours = _run_heads(tracker, heads, feat, high_res, points, False)
     _check_heads("_forward_sam_heads, stability fallback", ours(), ref(), shift)
 
 
 def test_use_mask_as_output(setup):
-    from es3_jax.models.sam_heads import use_mask_as_output
-
     seed, tracker, heads = setup
     g = _gen(seed, 8)
     feat, high_res = _frame(g, 2)
@@ -366,13 +347,9 @@ def test_use_mask_as_output(setup):
     mask[1] = 0  # an empty mask: object absent, no_obj_ptr
     with torch.no_grad():
         ref = tracker._use_mask_as_output(feat, high_res, mask)
-    fn = nnx.jit(use_mask_as_output)
+    fn = nnx.jit(lambda t, *a: t.mask_as_output(*a))
     ours = fn(
-        heads.prompt_encoder,
-        heads.mask_decoder,
-        heads.obj_ptr_proj,
-        heads.no_obj_ptr,
-        heads.mask_downsample,
+        heads.tracker,
         _nhwc(feat),
         tuple(_nhwc(h) for h in high_res),
         _nhwc(mask),
@@ -383,25 +360,25 @@ def test_use_mask_as_output(setup):
     with torch.no_grad():
         ref_prompt = tracker.mask_downsample(mask)
     upstream.report(
-        "mask_downsample", heads.mask_downsample(_nhwc(mask)), upstream.nchw_to_nhwc(ref_prompt), TOL
+        "mask_downsample", heads.tracker.mask_downsample(_nhwc(mask)), upstream.nchw_to_nhwc(ref_prompt), TOL
     )
 
 
 def test_object_pointer(setup):
-    from es3_jax.models.sam_heads import object_pointer_pos
-
     seed, tracker, heads = setup
     g = _gen(seed, 9)
     tokens = torch.randn(5, 256, generator=g)
     with torch.no_grad():
         ref = tracker.obj_ptr_proj(tokens)
-    upstream.report("obj_ptr_proj", heads.obj_ptr_proj(_j(tokens)), upstream.to_numpy(ref), TOL)
+    upstream.report("obj_ptr_proj", heads.tracker.obj_ptr_proj(_j(tokens)), upstream.to_numpy(ref), TOL)
 
     rel = [0, 1, 2, 5, 15, -3, 40]
     for max_abs_pos in (16, 5, None):
         with torch.no_grad():
             ref = tracker._get_tpos_enc(rel, device="cpu", max_abs_pos=max_abs_pos)
-        ours = object_pointer_pos(heads.obj_ptr_tpos_proj, jnp.asarray(rel), max_abs_pos)
+        # The step divides by the pointers it reads less one (upstream `max_abs_pos − 1`, 1 when None).
+        scale = 1 if max_abs_pos is None else max_abs_pos - 1
+        ours = heads.tracker.pointer_pos(jnp.asarray(rel), scale)
         upstream.report(
             f"object pointer temporal encoding (max_abs_pos={max_abs_pos})", ours, upstream.to_numpy(ref), TOL
         )

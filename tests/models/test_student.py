@@ -12,14 +12,17 @@ from flax import nnx
 
 from es3_jax import config
 from es3_jax.models.memory_attention import MemoryAttention, ProjectedMemory, pool_memory
-from es3_jax.models.memory_path import RawMemory
-from es3_jax.models.student import StudentMemory, student_from_config
+from es3_jax.models.memory_path import MemoryPath
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import build_tracker
 from es3_jax.nn.attention import attend
-from es3_jax.params import bind, flatten, param_dict
-from porting.sam3_checkpoint import port_state_dict, read_state_dict
+from es3_jax.params import flatten, param_dict
 from tests import upstream
 
 torch = upstream.torch
+from porting.checkpoint_file import read_checkpoint  # noqa: E402
+from porting.keymap import STUDENT_TABLE  # noqa: E402
+from porting.sam3_checkpoint import port_state_dict  # noqa: E402
 from porting.torch_student import torch_student_from_config, twin_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -66,7 +69,7 @@ def test_student_matches_torch_twin(tmp_path, name):
     twin = torch_student_from_config(cfg)
     upstream.randomize_(twin, seed)
     path = upstream.save_sam3_checkpoint(tmp_path / "student.pt", twin_state_dict(twin))
-    student = student_from_config(cfg, port_state_dict(read_state_dict(path)).params)
+    student = student_from_config(cfg, port_state_dict(read_checkpoint(path)[0], table=STUDENT_TABLE).params)
 
     g = torch.Generator().manual_seed(seed + 1)
     features = torch.randn(BATCH * SLOTS, 64, GRID, GRID, generator=g)
@@ -101,7 +104,7 @@ def test_student_matches_torch_twin(tmp_path, name):
 
 
 def test_student_without_compression_is_the_teacher(tmp_path):
-    """Perceiver off, pooling 1, the teacher's 4 layers: bit-identical to the teacher's `RawMemory`."""
+    """Perceiver off, pooling 1, the teacher's 4 layers: bit-identical to the tracker's own memory path."""
     _, _, _, params = upstream.ported_reference(tmp_path)
     cfg = _config(
         "efficient_memory",
@@ -109,7 +112,7 @@ def test_student_without_compression_is_the_teacher(tmp_path):
         *("MODEL.MEMORY_ATTENTION.NUM_LAYERS", "4"),
     )
     student = student_from_config(cfg, {"memory_attention": params["memory_attention"]})
-    teacher = RawMemory(bind(lambda: MemoryAttention(4, rngs=nnx.Rngs(0)), params["memory_attention"]))
+    teacher = build_tracker(cfg.MODEL.TEACHER, params).memory_path()
     grid = 8
     x = _bank_inputs(upstream.fresh_seed(), grid)
     g = torch.Generator().manual_seed(1)
@@ -193,7 +196,7 @@ def test_gradients_reach_every_student_parameter_and_no_teacher_parameter():
         "efficient_memory",
         *("MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS", "[0, 3]", "MODEL.PERCEIVER.NUM_LATENTS", "16"),
     )
-    teacher = RawMemory(MemoryAttention(4, rngs=nnx.Rngs(7)))
+    teacher = MemoryPath(MemoryAttention(4, rngs=nnx.Rngs(7)))
     teacher_before = jax.tree.map(np.array, param_dict(teacher.memory_attention))
     student = student_from_config(cfg, teacher_params=teacher_before, seed=3)
     student_params = param_dict(student)
@@ -226,7 +229,7 @@ def test_gradients_reach_every_student_parameter_and_no_teacher_parameter():
 
     target = conditioned(teacher, features)
 
-    def loss(model: StudentMemory) -> jax.Array:
+    def loss(model: MemoryPath) -> jax.Array:
         return jnp.mean((conditioned(model, features) - target) ** 2)
 
     grads = nnx.jit(nnx.grad(loss))(student)

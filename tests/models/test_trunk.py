@@ -12,11 +12,13 @@ from flax import nnx
 
 from es3_jax import config as config_lib
 from es3_jax.models.trunk import ViTTrunk, trunk_fingerprint, trunk_from_config
-from es3_jax.params import abstract_shapes, bind, flatten, param_dict
-from porting.sam3_checkpoint import TRUNK_PREFIX, port_trunk
+from es3_jax.params import ParamMismatchError, abstract_shapes, bind, flatten, param_dict
 from tests import upstream
 
 torch = upstream.torch
+from porting.checkpoint_file import CheckpointError, read_checkpoint  # noqa: E402
+from porting.sam3_checkpoint import TRUNK_PREFIX, port_trunk  # noqa: E402
+
 build_trunk = pytest.importorskip("porting.upstream").build_trunk
 
 pytestmark = pytest.mark.parity
@@ -79,7 +81,7 @@ def upstream_and_ours(tmp_path, seed: int, batch: int, **geometry) -> tuple[np.n
     path = upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", sam3_layout(trunk))
     del trunk
     factory = es3_factory(**geometry)
-    ours = bind(factory, port_trunk(path, expected=abstract_shapes(factory)))
+    ours = bind(factory, port_trunk(read_checkpoint(path)[0], expected=abstract_shapes(factory)))
     start = time.perf_counter()
     out = jax.block_until_ready(
         jax.jit(lambda m, images: m(images))(ours, jnp.asarray(upstream.nchw_to_nhwc(x)))
@@ -247,18 +249,14 @@ def test_trunk_key_table_maps_every_upstream_key_both_ways(small_sd):
     ],
 )
 def test_bad_trunk_keys_are_named(small_sd, edit, message):
-    from porting.sam3_checkpoint import CheckpointError
-
     sd = dict(small_sd)
     edit(sd)
-    with pytest.raises(CheckpointError, match="trunk does not match") as info:
+    with pytest.raises(ParamMismatchError, match="trunk does not match") as info:
         port_trunk(sd, expected=abstract_shapes(es3_factory(**SMALL, **SMALL_DIMS)))
     assert message in str(info.value)
 
 
 def test_checkpoints_without_a_sam3_trunk_are_refused(small_sd, tmp_path):
-    from porting.sam3_checkpoint import CheckpointError
-
     tracker_only = {"tracker.no_mem_embed": np.zeros((1, 1, 256), np.float32)}
     with pytest.raises(CheckpointError, match="no trunk in this checkpoint"):
         port_trunk(tracker_only)
@@ -272,8 +270,8 @@ def test_checkpoints_without_a_sam3_trunk_are_refused(small_sd, tmp_path):
     path = upstream.save_sam3_checkpoint(
         tmp_path / "merged.pt", {k: torch.from_numpy(v) for k, v in student.items()}
     )
-    with pytest.raises(CheckpointError, match=r"not SAM3.s ViT .*stage-1 student"):
-        port_trunk(path)
+    with pytest.raises(CheckpointError, match=r"merged\.pt: the trunk is not SAM3.s ViT .*stage-1 student"):
+        port_trunk(read_checkpoint(path)[0], source=str(path))
 
 
 def test_trunk_from_config_and_fingerprint():

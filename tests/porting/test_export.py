@@ -17,16 +17,18 @@ import numpy as np
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax import tracker_weights
-from es3_jax.params import flatten
+from es3_jax import weights
+from es3_jax.params import ParamMismatchError, flatten
 from tests import upstream
 
 torch = upstream.torch
-from porting.export import ExportError, export_merged, read_torch_checkpoint  # noqa: E402
+from porting.checkpoint_file import read_checkpoint, record_of  # noqa: E402
+from porting.export import ExportError, export_merged  # noqa: E402
+from porting.keymap import STUDENT_TABLE  # noqa: E402
+from porting.sam3_checkpoint import port_state_dict  # noqa: E402
 from porting.torch_student import (  # noqa: E402
     load_efficient_sam3,
     save_efficient_sam3,
-    student_from_torch,
     torch_student_from_config,
     twin_state_dict,
 )
@@ -81,18 +83,25 @@ def _student(cfg: config_lib.Config, seed: int) -> dict:
     """Student parameters drawn at unit-ish scale in the twin (JAX's initialisers are near zero)."""
     twin = torch_student_from_config(cfg)
     upstream.randomize_(twin, seed)
-    return student_from_torch({k: upstream.to_numpy(v) for k, v in twin_state_dict(twin).items()})
+    return port_state_dict(twin_state_dict(twin), table=STUDENT_TABLE).params
+
+
+def _save(folder: Path, cfg: config_lib.Config, **parts) -> Path:
+    """An es3 weights folder holding `parts` (tracker, student, trained, step, report)."""
+    return weights.save(folder, weights.Weights(cfg, "test", "weights_folder", **parts))
+
+
+def _read(path: Path) -> tuple[dict, dict | None]:
+    """(the state dict, the es3 record) of a checkpoint file."""
+    sd, extras = read_checkpoint(path)
+    return sd, record_of(extras)
 
 
 def _weights_folder(folder: Path, base_path: Path, cfg: config_lib.Config, seed: int) -> tuple[Path, dict]:
     """What `es3 train` leaves in <run>/weights: the teacher it read, the student, the config."""
-    from es3_jax.models.tracker import expected_param_shapes
-    from porting.sam3_checkpoint import port_checkpoint
-
-    tracker = port_checkpoint(base_path, expected=expected_param_shapes(cfg.MODEL.TEACHER)).params
+    tracker = weights.load(base_path, cfg, parts=("tracker",)).tracker
     student = _student(cfg, seed)
-    report = {"source": "es3 train", "mode": "distill", "step": 3}
-    tracker_weights.save(folder / "weights", {**tracker, "student": student}, cfg, report)
+    _save(folder / "weights", cfg, tracker=tracker, student=student, step=3, report={"mode": "distill"})
     return folder, student
 
 
@@ -156,7 +165,8 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
     edited = save_efficient_sam3(model, tmp_path / "from_torch.safetensors")
     assert main(["port", "--sam3_weights", str(edited), "--output_dir", str(tmp_path / "back")]) == 0
 
-    params, back_cfg = tracker_weights.load(tmp_path / "back")
+    back = weights.load(tmp_path / "back")
+    params, back_cfg = {**back.tracker, "student": back.student}, back.cfg
     assert back_cfg.MODEL.PERCEIVER == cfg.MODEL.PERCEIVER
     assert back_cfg.MODEL.MEMORY_ATTENTION == cfg.MODEL.MEMORY_ATTENTION
     assert back_cfg.MODEL.TEACHER == cfg.MODEL.TEACHER
@@ -210,7 +220,7 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
 
     result = export_merged(run / "ckpt_best.pth", base_path, tmp_path / "best.safetensors")
     assert result.format == "safetensors" and result.record["source"]["step"] == 4
-    sd, record = read_torch_checkpoint(result.path)
+    sd, record = _read(result.path)
     assert record == result.record
     assert (
         upstream.to_numpy(sd["tracker.spatial_perceiver.latents"]).tobytes()
@@ -219,12 +229,12 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
 
     wrong = config_lib.apply_overrides(cfg, ["MODEL.PERCEIVER.NUM_LATENTS", "32"])
     config_lib.save(wrong, run / "config.yaml")
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(ParamMismatchError) as e:
         export_merged(run / "ckpt_latest", base_path, tmp_path / "latest.pt")
     message = str(e.value)
     print(f"[refused] {message}")
     assert "spatial_perceiver.latents (tracker.spatial_perceiver.latents)" in message
-    assert "checkpoint (256, 64), config (32, 64)" in message
+    assert "shape (256, 64), expected (32, 64)" in message
     assert not (tmp_path / "latest.pt").exists()
 
 
@@ -232,7 +242,7 @@ def test_stage1_base_keys_come_through_byte_identical(base, tmp_path):
     """Every base key except the teacher's memory attention is kept with its bytes and dtype; a
     foreign (stage-1) trunk included."""
     seed, _, base_path, _, _ = base
-    sd, _ = read_torch_checkpoint(base_path)
+    sd, _ = _read(base_path)
     g = torch.Generator().manual_seed(seed)
     trunk = {
         "detector.backbone.vision_backbone.trunk.stem.0.weight": torch.randn(16, 3, 3, 3, generator=g).half(),
@@ -245,9 +255,9 @@ def test_stage1_base_keys_come_through_byte_identical(base, tmp_path):
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 4)
     merged = export_merged(run / "weights", stage1, tmp_path / "full.pt").path
 
-    out, record = read_torch_checkpoint(merged)
+    out, record = _read(merged)
     assert record["memory"] == "student" and record["MODEL"]["PERCEIVER"]["NUM_LATENTS_2D"] == 16
-    original, _ = read_torch_checkpoint(stage1)
+    original, _ = _read(stage1)
     kept = [k for k in original if not k.startswith("tracker.transformer.encoder.")]
     for key in kept:
         assert out[key].dtype == original[key].dtype, key
@@ -264,33 +274,31 @@ def test_missing_or_extra_key_is_refused_naming_it(base, tmp_path):
     cfg = _config("efficient_memory")
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 5)
     merged = export_merged(run / "weights", base_path, tmp_path / "merged.pt").path
-    sd, record = read_torch_checkpoint(merged)
+    sd, record = _read(merged)
 
     missing_key = "tracker.transformer.encoder.layers.1.norm2.weight"
     missing = {k: v for k, v in sd.items() if k != missing_key}
     torch.save({"model": missing, "es3_config": record}, tmp_path / "missing.pt")
-    with pytest.raises(ExportError, match=re.escape(f"missing key: {missing_key}")):
+    with pytest.raises(ParamMismatchError, match=re.escape(f"missing key: {missing_key}")):
         load_efficient_sam3(tmp_path / "missing.pt", device="cpu")
 
     extra_key = "tracker.spatial_perceiver.layers.0.attn.to_pos.weight"
     torch.save({"model": {**sd, extra_key: torch.zeros(64, 64)}, "es3_config": record}, tmp_path / "extra.pt")
-    with pytest.raises(ExportError, match=re.escape(f"unexpected key: {extra_key}")):
+    with pytest.raises(ParamMismatchError, match=re.escape(f"unexpected key: {extra_key}")):
         load_efficient_sam3(tmp_path / "extra.pt", device="cpu")
-    from porting.export import port_merged
-
-    with pytest.raises(ExportError, match=re.escape(extra_key)):
-        port_merged(tmp_path / "extra.pt")
+    with pytest.raises(ParamMismatchError, match=re.escape(extra_key)):
+        weights.load(tmp_path / "extra.pt")
 
 
 def test_refusals_base_without_tracker_and_interrupted_write(base, tmp_path, monkeypatch):
     seed, _, base_path, _, _ = base
     cfg = _config("efficient_memory")
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 6)
-    sd, _ = read_torch_checkpoint(base_path)
+    sd, _ = _read(base_path)
     detector_only = upstream.save_sam3_checkpoint(
         tmp_path / "detector.pt", {k: v for k, v in sd.items() if not k.startswith("tracker.")}
     )
-    with pytest.raises(ExportError, match=r"no tracker\.\* keys"):
+    with pytest.raises(weights.WeightsError, match=r"no tracker\.\* keys"):
         export_merged(run / "weights", detector_only, tmp_path / "out.pt")
 
     out = tmp_path / "out" / "efficient_sam3_full.pt"
@@ -311,7 +319,7 @@ def test_refusals_base_without_tracker_and_interrupted_write(base, tmp_path, mon
         export_merged(run / "weights", base_path, out)
     with pytest.raises(ExportError, match="holds no student"):
         plain = tmp_path / "plain"
-        tracker_weights.save(plain, {"neck": {}}, cfg)
+        _save(plain, cfg, tracker={"neck": {}})
         export_merged(plain, base_path, tmp_path / "plain.pt")
 
 
@@ -354,7 +362,7 @@ def test_readme_pytorch_snippet_runs_as_written(tmp_path, monkeypatch):
     model = upstream.sam3_checkpoint_dict(tracker)
     model.update({f"detector.backbone.vision_backbone.{k}": v for k, v in neck.state_dict().items()})
     base_path = upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", model)
-    tracker_weights.save(tmp_path / "run" / "weights", {"student": _student(cfg, seed + 2)}, cfg)
+    _save(tmp_path / "run" / "weights", cfg, student=_student(cfg, seed + 2))
     export_merged(tmp_path / "run" / "weights", base_path, tmp_path / "output" / "efficient_sam3_full.pt")
 
     rng = np.random.default_rng(seed)
@@ -384,10 +392,10 @@ def test_export_cli_help_lists_the_seed_flags():
 
 def test_dataclass_sections_are_recorded():
     """The record carries every field of the model sections a PyTorch loader needs."""
-    from porting.export import RECORDED_SECTIONS, Stage2Weights, config_record, record_config
+    from porting.checkpoint_file import RECORDED_SECTIONS, config_record, record_config
 
     cfg = _config("efficient_memory")
-    record = config_record(Stage2Weights(cfg, {"memory_attention": {}}))
+    record = config_record(cfg, "student", {})
     assert set(record["MODEL"]) == set(RECORDED_SECTIONS)
     back = record_config(record)
     for section in RECORDED_SECTIONS:
@@ -400,25 +408,22 @@ def test_finetuned_tracker_modules_replace_the_base(base, tmp_path):
     """A `TRAIN.MODE finetune` weights folder: its trained modules replace the base's keys (in the
     torch layout), the untrained ones are not written, and the file loads and ports as a teacher.
     The base may also be an es3 weights folder (the demo's teacher exists only in es3)."""
-    from es3_jax.models.tracker import expected_param_shapes
-    from porting.export import port_merged
-    from porting.sam3_checkpoint import port_checkpoint
-
     _, _, base_path, _, _ = base
     cfg = config_lib.apply_overrides(_config("efficient_memory"), ["TRAIN.MODE", "finetune"])
-    params = port_checkpoint(base_path, expected=expected_param_shapes(cfg.MODEL.TEACHER)).params
+    params = weights.load(base_path, cfg).tracker
     params["mask_decoder"]["iou_token"] = params["mask_decoder"]["iou_token"] + 1.0
     conv = params["memory_encoder"]["out_proj"]["kernel"]  # [kh, kw, I, O] <- torch [O, I, kh, kw]
     params["memory_encoder"]["out_proj"]["kernel"] = conv * 2.0
     params["prompt_encoder"]["no_mask_embed"] = params["prompt_encoder"]["no_mask_embed"] * 0.0  # not trained
-    tracker_weights.save(tmp_path / "ft", params, cfg, {"mode": "finetune"})
+    trained = {k: params[k] for k in cfg.TRAIN.FINETUNE_MODULES}
+    _save(tmp_path / "ft", cfg, tracker=params, trained=trained, report={"mode": "finetune"})
 
     for i, base_file in enumerate((base_path, tmp_path / "ft")):
         merged = export_merged(tmp_path / "ft", base_file, tmp_path / f"ft{i}.pt")
         assert merged.record["memory"] == "teacher"
         assert len(merged.summary.replaced) > 0 and not merged.summary.added
-        out, _ = read_torch_checkpoint(merged.path)
-        original, _ = read_torch_checkpoint(base_path)
+        out, _ = _read(merged.path)
+        original, _ = _read(base_path)
         iou = upstream.to_numpy(out["tracker.sam_mask_decoder.iou_token.weight"])
         np.testing.assert_array_equal(
             iou, upstream.to_numpy(original["tracker.sam_mask_decoder.iou_token.weight"]) + 1.0
@@ -429,8 +434,8 @@ def test_finetuned_tracker_modules_replace_the_base(base, tmp_path):
         if base_file == base_path:
             assert np.abs(no_mask).max() > 0  # the base's, not the folder's copy of an untrained module
         load_efficient_sam3(merged.path, device="cpu")  # strict, teacher memory path
-        ported, _, report = port_merged(merged.path)
-        assert report["memory"] == "teacher"
+        ported = weights.load(merged.path)
+        assert ported.kind == "merged_export" and ported.report["memory"] == "teacher"
         np.testing.assert_array_equal(
-            ported["mask_decoder"]["iou_token"], params["mask_decoder"]["iou_token"]
+            ported.tracker["mask_decoder"]["iou_token"], params["mask_decoder"]["iou_token"]
         )

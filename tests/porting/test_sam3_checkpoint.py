@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from es3_jax import tracker_weights
+from es3_jax import weights
 from es3_jax.cli import main
 from es3_jax.models.neck import TrackerNeck
 from es3_jax.params import bind, flatten
 from porting.keymap import TRACKER_TABLE
-from porting.sam3_checkpoint import port_checkpoint, sam3_to_transformers
 from tests import upstream
 
 torch = upstream.torch
+from porting.sam3_checkpoint import sam3_to_transformers  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,10 +48,10 @@ def test_port_writes_weights_that_load_back_identical(tmp_path, sam3_model, caps
     assert main(["port", "--sam3_weights", str(ckpt), "--output_dir", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "ported: 326 tensors" in out and "22 keys of the detector neck" in out
-    params, cfg = tracker_weights.load(tmp_path / "w")
-    assert cfg.MODEL.TEACHER.grid == 72
-    assert len(flatten(params)) == 326
-    assert_params_equal_source(params, sam3_model)
+    ported = weights.load(tmp_path / "w")
+    assert ported.cfg.MODEL.TEACHER.grid == 72 and ported.trunk is None
+    assert len(flatten(ported.tracker)) == 326
+    assert_params_equal_source(ported.tracker, sam3_model)
 
 
 def test_weights_load_without_torch(tmp_path, sam3_model):
@@ -60,11 +61,15 @@ def test_weights_load_without_torch(tmp_path, sam3_model):
         f"""
         import sys
         sys.modules["torch"] = None  # any import of torch now fails
-        from es3_jax import tracker_weights
+        from es3_jax import weights
         from es3_jax.models.tracker import build_tracker
-        params, cfg = tracker_weights.load({str(tmp_path / "w")!r})
-        tracker = build_tracker(cfg.MODEL.TEACHER, params)
+        ported = weights.load({str(tmp_path / "w")!r})
+        tracker = build_tracker(ported.cfg.MODEL.TEACHER, ported.tracker)
         print("loaded", type(tracker).__name__)
+        try:
+            weights.load({str(ckpt)!r})
+        except weights.WeightsError as e:
+            print("refused:", e)
         """
     )
     run = subprocess.run(
@@ -72,6 +77,11 @@ def test_weights_load_without_torch(tmp_path, sam3_model):
     )
     assert run.returncode == 0, run.stderr
     assert "loaded SAM3Tracker" in run.stdout
+    # A PyTorch file without torch: one error naming the file and the extra to install.
+    assert (
+        f"refused: {ckpt}: reading a PyTorch checkpoint needs torch: pip install 'es3-jax[torch]'"
+        in run.stdout
+    )
 
 
 def test_bad_checkpoint_lists_every_problem_and_writes_nothing(tmp_path, sam3_model, capsys):
@@ -99,9 +109,10 @@ def test_stage1_checkpoint_ports_tracker_and_reports_foreign_trunk(tmp_path, sam
     model["detector.backbone.vision_backbone.trunk.model.stem.conv.weight"] = torch.randn(24, 3, 3, 3)
     model["detector.backbone.vision_backbone.trunk.model.stages.0.blocks.0.weight"] = torch.randn(24, 24)
     ckpt = upstream.save_sam3_checkpoint(tmp_path / "stage1.pt", model)
-    result = port_checkpoint(ckpt)
-    assert result.trunk == "foreign" and result.unused["trunk"] == 2
-    assert_params_equal_source(result.params, sam3_model)
+    result = weights.load(ckpt)
+    assert result.kind == "stage1" and result.report["trunk"] == "foreign" and result.trunk is None
+    assert result.report["unused_keys"]["trunk"] == 2
+    assert_params_equal_source(result.tracker, sam3_model)
     assert main(["port", "--sam3_weights", str(ckpt), "--output_dir", str(tmp_path / "w")]) == 0
     assert "foreign trunk" in capsys.readouterr().out
 
@@ -140,15 +151,17 @@ def test_transformers_layout_ports_to_the_same_params(tmp_path, sam3_model, upst
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
 
-    from_hf = port_checkpoint(tmp_path / "model.safetensors")
-    from_pt = port_checkpoint(upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", sam3_model))
-    assert from_hf.layout == "transformers" and from_hf.unused == {"trunk": from_hf.unused["trunk"]}
-    flat_hf, flat_pt = flatten(from_hf.params), flatten(from_pt.params)
+    # The trunk of this model is cut to one block, so it is not read (parts: the tracker only).
+    from_hf = weights.load(tmp_path / "model.safetensors", parts=("tracker",))
+    from_pt = weights.load(upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", sam3_model))
+    unused = from_hf.report["unused_keys"]
+    assert from_hf.kind == "transformers" and unused == {"trunk": unused["trunk"]}
+    flat_hf, flat_pt = flatten(from_hf.tracker), flatten(from_pt.tracker)
     assert set(flat_hf) == set(flat_pt)
     for path in flat_pt:
         assert np.asarray(flat_hf[path]).tobytes() == np.asarray(flat_pt[path]).tobytes(), path
 
-    neck = bind(lambda: TrackerNeck(rngs=nnx.Rngs(0)), from_hf.params["neck"], "transformers layout")
+    neck = bind(lambda: TrackerNeck(rngs=nnx.Rngs(0)), from_hf.tracker["neck"], "transformers layout")
     x = torch.randn(1, 1024, 8, 8)
     ours, _ = neck(jnp.asarray(upstream.nchw_to_nhwc(x)))
     with torch.no_grad():

@@ -7,17 +7,15 @@ import pytest
 
 from es3_jax import config
 from es3_jax.models.student import student_from_config
-from es3_jax.params import flatten
-from porting.keymap import STUDENT_TABLE
-from porting.sam3_checkpoint import port_state_dict
+from es3_jax.params import abstract_shapes, flatten
+from porting.keymap import STUDENT_TABLE, TRACKER_TABLE
 from tests import upstream
 
 torch = upstream.torch
+from porting.sam3_checkpoint import port_state_dict, port_student, student_to_torch  # noqa: E402
 from porting.torch_student import (  # noqa: E402
     TorchMemoryAttention,
     rope_angles,
-    student_from_torch,
-    student_to_torch,
     torch_student_from_config,
     twin_state_dict,
 )
@@ -73,8 +71,9 @@ def test_student_table_round_trip(name):
     upstream.randomize_(twin, upstream.fresh_seed())
     exported = {k: upstream.to_numpy(v) for k, v in twin_state_dict(twin).items()}
     assert all(STUDENT_TABLE.consumes(k) for k in exported)
-    params = student_from_torch(exported)
-    student_from_config(cfg, params)  # strict: every parameter present with its shape
+    shapes = abstract_shapes(lambda: student_from_config(cfg))
+    params = port_student(exported, shapes, "twin")  # strict: every parameter present with its shape
+    student_from_config(cfg, params)
     back = student_to_torch(params)
     assert sorted(back) == sorted(exported)
     for key, value in exported.items():
@@ -90,7 +89,7 @@ def test_merged_export_ports_with_the_tracker_table():
     cfg = config.load(_config_path("efficient_memory"))
     twin = torch_student_from_config(cfg)
     model.update(twin_state_dict(twin))
-    ported = port_state_dict({k: upstream.to_numpy(v) for k, v in model.items()}).params
+    ported = port_state_dict({k: upstream.to_numpy(v) for k, v in model.items()}, table=TRACKER_TABLE).params
     student = student_from_config(
         cfg,
         {"memory_attention": ported["memory_attention"], "spatial_perceiver": ported["spatial_perceiver"]},

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 
 from es3_jax import config as config_lib
+from es3_jax import weights
 from es3_jax.models.student import student_from_config
 from es3_jax.params import flatten, param_dict
 from es3_jax.train.step import batch_loss, split_trainable
-from es3_jax.train.trainer import load_teacher, templates
+from es3_jax.train.trainer import templates
 from tests.train.test_step import MICRO, _batch
 
 
@@ -19,18 +20,18 @@ def micro_config(mode: str, overrides: tuple[str, ...] = ()) -> config_lib.Confi
 
 
 @functools.cache
-def _weights() -> tuple[dict, dict]:
+def weights_of() -> tuple[dict, dict]:
     """(teacher, student) parameters: random initialisation is slow, and no setting compared here
     changes it."""
     cfg = micro_config("distill")
-    return load_teacher(cfg).params, param_dict(student_from_config(cfg, seed=1))
+    return weights.teacher(cfg, trunk=False).tracker, param_dict(student_from_config(cfg, seed=1))
 
 
 @functools.cache
 def loss_and_gradients(mode: str, overrides: tuple[str, ...] = ()) -> tuple[float, dict[str, np.ndarray]]:
     """(total loss, `{dotted path: gradient}`) of 2 clips of 4 frames with the micro config + overrides."""
     cfg = micro_config(mode, overrides)
-    teacher, student = _weights()
+    teacher, student = weights_of()
     trainable, frozen = split_trainable(cfg, teacher, student if mode == "distill" else None)
     run_templates = templates(cfg)
     batch = _batch(cfg, seed=3, batch=2, frames=4)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from es3_jax import config as config_lib
-from es3_jax import embed
+from es3_jax import embed, weights
 from es3_jax.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,9 @@ def synthetic_store(root: Path, videos: int, overrides: Sequence[str]) -> list[s
     under `root/emb` with `es3 embed`; returns `overrides` extended with both paths."""
     make_synthetic(root / "data", videos, num_frames=8, height=64, width=80)
     overrides = [*overrides, "DATA.SAV_ROOT", str(root / "data"), "DATA.EMBEDDING_DIR", str(root / "emb")]
-    embed.run(config_lib.load(None, overrides), str(root / "data"), str(root / "emb"), progress=False)
+    cfg = config_lib.load(None, overrides)
+    trunk = weights.load(None, cfg, parts=(weights.TRUNK,))
+    embed.run(cfg, str(root / "data"), str(root / "emb"), weights=trunk, progress=False)
     return overrides
 
 

@@ -69,13 +69,13 @@ def _train(out: Path, overrides, *, processes: int, devices: int) -> None:
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:
-    from es3_jax import tracker_weights
+    from es3_jax import weights
     from es3_jax.params import flatten
 
-    params, _ = tracker_weights.load(out / "weights")
+    student = weights.load(out / "weights").student
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timing = ("step_time_s", "clips_per_s")
-    return flatten(params["student"]), [{k: v for k, v in r.items() if k not in timing} for r in log]
+    return flatten(student), [{k: v for k, v in r.items() if k not in timing} for r in log]
 
 
 @pytest.mark.parametrize("variant", ["light", pytest.param("full", marks=pytest.mark.slow)])

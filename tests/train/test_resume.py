@@ -25,13 +25,13 @@ def _train(out: Path, overrides, *extra: str) -> subprocess.Popen:
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:
-    from es3_jax import tracker_weights
+    from es3_jax import weights
     from es3_jax.params import flatten
 
-    params, _ = tracker_weights.load(out / "weights")
+    student = weights.load(out / "weights").student
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [{k: r[k] for k in ("step", "total", "focal", "dice", "iou", "mse")} for r in log]
-    return flatten(params["student"]), losses
+    return flatten(student), losses
 
 
 @pytest.mark.slow

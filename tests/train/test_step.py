@@ -139,12 +139,13 @@ def _first_batches(stored, on_the_fly):
 def test_trunk_in_the_step_computes_the_stored_features(frames_and_store):
     import json
 
+    from es3_jax import weights
     from es3_jax.train.step import TRUNK, trunk_features
-    from es3_jax.train.trainer import frozen_trunk, load_teacher
+    from es3_jax.train.trainer import frozen_trunk
 
     stored, on_the_fly, root = frames_and_store
     a, b = _first_batches(stored, on_the_fly)
-    template, params, fingerprint = frozen_trunk(on_the_fly, load_teacher(on_the_fly))
+    template, params, fingerprint = frozen_trunk(on_the_fly, weights.teacher(on_the_fly, trunk=True))
     assert fingerprint == json.loads((root / "emb" / "global_metadata.json").read_text())["trunk"]
     templates = Templates(None, None, template)
     feats = jax.jit(lambda p, x: trunk_features(templates, {TRUNK: p}, {"images": x}))(params, b["images"])

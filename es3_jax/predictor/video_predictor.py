@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,17 @@ import numpy as np
 from flax import nnx
 
 from es3_jax import config as config_lib
+from es3_jax import weights
 from es3_jax.errors import Es3Error
-from es3_jax.models import tracker as tracker_lib
-from es3_jax.models.memory_path import RawMemory
+from es3_jax.models.memory_bank import MemoryBank, Selection
 from es3_jax.models.sam_heads import NO_OBJ_SCORE
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import FrameFeatures, SAM3Tracker, build_tracker, expected_param_shapes
+from es3_jax.models.trunk import trunk_from_config
 from es3_jax.nn.layers import resize_bilinear
+from es3_jax.params import unflatten
+from es3_jax.predictor.frame_sources import FrameSource, Video, open_video
+from es3_jax.predictor.schedule import BankLayout, MemorySchedule
 
 
 class PredictorError(Es3Error):
@@ -70,59 +76,30 @@ class Prompt:
 
 
 @dataclasses.dataclass
-class _Entry:
-    """A tracked (non-conditioning) frame of one object, as long as some future step may read it."""
-
-    frame: int
-    score: float
-    slot: int | None  # spatial slot in the bank, None once only its pointer is needed
-    pointer_slot: int
-
-
-@dataclasses.dataclass
 class State:
     """An inference state: the video source, the prompts, and the bounded memory bank."""
 
-    num_frames: int
-    video_size: tuple[int, int]  # (H, W) of the output masks
-    source: Any  # _FrameSource
+    source: FrameSource
     obj_ids: list[int] = dataclasses.field(default_factory=list)
     prompts: dict[int, dict[int, Prompt]] = dataclasses.field(
         default_factory=dict
     )  # obj idx -> frame -> prompt
-    bank: tracker_lib.MemoryBank | None = None
-    cond_slots: list[dict[int, tuple[int, int]]] = dataclasses.field(default_factory=list)
-    entries: list[list[_Entry]] = dataclasses.field(default_factory=list)
-    cached: tuple[int, tracker_lib.FrameFeatures] | None = None
+    bank: MemoryBank | None = None
+    schedule: MemorySchedule | None = None
+    cached: tuple[int, FrameFeatures] | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.source.num_frames
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        """(H, W) of the output masks."""
+        return self.source.video_size
 
     @property
     def num_objects(self) -> int:
         return len(self.obj_ids)
-
-
-class _FrameSource:
-    """Per-frame trunk features `[1, g, g, Ct]` from an array, a frame folder/array, or a store."""
-
-    def __init__(self, num_frames: int, get):
-        self.num_frames = num_frames
-        self.get = get
-
-
-def _select_closest_cond(frame: int, cond: Sequence[int], max_num: int) -> tuple[list[int], list[int]]:
-    """Upstream `select_closest_cond_frames`: the nearest before, the nearest at/after, then by |Δt|."""
-    cond = sorted(cond)
-    if max_num == -1 or len(cond) <= max_num:
-        return cond, []
-    selected = []
-    before = [t for t in cond if t < frame]
-    after = [t for t in cond if t >= frame]
-    if before:
-        selected.append(max(before))
-    if after:
-        selected.append(min(after))
-    rest = sorted((t for t in cond if t not in selected), key=lambda t: abs(t - frame))
-    selected += rest[: max_num - len(selected)]
-    return selected, [t for t in cond if t not in selected]
 
 
 class VideoPredictor:
@@ -131,13 +108,15 @@ class VideoPredictor:
     def __init__(
         self,
         cfg: config_lib.Config,
-        tracker: tracker_lib.SAM3Tracker,
+        tracker: SAM3Tracker,
         *,
         student: nnx.Module | None = None,
-        trunk_params: dict | None = None,
+        trunk_params: Callable[[], dict] | None = None,
         seed: int = 0,
         storage_dtype: Any = jnp.bfloat16,
     ):
+        """trunk_params: gives the trunk's parameters when frames (not features) are tracked; None
+        draws a random trunk from `seed`."""
         self.cfg = cfg
         self.teacher_cfg = cfg.MODEL.TEACHER
         self.seed = seed
@@ -166,66 +145,29 @@ class VideoPredictor:
         seed: int = 0,
         memory: str = "auto",
     ) -> VideoPredictor:
-        """A predictor from a `sam3.pt`, a merged export (`es3 export`: its recorded student), an es3
-        weights folder (`es3 port` output, or the `weights/` an `es3 train` run writes; the run
-        folder itself also works), or None (random).
+        """A predictor from any weights source `es3_jax.weights.load` reads (a sam3.pt, a merged
+        export, an es3 weights folder, an `es3 train` run or checkpoint, ...), or None (random).
 
-        config: a Config, a YAML path, or None (the weights folder's config, else the defaults);
+        config: a Config, a YAML path, or None (the source's own config, else the defaults);
         overrides: `KEY VALUE` pairs. memory: "teacher", "student" or "auto" (the student when
         the weights hold one, or, for random weights, when the config describes one).
         """
-        from es3_jax.models.tracker import SAM3Tracker, build_tracker, expected_param_shapes
-
-        if isinstance(config, config_lib.Config):
-            cfg = config_lib.apply_overrides(config, overrides)
-        else:
-            cfg = config_lib.load(config, overrides)
-        student_params = trunk_params = None
-        if path is None:
-            tracker = SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(seed))
-            use_student = memory == "student" or (memory == "auto" and _is_student_config(cfg))
-        else:
-            path = Path(path)
-            if not path.exists():
-                raise PredictorError(f"checkpoint not found: {path}")
-            if (path / "weights").is_dir() and not (path / "params").exists():
-                path = path / "weights"  # an `es3 train` run folder: the weights it wrote at the end
-            if path.is_dir():
-                from es3_jax import tracker_weights
-
-                params, folder_cfg = tracker_weights.load(path)
-                if config is None:
-                    cfg = config_lib.apply_overrides(folder_cfg, overrides)
-                student_params = params.pop("student", None)
-                trunk_params = params.pop("trunk", None)
-            elif _is_merged_export(path):
-                from porting.export import port_merged
-
-                # The file's record describes its student; a given config only supplies the rest.
-                params, cfg, _ = port_merged(path, cfg if config is not None else None)
-                cfg = config_lib.apply_overrides(cfg, overrides)
-                student_params = params.pop("student", None)
-                trunk_params = _try_port_trunk(path)
-            else:
-                from porting.sam3_checkpoint import port_checkpoint
-
-                params = port_checkpoint(path, expected=expected_param_shapes(cfg.MODEL.TEACHER)).params
-                trunk_params = _try_port_trunk(path)
-            use_student = memory == "student" or (memory == "auto" and student_params is not None)
-            if "memory_attention" not in params:
-                # A merged export replaced the teacher's memory attention by the student's.
-                if not use_student:
-                    raise PredictorError(
-                        f"{path}: holds no teacher memory attention (a merged export); use the student"
-                    )
-                params = {**params, "memory_attention": _unused_memory_attention(cfg)}
-            tracker = build_tracker(cfg.MODEL.TEACHER, params, source=str(path))
-        student = None
-        if use_student:
-            from es3_jax.models.student import student_from_config
-
-            student = student_from_config(cfg, student_params, seed=seed)
-        return cls(cfg, tracker, student=student, trunk_params=trunk_params, seed=seed)
+        loaded = weights.load(path, config, overrides=overrides, seed=seed)
+        cfg = loaded.cfg
+        if memory == "auto":
+            described = loaded.kind == "random" and _is_student_config(cfg)
+            memory = "student" if loaded.student is not None or described else "teacher"
+        params = loaded.tracker
+        if memory == "teacher":
+            if not loaded.has_teacher_memory:
+                raise PredictorError(
+                    f"{loaded.source}: holds no teacher memory attention (a merged export); use the student"
+                )
+        elif not loaded.has_teacher_memory:
+            params = {**params, "memory_attention": _unused_memory_attention(cfg)}
+        tracker = build_tracker(cfg.MODEL.TEACHER, params, source=loaded.source)
+        student = student_from_config(cfg, loaded.student, seed=seed) if memory == "student" else None
+        return cls(cfg, tracker, student=student, trunk_params=lambda: loaded.trunk_params(seed), seed=seed)
 
     # ----------------------------------------------------------------------------------------
     # jit-compiled pieces (one trace per shape; counted in `trace_counts`)
@@ -238,32 +180,32 @@ class VideoPredictor:
 
         def models(tstate, mstate):
             tracker = nnx.merge(tdef, tstate)
-            memory = RawMemory(tracker.memory_attention) if mdef is None else nnx.merge(mdef, mstate)
+            memory = tracker.memory_path() if mdef is None else nnx.merge(mdef, mstate)
             return tracker, memory
 
         def features(tstate, trunk_features):
             self._traced("features")
-            return tracker_lib.frame_features(nnx.merge(tdef, tstate), trunk_features)
+            return nnx.merge(tdef, tstate).frame_features(trunk_features)
 
         def step(tstate, mstate, frame, bank, sel):
             self._traced("track_step")
             tracker, memory = models(tstate, mstate)
-            return tracker_lib.track_step(tracker, memory, frame, bank, sel)
+            return tracker.track_step(memory, frame, bank, sel)
 
         def mask_prompt(tstate, frame, mask):
             self._traced("mask_prompt")
-            return tracker_lib.mask_prompt(nnx.merge(tdef, tstate), frame, mask)
+            return nnx.merge(tdef, tstate).mask_prompt(frame, mask)
 
         def click_prompt(tstate, frame, coords, labels, prev, multimask):
             self._traced("click_prompt")
-            return tracker_lib.click_prompt(
-                nnx.merge(tdef, tstate), frame, coords, labels, prev, multimask_output=multimask
+            return nnx.merge(tdef, tstate).click_prompt(
+                frame, coords, labels, prev, multimask_output=multimask
             )
 
         def prompt_memory(tstate, mstate, frame, low_res, scores, prompted):
             self._traced("prompt_memory")
             tracker, memory = models(tstate, mstate)
-            return tracker_lib.prompt_memory(tracker, memory, frame, low_res, scores, prompted)
+            return tracker.prompt_memory(memory, frame, low_res, scores, prompted)
 
         def resize(x, height, width, antialias):
             self._traced("resize")
@@ -296,13 +238,11 @@ class VideoPredictor:
     # ----------------------------------------------------------------------------------------
     # inputs
 
-    def _trunk_fn(self):
+    def _run_trunk(self, images: np.ndarray) -> jax.Array:
+        """Normalised frames `[1, S, S, 3]` -> trunk features, by the trunk built on first use."""
         if self._trunk is None:
-            try:
-                from es3_jax.models.trunk import trunk_from_config
-            except ImportError as e:  # pragma: no cover - the trunk ships with es3
-                raise PredictorError(f"frames need the trunk, which could not be imported: {e}") from e
-            trunk = trunk_from_config(self.cfg, self._trunk_params, seed=self.seed)
+            params = None if self._trunk_params is None else self._trunk_params()
+            trunk = trunk_from_config(self.cfg, params, seed=self.seed)
             tdef, tstate = nnx.split(trunk)
 
             @jax.jit
@@ -311,24 +251,12 @@ class VideoPredictor:
                 return nnx.merge(tdef, state)(images)
 
             self._trunk = (run, tstate)
-        return self._trunk
-
-    def _images_source(self, load, num_frames: int) -> _FrameSource:
-        """A source that runs the trunk on normalised frames `load(i) -> [S, S, 3]` float32."""
-        from es3_jax.data.frames import normalize
-
-        data = self.cfg.DATA
-
-        def get(i: int) -> jax.Array:
-            run, state = self._trunk_fn()
-            image = normalize(load(i), data.PIXEL_MEAN, data.PIXEL_STD)[None]
-            return self._timed("trunk", run, state, jnp.asarray(image))
-
-        return _FrameSource(num_frames, get)
+        run, state = self._trunk
+        return run(state, jnp.asarray(images))
 
     def init_state(
         self,
-        video: str | Path | np.ndarray | tuple[Any, str],
+        video: Video,
         *,
         video_size: tuple[int, int] | None = None,
         offload_to_disk: bool = False,
@@ -342,70 +270,21 @@ class VideoPredictor:
         accepted for API compatibility: the bank is bounded, so nothing grows to offload.
         """
         del offload_to_disk
-        size = self.teacher_cfg.IMAGE_SIZE
-        if isinstance(video, tuple):
-            store, video_id = video
-            meta = store.metadata(video_id)
-            num_frames = int(meta["num_frames"])
-            hw = meta.get("orig_size") or meta.get("video_size")
-            video_size = video_size or (tuple(int(v) for v in hw[:2]) if hw else (size, size))
-
-            def get(i: int) -> jax.Array:
-                start = time.perf_counter()
-                out = jnp.asarray(store.read(video_id, [i], dtype=np.float32))
-                self.timings["read"] = self.timings.get("read", 0.0) + 1000 * (time.perf_counter() - start)
-                return out
-
-            source = _FrameSource(num_frames, get)
-        elif isinstance(video, str | Path):
-            from es3_jax.data.frames import list_frames, load_frame_uint8
-
-            paths = list_frames(video)
-            _, hw = load_frame_uint8(paths[0], size)
-            video_size = video_size or hw
-            source = self._images_source(lambda i: load_frame_uint8(paths[i], size)[0], len(paths))
-        else:
-            video = np.asarray(video)
-            if video.ndim != 4:
-                raise PredictorError(
-                    f"video array must be [T, H, W, 3] frames or [T, g, g, C] features, got {video.shape}"
-                )
-            if video.dtype == np.uint8 and video.shape[-1] == 3:
-                from PIL import Image
-
-                video_size = video_size or video.shape[1:3]
-
-                def load(i: int) -> np.ndarray:
-                    img = Image.fromarray(video[i]).resize((size, size), Image.Resampling.BILINEAR)
-                    return np.asarray(img)
-
-                source = self._images_source(load, video.shape[0])
-            else:
-                g, c = self.teacher_cfg.grid, self.teacher_cfg.TRUNK_DIM
-                if video.shape[1:] != (g, g, c):
-                    raise PredictorError(
-                        f"trunk features must be [T, {g}, {g}, {c}] for this model, got {video.shape}"
-                    )
-                video_size = video_size or (size, size)
-                source = _FrameSource(video.shape[0], lambda i: jnp.asarray(video[i : i + 1], jnp.float32))
-        if source.num_frames < 1:
-            raise PredictorError("the video has no frames")
-        return State(source.num_frames, (int(video_size[0]), int(video_size[1])), source)
+        return State(open_video(video, self.cfg, self._run_trunk, self._timed, video_size))
 
     def reset_state(self, state: State) -> None:
         """Forget every object, prompt and memory of the state (the video stays)."""
         state.obj_ids.clear()
         state.prompts.clear()
         state.bank = None
-        state.cond_slots.clear()
-        state.entries.clear()
+        state.schedule = None
 
-    def _frame(self, state: State, idx: int) -> tracker_lib.FrameFeatures:
+    def _frame(self, state: State, idx: int) -> FrameFeatures:
         if not 0 <= idx < state.num_frames:
             raise PredictorError(f"frame index {idx} outside the video's {state.num_frames} frames")
         if state.cached is not None and state.cached[0] == idx:
             return state.cached[1]
-        trunk = state.source.get(idx)
+        trunk = state.source.features(idx)
         frame = self._timed("neck", self._jit["features"], self._tracker_state, trunk)
         state.cached = (idx, frame)
         return frame
@@ -545,35 +424,30 @@ class VideoPredictor:
     # ----------------------------------------------------------------------------------------
     # propagation
 
-    def _capacity(self, state: State) -> tuple[int, int, int, int]:
-        """(cond slots, recent spatial slots, recent pointer slots, spatial slots read per step)."""
-        t = self.teacher_cfg
-        most = max((len(f) for f in state.prompts.values()), default=1)
-        cond = max(t.MAX_COND_FRAMES_IN_ATTN, -(-most // 4) * 4)
-        return cond, t.NUM_MASKMEM, t.MAX_OBJ_PTRS_IN_ENCODER, t.MAX_COND_FRAMES_IN_ATTN + t.NUM_MASKMEM - 1
-
     def _preflight(self, state: State) -> None:
-        """A fresh bank holding the memories of every prompted frame."""
+        """A fresh bank and schedule holding the memories of every prompted frame."""
         if not any(state.prompts.values()):
             raise PredictorError("no prompts: add a mask, points or a box first")
         o = state.num_objects
-        cond, recent, recent_ptrs, _ = self._capacity(state)
-        g, d = self.teacher_cfg.grid, self.teacher_cfg.D_MODEL
-        state.cond_slots = [{} for _ in range(o)]
-        state.entries = [[] for _ in range(o)]
+        t = self.teacher_cfg
+        most = max((len(f) for f in state.prompts.values()), default=1)
+        layout = BankLayout.for_video(t, most)
+        schedule = MemorySchedule(t, layout, state.num_frames, o, memory_selection=t.USE_MEMORY_SELECTION)
+        g, d = t.grid, t.D_MODEL
         bank = None
-        prompt_frames = sorted({f for frames in state.prompts.values() for f in frames})
-        for f in prompt_frames:
+        for f in sorted({f for frames in state.prompts.values() for f in frames}):
             frame = self._frame(state, f)
             low = np.full((o, 4 * g, 4 * g), NO_OBJ_SCORE, np.float32)
             scores = np.zeros((o,), np.float32)
             prompted = np.zeros((o,), bool)
             ptrs = jnp.zeros((o, d), jnp.float32)
+            slots = np.zeros((o,), np.int32)
             for obj in range(o):
                 p = state.prompts[obj].get(f)
                 if p is not None:
                     low[obj], scores[obj], prompted[obj] = p.low_res, p.object_score, True
                     ptrs = ptrs.at[obj].set(p.obj_ptr)
+                    slots[obj] = schedule.condition(obj, f)
             tokens, tokens_pos = self._timed(
                 "prompt_memory",
                 self._jit["prompt_memory"],
@@ -585,157 +459,12 @@ class VideoPredictor:
                 jnp.asarray(prompted),
             )
             if bank is None:
-                bank = tracker_lib.empty_bank(
-                    o, cond + recent, cond + recent_ptrs, tokens.shape[1:], d, self.storage_dtype
+                bank = MemoryBank.empty(
+                    o, layout.slots, layout.pointer_slots, tokens.shape[1:], d, self.storage_dtype
                 )
-            slots = np.zeros((o,), np.int32)
-            for obj in np.flatnonzero(prompted):
-                slots[obj] = len(state.cond_slots[obj])
-                state.cond_slots[obj][f] = (int(slots[obj]), int(slots[obj]))
-            bank = tracker_lib.write_memory(
-                bank, tokens, tokens_pos, ptrs, jnp.asarray(slots), jnp.asarray(slots), jnp.asarray(prompted)
-            )
-        state.bank = bank
-
-    def _valid_frames(self, entries: list[_Entry], frame: int, reverse: bool, num_frames: int) -> list[int]:
-        """Upstream `frame_filter` (memory selection) over one object's retained tracked frames."""
-        if (frame == 0 and not reverse) or (frame == num_frames - 1 and reverse):
-            return []
-        max_num = min(num_frames, self.teacher_cfg.MAX_OBJ_PTRS_IN_ENCODER)
-        scored = {e.frame: e.score for e in entries}
-        scan = range(frame - 1, 0, -1) if not reverse else range(frame + 1, num_frames)
-        valid: list[int] = []
-        for i in scan:
-            if i not in scored:
-                continue
-            if scored[i] > self.teacher_cfg.MF_THRESHOLD:
-                valid.insert(0, i)
-            if len(valid) >= max_num - 1:
-                break
-        must = frame + 1 if reverse else frame - 1
-        if must not in valid:
-            valid.append(must)
-        return valid
-
-    def _selection(
-        self, state: State, frame: int, reverse: bool, tracked: np.ndarray
-    ) -> tracker_lib.Selection:
-        """The bank entries each tracked object reads at `frame`, and where its new memory goes."""
-        t = self.teacher_cfg
-        o = state.num_objects
-        cond_cap, recent_cap, recent_ptr_cap, s_slots = self._capacity(state)
-        p_slots = t.MAX_COND_FRAMES_IN_ATTN + t.MAX_OBJ_PTRS_IN_ENCODER - 1
-        sign = -1 if reverse else 1
-        num_frames = state.num_frames
-        max_ptrs = min(num_frames, t.MAX_OBJ_PTRS_IN_ENCODER)
-        arrays = {
-            "frame_slot": np.zeros((o, s_slots), np.int32),
-            "frame_tpos": np.zeros((o, s_slots), np.int32),
-            "frame_valid": np.zeros((o, s_slots), bool),
-            "pointer_slot": np.zeros((o, p_slots), np.int32),
-            "pointer_rel": np.zeros((o, p_slots), np.float32),
-            "pointer_valid": np.zeros((o, p_slots), bool),
-            "write_slot": np.zeros((o,), np.int32),
-            "write_pointer_slot": np.zeros((o,), np.int32),
-        }
-        for obj in np.flatnonzero(tracked):
-            cond = state.cond_slots[obj]
-            selected, unselected = _select_closest_cond(frame, list(cond), t.MAX_COND_FRAMES_IN_ATTN)
-            recent = {e.frame: e for e in state.entries[obj]}
-
-            def lookup(i: int, recent=recent, cond=cond, unselected=unselected):
-                if i in recent:
-                    e = recent[i]
-                    return (None if e.slot is None else cond_cap + e.slot), cond_cap + e.pointer_slot
-                if i in unselected:
-                    return cond[i]
-                return None
-
-            spatial = [(cond[c][0], t.NUM_MASKMEM - 1) for c in selected]
-            valid = (
-                self._valid_frames(state.entries[obj], frame, reverse, num_frames)
-                if t.USE_MEMORY_SELECTION
-                else []
-            )
-            for t_pos in range(1, t.NUM_MASKMEM):
-                t_rel = t.NUM_MASKMEM - t_pos
-                if t.USE_MEMORY_SELECTION:
-                    if t_rel > len(valid):
-                        continue
-                    prev = valid[-t_rel]
-                else:
-                    prev = frame - sign * t_rel
-                hit = lookup(prev)
-                if hit is not None and hit[0] is not None:
-                    spatial.append((hit[0], t.NUM_MASKMEM - t_pos - 1))
-            for k, (slot, tpos) in enumerate(spatial):
-                arrays["frame_slot"][obj, k] = slot
-                arrays["frame_tpos"][obj, k] = tpos
-                arrays["frame_valid"][obj, k] = True
-            pointers = [
-                (cond[c][1], (frame - c) * sign) for c in selected if (c >= frame if reverse else c <= frame)
-            ]
-            for t_diff in range(1, max_ptrs):
-                if t.USE_MEMORY_SELECTION:
-                    if t_diff >= len(valid):
-                        break
-                    prev = valid[-t_diff]
-                else:
-                    prev = frame - sign * t_diff
-                    if prev < 0 or prev >= num_frames:
-                        break
-                hit = lookup(prev)
-                if hit is not None:
-                    pointers.append((hit[1], t_diff))
-            for k, (slot, rel) in enumerate(pointers):
-                arrays["pointer_slot"][obj, k] = slot
-                arrays["pointer_rel"][obj, k] = rel
-                arrays["pointer_valid"][obj, k] = True
-            slot, pointer_slot = self._free_slots(state.entries[obj], recent_cap, recent_ptr_cap)
-            arrays["write_slot"][obj] = cond_cap + slot
-            arrays["write_pointer_slot"][obj] = cond_cap + pointer_slot
-        return tracker_lib.Selection(
-            **{k: jnp.asarray(v) for k, v in arrays.items()},
-            pointer_scale=jnp.float32(max(max_ptrs - 1, 1)),
-            write=jnp.asarray(tracked),
-        )
-
-    def _retain(self, entries: list[_Entry]) -> None:
-        """Drop what no future step can read (entries are in tracking order, latest last).
-
-        The next frame reads at most the latest entry plus the `num_maskmem − 1` most recent
-        frames (spatial) and `max pointers − 1` (pointers): by recency, or with memory selection
-        among the frames whose score passes the threshold.
-        """
-        t = self.teacher_cfg
-        ranked = entries[::-1]
-        if t.USE_MEMORY_SELECTION:
-            ranked = [e for e in ranked if e.score > t.MF_THRESHOLD]
-        keep_spatial = {id(e) for e in ranked[: t.NUM_MASKMEM - 1]}
-        keep_pointer = {id(e) for e in ranked[: t.MAX_OBJ_PTRS_IN_ENCODER - 1]}
-        if entries:
-            keep_spatial.add(id(entries[-1]))
-            keep_pointer.add(id(entries[-1]))
-        for e in entries:
-            if id(e) not in keep_spatial:
-                e.slot = None
-        entries[:] = [e for e in entries if id(e) in keep_pointer]
-
-    def _free_slots(self, entries: list[_Entry], recent: int, recent_ptrs: int) -> tuple[int, int]:
-        """A spatial and a pointer slot for the new entry, among those the retained entries leave.
-
-        Before this frame's score is known, the latest entry is kept only as an ordinary frame
-        (the next step no longer needs it as "the previous frame"), which always frees one slot.
-        """
-        t = self.teacher_cfg
-        ranked = entries[::-1]
-        if t.USE_MEMORY_SELECTION:
-            ranked = [e for e in ranked if e.score > t.MF_THRESHOLD]
-        used = {e.slot for e in ranked[: t.NUM_MASKMEM - 1] if e.slot is not None}
-        used_ptr = {e.pointer_slot for e in ranked[: t.MAX_OBJ_PTRS_IN_ENCODER - 1]}
-        slot = next(s for s in range(recent) if s not in used)
-        pointer_slot = next(s for s in range(recent_ptrs) if s not in used_ptr)
-        return slot, pointer_slot
+            slots = jnp.asarray(slots)
+            bank = bank.write(tokens, tokens_pos, ptrs, slots, slots, jnp.asarray(prompted))
+        state.bank, state.schedule = bank, schedule
 
     def _started(self, state: State, obj: int, frame: int, reverse: bool) -> bool:
         frames = state.prompts[obj]
@@ -778,7 +507,8 @@ class VideoPredictor:
                 low_res[obj] = state.prompts[obj][frame_idx].low_res
             if tracked.any():
                 frame = self._frame(state, frame_idx)
-                sel = self._selection(state, frame_idx, reverse, tracked)
+                reads = state.schedule.select(frame_idx, reverse, tracked)
+                sel = Selection(**{k: jnp.asarray(v) for k, v in reads.items()})
                 out, state.bank = self._timed(
                     "track_step",
                     self._jit["step"],
@@ -794,18 +524,8 @@ class VideoPredictor:
                 score = float(
                     np.mean(np.asarray(out.presence)[tracked]) * np.mean(np.asarray(out.iou_score)[tracked])
                 )
-                write_slot = np.asarray(sel.write_slot)
-                write_ptr = np.asarray(sel.write_pointer_slot)
-                cond_cap = self._capacity(state)[0]
-                for obj in np.flatnonzero(tracked):
-                    low_res[obj] = step_low[obj]
-                    entries = state.entries[obj]
-                    entries.append(
-                        _Entry(
-                            frame_idx, score, int(write_slot[obj]) - cond_cap, int(write_ptr[obj]) - cond_cap
-                        )
-                    )
-                    self._retain(entries)
+                state.schedule.record(frame_idx, reads, score)
+                low_res[tracked] = step_low[tracked]
             self.timings["frames"] = self.timings.get("frames", 0) + 1
             start = time.perf_counter()
             logits = self._resize(low_res, h, w)
@@ -822,34 +542,11 @@ def _is_student_config(cfg: config_lib.Config) -> bool:
     )
 
 
-def _is_merged_export(path: Path) -> bool:
-    try:
-        from porting.export import is_merged_file
-    except ImportError:  # without torch there is nothing to read a .pt with anyway
-        return False
-    return is_merged_file(path)
-
-
 def _unused_memory_attention(cfg: config_lib.Config) -> dict:
     """Zeros in the teacher's memory-attention shapes: the tracker module holds them, the student's
     path never reads them."""
-    from es3_jax.models.tracker import expected_param_shapes
-    from es3_jax.params import unflatten
-
-    shapes = expected_param_shapes(cfg.MODEL.TEACHER)
     prefix = "memory_attention."
+    shapes = expected_param_shapes(cfg.MODEL.TEACHER)
     return unflatten(
         {p.removeprefix(prefix): np.zeros(s, np.float32) for p, s in shapes.items() if p.startswith(prefix)}
     )
-
-
-def _try_port_trunk(path: Path) -> dict | None:
-    """The trunk of a sam3.pt when the checkpoint has one (None: frames then need another trunk)."""
-    try:
-        from porting.sam3_checkpoint import port_trunk
-    except ImportError:
-        return None
-    try:
-        return port_trunk(path)
-    except Es3Error:
-        return None

@@ -20,7 +20,7 @@ SMALL = [
     "MODEL.TRUNK.NUM_HEADS", "2", "MODEL.TRUNK.MLP_DIM", "128", "MODEL.TRUNK.DEPTH", "1",
     "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]", "MODEL.TRUNK.WINDOW_SIZE", "8", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "112",
 ]  # fmt: skip
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _predictor(selection: bool = True):
@@ -54,8 +54,9 @@ def test_forty_frames_compile_the_step_once(selection):
     assert predictor.trace_counts["track_step"] == 1
     assert predictor.timings["frames"] == 40
     # The bank holds at most the prompted frames plus num_maskmem recent frames, whatever the length.
-    assert all(sum(e.slot is not None for e in entries) <= 7 for entries in state.entries)
-    assert all(len(entries) <= 16 for entries in state.entries)
+    entries = state.schedule.entries
+    assert all(sum(e.slot is not None for e in obj) <= 7 for obj in entries)
+    assert all(len(obj) <= 16 for obj in entries)
 
 
 def test_reverse_from_a_later_prompt_and_reset():
@@ -138,8 +139,9 @@ def test_a_training_run_folder_loads_its_student(tmp_path):
     from flax import nnx
 
     from es3_jax import config as config_lib
-    from es3_jax import tracker_weights
-    from es3_jax.models.student import StudentMemory, student_from_config
+    from es3_jax import weights
+    from es3_jax.models.memory_path import MemoryPath
+    from es3_jax.models.student import student_from_config
     from es3_jax.models.tracker import SAM3Tracker
     from es3_jax.params import flatten, param_dict
     from es3_jax.predictor import VideoPredictor
@@ -148,12 +150,13 @@ def test_a_training_run_folder_loads_its_student(tmp_path):
         None, [*SMALL, "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2"]
     )
     student = param_dict(student_from_config(cfg, seed=3))
-    params = {**param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(2))), "student": student}
-    tracker_weights.save(tmp_path / "run" / "weights", params, cfg)
+    tracker = param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(2)))
+    trained = weights.Weights(cfg, "es3 train", "weights_folder", tracker=tracker, student=student)
+    weights.save(tmp_path / "run" / "weights", trained)
 
     predictor = VideoPredictor.from_checkpoint(tmp_path / "run")
     memory = nnx.merge(predictor._memory_def, predictor._memory_state)
-    assert isinstance(memory, StudentMemory)
+    assert isinstance(memory, MemoryPath) and memory.spatial_perceiver is not None
     loaded = flatten(param_dict(memory))
     for path, value in flatten(student).items():
         np.testing.assert_array_equal(loaded[path], value, err_msg=path)

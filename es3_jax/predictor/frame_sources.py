@@ -1,0 +1,105 @@
+"""Where a video's trunk features come from: a folder of frames, an array of frames, an array of trunk
+features, or a video of the embedding store. Each becomes a `FrameSource` that gives one frame's
+trunk features `[1, g, g, Ct]` at a time, so a video is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from es3_jax.config import Config
+from es3_jax.data.embedding_store import EmbeddingStore
+from es3_jax.data.frames import list_frames, load_frame_uint8, normalize
+from es3_jax.errors import Es3Error
+
+Video = str | Path | np.ndarray | tuple[EmbeddingStore, str]
+# Normalised frames `[1, S, S, 3]` float32 -> trunk features `[1, g, g, Ct]`.
+TrunkFn = Callable[[np.ndarray], jax.Array]
+# `timed(name, fn, *args)`: fn(*args), its wall time added to the predictor's timings under `name`.
+Timed = Callable[..., Any]
+
+
+class FrameSourceError(Es3Error):
+    """A video that cannot be read as given; the message says what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSource:
+    """A video: its length, its output size (H, W), and `features(i)` -> `[1, g, g, Ct]` float32."""
+
+    num_frames: int
+    video_size: tuple[int, int]
+    features: Callable[[int], jax.Array]
+
+
+def open_video(
+    video: Video,
+    cfg: Config,
+    trunk: TrunkFn,
+    timed: Timed,
+    video_size: tuple[int, int] | None = None,
+) -> FrameSource:
+    """The frame source of `video` (see `VideoPredictor.init_state` for the forms it takes).
+
+    trunk: computes trunk features of a normalised frame (called only for frames, never for stored
+    or given features). video_size: the output size; by default the frames' own, the store's
+    recorded one, or the model's image size for bare features.
+    """
+    size, data = cfg.MODEL.TEACHER.IMAGE_SIZE, cfg.DATA
+
+    def from_images(load: Callable[[int], np.ndarray], num_frames: int, hw: tuple[int, int]) -> FrameSource:
+        def features(i: int) -> jax.Array:
+            image = normalize(load(i), data.PIXEL_MEAN, data.PIXEL_STD)[None]
+            return timed("trunk", trunk, image)
+
+        return FrameSource(num_frames, hw, features)
+
+    if isinstance(video, tuple):
+        store, video_id = video
+        meta = store.metadata(video_id)
+        hw = meta.get("orig_size") or meta.get("video_size")
+        default = tuple(int(v) for v in hw[:2]) if hw else (size, size)
+
+        def stored(i: int) -> jax.Array:
+            return timed("read", lambda: jnp.asarray(store.read(video_id, [i], dtype=np.float32)))
+
+        source = FrameSource(int(meta["num_frames"]), video_size or default, stored)
+    elif isinstance(video, str | Path):
+        paths = list_frames(video)
+        _, hw = load_frame_uint8(paths[0], size)
+        source = from_images(lambda i: load_frame_uint8(paths[i], size)[0], len(paths), video_size or hw)
+    else:
+        video = np.asarray(video)
+        if video.ndim != 4:
+            raise FrameSourceError(
+                f"video array must be [T, H, W, 3] frames or [T, g, g, C] features, got {video.shape}"
+            )
+        if video.dtype == np.uint8 and video.shape[-1] == 3:
+
+            def resized(i: int) -> np.ndarray:
+                return np.asarray(Image.fromarray(video[i]).resize((size, size), Image.Resampling.BILINEAR))
+
+            source = from_images(resized, video.shape[0], video_size or video.shape[1:3])
+        else:
+            g, c = cfg.MODEL.TEACHER.grid, cfg.MODEL.TEACHER.TRUNK_DIM
+            if video.shape[1:] != (g, g, c):
+                raise FrameSourceError(
+                    f"trunk features must be [T, {g}, {g}, {c}] for this model, got {video.shape}"
+                )
+            source = FrameSource(
+                video.shape[0],
+                video_size or (size, size),
+                lambda i: jnp.asarray(video[i : i + 1], jnp.float32),
+            )
+    if source.num_frames < 1:
+        raise FrameSourceError("the video has no frames")
+    h, w = source.video_size
+    return dataclasses.replace(source, video_size=(int(h), int(w)))

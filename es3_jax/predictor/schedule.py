@@ -1,0 +1,309 @@
+"""The memory-bank schedule: where each object's memories sit in the fixed-size bank, and which of
+them each tracked frame reads.
+
+This is upstream's memory bookkeeping (`_prepare_memory_conditioned_features`,
+`select_closest_cond_frames` and the memory-selection `frame_filter` of `Sam3TrackerBase`) done on
+the host with plain Python and numpy, so that the jitted step (`SAM3Tracker.track_step`) sees
+only fixed-shape index tables. The predictor runs it as frames are tracked; training runs it once
+per clip shape, with memory selection off, to build the clip's read tables.
+
+Per object the bank holds `layout.cond` conditioning slots (prompted frames, kept for the whole
+pass) and a ring of `layout.recent` slots for tracked frames (and `layout.recent_pointers` for
+their pointers). A tracked frame stays in the ring only while some later frame can still read it:
+its spatial memory while it is among the `num_maskmem − 1` most recent (with memory selection:
+most recent passing the score threshold) frames, its pointer while among the last
+`max_obj_ptrs − 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from es3_jax.config import TrackerConfig
+
+# The fields of `es3_jax.models.memory_bank.Selection`, which `select` fills.
+SELECTION_FIELDS = (
+    "frame_slot",
+    "frame_tpos",
+    "frame_valid",
+    "pointer_slot",
+    "pointer_rel",
+    "pointer_valid",
+    "pointer_scale",
+    "write_slot",
+    "write_pointer_slot",
+    "write",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankLayout:
+    """The bank's sizes per object and how many entries one step reads."""
+
+    cond: int  # conditioning slots (one per prompted frame; spatial and pointer alike)
+    recent: int  # spatial slots for tracked frames
+    recent_pointers: int  # pointer slots for tracked frames
+    spatial_reads: int  # S: memory frames a step reads
+    pointer_reads: int  # P: pointers a step reads
+
+    @property
+    def slots(self) -> int:
+        return self.cond + self.recent
+
+    @property
+    def pointer_slots(self) -> int:
+        return self.cond + self.recent_pointers
+
+    @staticmethod
+    def for_video(cfg: TrackerConfig, most_prompted_frames: int) -> BankLayout:
+        """Inference on a video of any length: the sizes do not depend on it, so one compiled step
+        serves every video. Conditioning slots come in fours (at least `max_cond_frames_in_attn`)
+        so that adding a prompt rarely changes the shape."""
+        cond = max(cfg.MAX_COND_FRAMES_IN_ATTN, -(-most_prompted_frames // 4) * 4)
+        return BankLayout(
+            cond=cond,
+            recent=cfg.NUM_MASKMEM,
+            recent_pointers=cfg.MAX_OBJ_PTRS_IN_ENCODER,
+            spatial_reads=cfg.MAX_COND_FRAMES_IN_ATTN + cfg.NUM_MASKMEM - 1,
+            pointer_reads=cfg.MAX_COND_FRAMES_IN_ATTN + cfg.MAX_OBJ_PTRS_IN_ENCODER - 1,
+        )
+
+    @staticmethod
+    def for_clip(cfg: TrackerConfig, num_frames: int) -> BankLayout:
+        """A training clip: frame 0 is the one conditioning frame, frames 1..T-1 are tracked; no slot
+        or read is sized beyond what T frames can fill."""
+        tracked = max(num_frames - 1, 1)
+        return BankLayout(
+            cond=1,
+            recent=min(cfg.NUM_MASKMEM, tracked),
+            recent_pointers=min(cfg.MAX_OBJ_PTRS_IN_ENCODER, tracked),
+            spatial_reads=1 + min(cfg.NUM_MASKMEM - 1, tracked),
+            pointer_reads=min(num_frames, cfg.MAX_OBJ_PTRS_IN_ENCODER),
+        )
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A tracked frame of one object, as long as some later step may read it."""
+
+    frame: int
+    score: float
+    slot: int | None  # spatial slot in the ring; None once only its pointer is needed
+    pointer_slot: int
+
+
+def select_closest_cond(frame: int, cond: Sequence[int], max_num: int) -> tuple[list[int], list[int]]:
+    """Upstream `select_closest_cond_frames` -> (selected, unselected) conditioning frames: all of them
+    when at most `max_num` (-1: no limit), else the nearest before `frame`, the nearest at or after
+    it, then the others by |Δt|."""
+    cond = sorted(cond)
+    if max_num == -1 or len(cond) <= max_num:
+        return cond, []
+    selected = []
+    before = [t for t in cond if t < frame]
+    after = [t for t in cond if t >= frame]
+    if before:
+        selected.append(max(before))
+    if after:
+        selected.append(min(after))
+    rest = sorted((t for t in cond if t not in selected), key=lambda t: abs(t - frame))
+    selected += rest[: max_num - len(selected)]
+    return selected, [t for t in cond if t not in selected]
+
+
+class MemorySchedule:
+    """The bank bookkeeping of one propagation pass over `num_frames` frames and `num_objects` objects.
+
+    Use: `condition(obj, frame)` for every prompted frame of every object, then per tracked frame
+    `select(frame, reverse, tracked)` -> the step's read tables, and after the step
+    `record(frame, reads, score)`.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackerConfig,
+        layout: BankLayout,
+        num_frames: int,
+        num_objects: int,
+        *,
+        memory_selection: bool,
+    ):
+        self.cfg = cfg
+        self.layout = layout
+        self.num_frames = num_frames
+        self.num_objects = num_objects
+        self.memory_selection = memory_selection
+        self.cond_slots: list[dict[int, int]] = [{} for _ in range(num_objects)]  # frame -> slot
+        self.entries: list[list[_Entry]] = [[] for _ in range(num_objects)]  # tracking order
+
+    # ------------------------------------------------------------------------------------------
+
+    def condition(self, obj: int, frame: int) -> int:
+        """Give object `obj`'s prompted `frame` a conditioning slot (the same index for its memory and
+        its pointer) and return it."""
+        slots = self.cond_slots[obj]
+        if frame not in slots:
+            if len(slots) >= self.layout.cond:
+                raise ValueError(
+                    f"object {obj}: more than {self.layout.cond} prompted frames for this bank layout"
+                )
+            slots[frame] = len(slots)
+        return slots[frame]
+
+    def select(self, frame: int, reverse: bool, tracked: np.ndarray) -> dict[str, np.ndarray]:
+        """The bank entries each tracked object (`tracked` `[O]` bool) reads at `frame`, and where its
+        new memory goes: the fields of `Selection` as numpy arrays (see `SELECTION_FIELDS`)."""
+        t, lay = self.cfg, self.layout
+        o, s_reads, p_reads = self.num_objects, lay.spatial_reads, lay.pointer_reads
+        sign = -1 if reverse else 1
+        max_ptrs = min(self.num_frames, t.MAX_OBJ_PTRS_IN_ENCODER)
+        out = {
+            "frame_slot": np.zeros((o, s_reads), np.int32),
+            "frame_tpos": np.zeros((o, s_reads), np.int32),
+            "frame_valid": np.zeros((o, s_reads), bool),
+            "pointer_slot": np.zeros((o, p_reads), np.int32),
+            "pointer_rel": np.zeros((o, p_reads), np.float32),
+            "pointer_valid": np.zeros((o, p_reads), bool),
+            "pointer_scale": np.float32(max(max_ptrs - 1, 1)),
+            "write_slot": np.zeros((o,), np.int32),
+            "write_pointer_slot": np.zeros((o,), np.int32),
+            "write": np.asarray(tracked, bool).copy(),
+        }
+        for obj in np.flatnonzero(tracked):
+            cond = self.cond_slots[obj]
+            selected, unselected = select_closest_cond(frame, list(cond), t.MAX_COND_FRAMES_IN_ATTN)
+            recent = {e.frame: e for e in self.entries[obj]}
+
+            def lookup(
+                i: int, recent=recent, cond=cond, unselected=unselected
+            ) -> tuple[int | None, int] | None:
+                """(spatial slot or None, pointer slot) of frame i, if the bank still holds it."""
+                if i in recent:
+                    e = recent[i]
+                    return (None if e.slot is None else lay.cond + e.slot), lay.cond + e.pointer_slot
+                if i in unselected:
+                    return cond[i], cond[i]
+                return None
+
+            valid = self._selectable(self.entries[obj], frame, reverse) if self.memory_selection else []
+            spatial = [(cond[c], t.NUM_MASKMEM - 1) for c in selected]
+            for t_pos in range(1, t.NUM_MASKMEM):
+                t_rel = t.NUM_MASKMEM - t_pos
+                if self.memory_selection:
+                    if t_rel > len(valid):
+                        continue
+                    prev = valid[-t_rel]
+                else:
+                    prev = frame - sign * t_rel
+                hit = lookup(prev)
+                if hit is not None and hit[0] is not None:
+                    spatial.append((hit[0], t.NUM_MASKMEM - t_pos - 1))
+            for k, (slot, tpos) in enumerate(spatial):
+                out["frame_slot"][obj, k] = slot
+                out["frame_tpos"][obj, k] = tpos
+                out["frame_valid"][obj, k] = True
+
+            pointers = [
+                (cond[c], (frame - c) * sign) for c in selected if (c >= frame if reverse else c <= frame)
+            ]
+            for t_diff in range(1, max_ptrs):
+                if self.memory_selection:
+                    if t_diff >= len(valid):
+                        break
+                    prev = valid[-t_diff]
+                else:
+                    prev = frame - sign * t_diff
+                    if prev < 0 or prev >= self.num_frames:
+                        break
+                hit = lookup(prev)
+                if hit is not None:
+                    pointers.append((hit[1], t_diff))
+            for k, (slot, rel) in enumerate(pointers):
+                out["pointer_slot"][obj, k] = slot
+                out["pointer_rel"][obj, k] = rel
+                out["pointer_valid"][obj, k] = True
+
+            slot, pointer_slot = self._free_slots(self.entries[obj])
+            out["write_slot"][obj] = lay.cond + slot
+            out["write_pointer_slot"][obj] = lay.cond + pointer_slot
+        return out
+
+    def record(self, frame: int, reads: dict[str, np.ndarray], score: float | None = None) -> None:
+        """After the step of `frame`: the written objects' memories are in the bank, with the frame's
+        memory-selection `score` (None when memory selection is off)."""
+        if self.memory_selection and score is None:
+            raise ValueError("memory selection needs the frame's score")
+        for obj in np.flatnonzero(reads["write"]):
+            entries = self.entries[obj]
+            slot = int(reads["write_slot"][obj]) - self.layout.cond
+            pointer_slot = int(reads["write_pointer_slot"][obj]) - self.layout.cond
+            entries.append(_Entry(frame, 0.0 if score is None else score, slot, pointer_slot))
+            self._retain(entries)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _selectable(self, entries: list[_Entry], frame: int, reverse: bool) -> list[int]:
+        """Upstream `frame_filter` (memory selection) over one object's retained tracked frames."""
+        t = self.cfg
+        if (frame == 0 and not reverse) or (frame == self.num_frames - 1 and reverse):
+            return []
+        max_num = min(self.num_frames, t.MAX_OBJ_PTRS_IN_ENCODER)
+        scored = {e.frame: e.score for e in entries}
+        scan = range(frame - 1, 0, -1) if not reverse else range(frame + 1, self.num_frames)
+        valid: list[int] = []
+        for i in scan:
+            if i not in scored:
+                continue
+            if scored[i] > t.MF_THRESHOLD:
+                valid.insert(0, i)
+            if len(valid) >= max_num - 1:
+                break
+        must = frame + 1 if reverse else frame - 1
+        if must not in valid:
+            valid.append(must)
+        return valid
+
+    def _ranked(self, entries: list[_Entry]) -> list[_Entry]:
+        """Entries a later step may read, most recent first (with memory selection: those whose score
+        passes the threshold)."""
+        ranked = entries[::-1]
+        if self.memory_selection:
+            ranked = [e for e in ranked if e.score > self.cfg.MF_THRESHOLD]
+        return ranked
+
+    def _retain(self, entries: list[_Entry]) -> None:
+        """Drop what no later step can read (entries are in tracking order, latest last).
+
+        The next frame reads at most the latest entry plus the `num_maskmem − 1` most recent frames
+        (spatial) and `max pointers − 1` (pointers): by recency, or with memory selection among the
+        frames whose score passes the threshold.
+        """
+        t = self.cfg
+        ranked = self._ranked(entries)
+        keep_spatial = {id(e) for e in ranked[: t.NUM_MASKMEM - 1]}
+        keep_pointer = {id(e) for e in ranked[: t.MAX_OBJ_PTRS_IN_ENCODER - 1]}
+        if entries:
+            keep_spatial.add(id(entries[-1]))
+            keep_pointer.add(id(entries[-1]))
+        for e in entries:
+            if id(e) not in keep_spatial:
+                e.slot = None
+        entries[:] = [e for e in entries if id(e) in keep_pointer]
+
+    def _free_slots(self, entries: list[_Entry]) -> tuple[int, int]:
+        """A spatial and a pointer slot of the ring for the new entry, among those the retained
+        entries leave.
+
+        Before this frame's score is known, the latest entry is kept only as an ordinary frame (the
+        next step no longer needs it as "the previous frame"), which always frees one slot.
+        """
+        t = self.cfg
+        ranked = self._ranked(entries)
+        used = {e.slot for e in ranked[: t.NUM_MASKMEM - 1] if e.slot is not None}
+        used_ptr = {e.pointer_slot for e in ranked[: t.MAX_OBJ_PTRS_IN_ENCODER - 1]}
+        slot = next(s for s in range(self.layout.recent) if s not in used)
+        pointer_slot = next(s for s in range(self.layout.recent_pointers) if s not in used_ptr)
+        return slot, pointer_slot

@@ -1,0 +1,387 @@
+"""Every way weights come in, in one place: `load(source)` reads a source once and says what it holds.
+
+Sources (`load`'s first argument):
+
+| source | kind | holds |
+|---|---|---|
+| None or "" | `random` | a tracker drawn from `seed` |
+| an es3 weights folder (`params/` + `config.yaml`: `es3 port`, `<run>/weights`) | `weights_folder` | tracker, student, trunk: whatever was saved |
+| a run folder (`es3 train --output_dir`) | as its `weights/`, else its latest checkpoint | |
+| `<run>/ckpt_latest`, `ckpt_best`, `ckpt_step_<N>`, `<run>/checkpoints/<N>` (a seed-style `.pth` suffix is ignored) | `checkpoint` | the student (distillation) or the fine-tuned modules, over the run's teacher |
+| Meta's `sam3.pt` | `sam3` | tracker, SAM3 ViT trunk |
+| a stage-1 merged `.pt` (another trunk) | `stage1` | tracker; the trunk is foreign, not ported |
+| a transformers `Sam3TrackerVideoModel` `.safetensors` file or folder | `transformers` | tracker, trunk |
+| a merged export (`es3 export`, `save_efficient_sam3`) | `merged_export` | tracker (without a memory attention when its memory path is the student's), student, trunk |
+
+PyTorch files are read through `porting/` (the only place that imports torch), each file once; the
+state dict as read stays in `Weights.state_dict`, so that `es3 export` merges into exactly those
+tensors. Everything is checked strictly: a missing, unexpected or mis-shaped parameter is one
+`ParamMismatchError` naming them all.
+
+The config of the result (`Weights.cfg`): the `config` given (a Config, a YAML path, or None for
+the defaults), with these exceptions: a weights folder, run or checkpoint brings its own config
+when none is given; a merged export's record describes its model over the config given. The
+`overrides` (`KEY VALUE` pairs) apply last.
+
+A weights folder (`save`):
+
+    <dir>/params/        orbax checkpoint of the nested parameter dict: the tracker's modules, and
+                         `student` / `trunk` when there are ones (list indices as "0", "1", ...)
+    <dir>/config.yaml    the resolved es3 config (MODEL.TEACHER describes the tracker geometry)
+    <dir>/port.json      where the weights came from (and, for `es3 train`, the mode and step)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from es3_jax import config as config_lib
+from es3_jax.errors import TORCH_EXTRA, Es3Error
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
+from es3_jax.models.trunk import trunk_from_config
+from es3_jax.params import abstract_shapes, check_shapes, flatten, param_dict, unflatten
+from es3_jax.train import checkpoint
+from porting.keymap import STUDENT_TABLE, TRACKER_TABLE
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "port.json"
+STUDENT = "student"
+TRUNK = "trunk"
+PARTS = ("tracker", STUDENT, TRUNK)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class WeightsError(Es3Error):
+    """A weights source that is missing, unreadable or unusable where it is given; the message names it."""
+
+
+@dataclasses.dataclass
+class Weights:
+    """What a weights source holds: nested es3 parameter dicts (numpy) and the config describing them."""
+
+    cfg: config_lib.Config
+    source: str  # the path as given, or "random (seed N)"
+    kind: str  # see the module docstring
+    tracker: dict | None = None  # SAM3Tracker parameters
+    student: dict | None = None  # the student's memory path: memory_attention, spatial_perceiver
+    trunk: dict | None = None  # ViTTrunk parameters
+    trained: dict = dataclasses.field(default_factory=dict)  # tracker modules a fine-tuning run trained
+    step: int | None = None  # the training step, for a run's weights
+    report: dict = dataclasses.field(default_factory=dict)  # what was read and what was not used
+    state_dict: Mapping[str, Any] | None = None  # a PyTorch file's tensors, as read
+
+    @property
+    def has_teacher_memory(self) -> bool:
+        """Whether the tracker has its own memory attention (a student-only merged export has not)."""
+        return self.tracker is not None and "memory_attention" in self.tracker
+
+    def require_teacher(self) -> None:
+        """Refuse weights that cannot serve as the frozen teacher (or the tracker to fine-tune)."""
+        if self.tracker is None:
+            raise WeightsError(f"{self.source}: holds no tracker")
+        if not self.has_teacher_memory:
+            raise WeightsError(
+                f"{self.source}: a merged export whose memory path is a distilled student holds no "
+                "teacher memory attention to distil from or fine-tune; give the tracker it was exported "
+                "from (e.g. sam3.pt), or track with it (`es3 track --checkpoint`)"
+            )
+
+    def trunk_params(self, seed: int) -> dict:
+        """The trunk parameters, or a trunk drawn from `seed` when these weights are random."""
+        if self.trunk is not None:
+            return self.trunk
+        if self.kind == "random":
+            return param_dict(trunk_from_config(self.cfg, seed=seed))
+        raise WeightsError(
+            f"{self.source}: holds no trunk weights, so it cannot compute trunk features from frames; "
+            "give weights with SAM3's ViT (sam3.pt, or `es3 port` of one), or pre-computed embeddings "
+            "(`es3 embed`, then DATA.USE_PRECOMPUTED True / `es3 track --embeddings`)"
+        )
+
+
+def _config(config: config_lib.Config | str | Path | None, overrides: Sequence[str]) -> config_lib.Config:
+    if isinstance(config, config_lib.Config):
+        return config_lib.apply_overrides(config, overrides)
+    return config_lib.load(config, overrides)
+
+
+def load(
+    source: str | Path | None,
+    config: config_lib.Config | str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    parts: Collection[str] = PARTS,
+) -> Weights:
+    """Read a weights source once -> `Weights` (see the module docstring).
+
+    parts: which of "tracker", "student", "trunk" the caller needs; the others may be left out
+    where reading them costs (the trunk of a PyTorch file, a checkpoint's teacher).
+    """
+    if source is None or str(source) == "":
+        cfg = _config(config, overrides)
+        tracker = (
+            param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(seed))) if "tracker" in parts else None
+        )
+        return Weights(cfg, f"random (seed {seed})", "random", tracker=tracker)
+    path = Path(source)
+    if path.suffix == ".pth" and not path.exists():
+        path = path.with_suffix("")  # the seed names checkpoints `ckpt_best.pth`
+    if checkpoint.is_reference(path):
+        return _load_checkpoint(path, config, overrides, parts)
+    if not path.exists():
+        raise WeightsError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file():
+            return _load_folder(path, config, overrides)
+        if (path / "weights" / PARAMS_DIR).is_dir():
+            return _load_folder(path / "weights", config, overrides)
+        if (path / checkpoint.CHECKPOINTS).is_dir():
+            return _load_checkpoint(path, config, overrides, parts)
+        if any(path.glob("*.safetensors")):
+            return _load_torch(path, config, overrides, parts)
+        raise WeightsError(
+            f"{path}: not a weights source (an es3 weights folder, an `es3 train` run or checkpoint, or a "
+            "folder of .safetensors files)"
+        )
+    if path.suffix in TORCH_SUFFIXES:
+        return _load_torch(path, config, overrides, parts)
+    raise WeightsError(f"{path}: unknown weights file (expected {', '.join(TORCH_SUFFIXES)} or a folder)")
+
+
+def teacher(cfg: config_lib.Config, *, trunk: bool) -> Weights:
+    """The tracker `MODEL.TEACHER_WEIGHTS` names, under `cfg` (random from `TRAIN.SEED` when empty),
+    checked fit to be the frozen teacher or the tracker to fine-tune. trunk: the run computes
+    features from frames (`DATA.USE_PRECOMPUTED False`)."""
+    parts = ("tracker", TRUNK) if trunk else ("tracker",)
+    weights = load(cfg.MODEL.TEACHER_WEIGHTS or None, cfg, seed=cfg.TRAIN.SEED, parts=parts)
+    weights.require_teacher()
+    return weights
+
+
+# --- es3 weights folders -------------------------------------------------------------------------
+
+
+def _string_keys(tree: Mapping) -> dict:
+    return {str(k): _string_keys(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
+
+
+def save(output_dir: str | Path, weights: Weights) -> Path:
+    """Write `weights` (tracker, student and trunk, those it has) as an es3 weights folder. The
+    folder appears complete or not at all: it is assembled under a temporary name beside
+    `output_dir` and renamed into place. In a multi-process run one process calls it."""
+    output_dir = Path(output_dir).absolute()
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise WeightsError(f"{output_dir} already exists and is not empty; choose another --output_dir")
+    params = dict(weights.tracker or {})
+    for name, part in ((STUDENT, weights.student), (TRUNK, weights.trunk)):
+        if part is not None:
+            params[name] = part
+    report = {
+        **weights.report,
+        "source": weights.source,
+        "step": weights.step,
+        "trained": sorted(weights.trained),
+    }
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        # One process writes the folder: orbax must not wait at barriers for processes that never
+        # call this.
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        )
+        checkpointer.save(staging / PARAMS_DIR, _string_keys(params))
+        checkpointer.wait_until_finished()
+        config_lib.save(weights.cfg, staging / CONFIG_FILE)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _load_folder(folder: Path, config, overrides: Sequence[str]) -> Weights:
+    folder = folder.absolute()
+    cfg = _config(folder / CONFIG_FILE if config is None else config, overrides)
+    try:
+        restored = ocp.StandardCheckpointer().restore(folder / PARAMS_DIR)
+    except Exception as e:
+        raise WeightsError(f"{folder / PARAMS_DIR}: unreadable orbax checkpoint: {e}") from e
+    params = unflatten({k: np.asarray(v) for k, v in flatten(restored).items()})
+    report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).is_file() else {}
+    student = params.pop(STUDENT, None)
+    trunk = params.pop(TRUNK, None)
+    source = str(folder)
+    if student is not None:
+        _check_student(student, cfg, f"{source}: the student does not match its config")
+    # Folders written before the report listed the trained modules say only the run's mode.
+    names = report.get("trained", cfg.TRAIN.FINETUNE_MODULES if report.get("mode") == "finetune" else ())
+    trained = {k: params[k] for k in names if k in params}
+    return Weights(
+        cfg,
+        source,
+        "weights_folder",
+        tracker=params or None,
+        student=student,
+        trunk=trunk,
+        trained=trained,
+        step=report.get("step"),
+        report=report,
+    )
+
+
+# --- training checkpoints ----------------------------------------------------------------------
+
+
+def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collection[str]) -> Weights:
+    try:
+        ref = checkpoint.resolve(path)
+    except checkpoint.CheckpointNotFoundError as e:
+        raise WeightsError(str(e)) from e
+    params, meta = checkpoint.read(ref)
+    run_config = ref.output_dir / CONFIG_FILE
+    if config is not None:
+        cfg = _config(config, overrides)
+    elif run_config.is_file():
+        cfg = config_lib.load(run_config, overrides)
+    elif meta.get("config") is not None:
+        cfg = config_lib.validate(
+            config_lib.apply_overrides(config_lib.merge(config_lib.Config(), meta["config"]), overrides)
+        )
+    else:
+        raise WeightsError(f"{ref.output_dir}: no {CONFIG_FILE} to describe the checkpoint (pass a config)")
+    source = f"{ref.output_dir} step {ref.step}"
+    student, trained = None, {}
+    if meta.get("mode", cfg.TRAIN.MODE) == "distill":
+        student = params
+        _check_student(student, cfg, f"{source}: the student does not match the config")
+    else:
+        trained = params
+        expected = expected_param_shapes(cfg.MODEL.TEACHER)
+        check_shapes(
+            {p: np.shape(v) for p, v in flatten(trained).items()},
+            {p: s for p, s in expected.items() if p.split(".")[0] in trained},
+            f"{source}: the fine-tuned modules do not match the config",
+            _torch_name(TRACKER_TABLE),
+        )
+    weights = Weights(cfg, source, "checkpoint", student=student, trained=trained, step=ref.step)
+    if "tracker" in parts or TRUNK in parts:
+        # The tracker it ran with: the run's teacher, with what the run fine-tuned in place.
+        base = load(
+            cfg.MODEL.TEACHER_WEIGHTS or None,
+            cfg,
+            seed=cfg.TRAIN.SEED,
+            parts=[p for p in parts if p != STUDENT],
+        )
+        weights.tracker = None if base.tracker is None else {**base.tracker, **trained}
+        weights.trunk = base.trunk
+        weights.report = {"teacher": base.source}
+    return weights
+
+
+# --- PyTorch files --------------------------------------------------------------------------------
+
+
+def _load_torch(path: Path, config, overrides: Sequence[str], parts: Collection[str]) -> Weights:
+    if importlib.util.find_spec("torch") is None:
+        raise WeightsError(f"{path}: reading a PyTorch checkpoint needs torch: {TORCH_EXTRA}")
+    # Imported here, not at the top: porting imports torch, which es3 needs only for PyTorch files.
+    from porting import checkpoint_file
+    from porting import sam3_checkpoint as port
+
+    source = str(path)
+    sd, extras = checkpoint_file.read_checkpoint(path)
+    record = checkpoint_file.record_of(extras)
+    layout = port.detect_layout(sd)
+    if layout == "sam3" and not any(k.startswith("tracker.") for k in sd):
+        raise WeightsError(
+            f"{path}: holds no SAM3 tracker (no tracker.* keys): a detector-only checkpoint? es3 needs "
+            "Meta's sam3.pt, a stage-1 merged checkpoint, a transformers Sam3TrackerVideoModel or an es3 export"
+        )
+    merged = record is not None or any(k.startswith("tracker.spatial_perceiver.") for k in sd)
+    base = _config(config, ()) if config is not None else config_lib.Config()
+    if record is not None:
+        cfg = config_lib.apply_overrides(checkpoint_file.record_config(record, base), overrides)
+    elif merged and config is None:
+        raise WeightsError(
+            f"{path}: a merged export without its es3_config record: pass the config of its student"
+        )
+    else:
+        cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
+    memory = (record or {}).get("memory", STUDENT) if merged else "teacher"
+    expected = expected_param_shapes(cfg.MODEL.TEACHER)
+    student = None
+    if memory == STUDENT:
+        student = port.port_student(sd, _student_shapes(cfg), source)
+        sd_tracker = {k: v for k, v in sd.items() if not k.startswith(port.STUDENT_PREFIXES)}
+        expected = {p: s for p, s in expected.items() if not p.startswith("memory_attention.")}
+    else:
+        sd_tracker = sd
+    result = port.port_tracker(sd_tracker, expected, source)
+    trunk_kind = port.trunk_kind(sd)
+    trunk = None
+    if trunk_kind == "sam3-vit" and TRUNK in parts:
+        trunk = port.port_trunk(sd, expected=abstract_shapes(lambda: trunk_from_config(cfg)), source=source)
+    if merged:
+        kind = "merged_export"
+    elif layout == "transformers":
+        kind = "transformers"
+    else:
+        kind = "stage1" if trunk_kind == "foreign" else "sam3"
+    report = {
+        "layout": layout,
+        "trunk": trunk_kind,
+        "memory": memory,
+        "consumed_keys": result.consumed,
+        "ignored_keys": result.ignored,
+        "unused_keys": result.unused,
+        "text": port.format_report(result, trunk_kind, layout),
+    }
+    return Weights(
+        cfg, source, kind, tracker=result.params, student=student, trunk=trunk, report=report, state_dict=sd
+    )
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+
+def _torch_name(table) -> Any:
+    def describe(path: str) -> str:
+        hit = table.to_torch(path)
+        return f"{path} ({hit[0]})" if hit else path
+
+    return describe
+
+
+def _student_shapes(cfg: config_lib.Config) -> dict[str, tuple[int, ...]]:
+    return abstract_shapes(lambda: student_from_config(cfg, seed=0))
+
+
+def _check_student(student: Mapping, cfg: config_lib.Config, what: str) -> None:
+    """The student's parameters must be exactly those its config describes."""
+    check_shapes(
+        {p: np.shape(v) for p, v in flatten(student).items()},
+        _student_shapes(cfg),
+        what,
+        _torch_name(STUDENT_TABLE),
+    )
