@@ -132,7 +132,7 @@ def run_clip(
         if distill:
             cond_s = teacher.condition(student, frame, bank_s, sel)
             heads_s = teacher.tracked_heads(cond_s, frame)
-            mse = ((cond_s.astype(jnp.float32) - cond_t.astype(jnp.float32)) ** 2).mean(axis=(1, 2, 3))
+            mse = losses.feature_mse(cond_s, cond_t)
         else:
             cond_s, heads_s, mse = cond_t, heads_t, jnp.zeros((num_objects,), jnp.float32)
         source = heads_s if cfg.TRAIN.MEMORY_SOURCE == "student" else heads_t

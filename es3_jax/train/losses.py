@@ -109,22 +109,6 @@ def reduce_terms(terms: MaskTerms, valid: jax.Array) -> MaskLosses:
     )
 
 
-def mask_losses(
-    logits: jax.Array,
-    iou_pred: jax.Array,
-    obj_score_logits: jax.Array,
-    targets: jax.Array,
-    valid: jax.Array,
-    cfg: LossConfig,
-) -> MaskLosses:
-    """SAM2's mask losses for a batch of frames and objects (leading dims `...`, e.g. `[B, T, O]`).
-
-    valid: `[...]` bool, False for padded objects and for frames that carry no loss (e.g.
-    conditioning frames). See `mask_terms` for the other shapes.
-    """
-    return reduce_terms(mask_terms(logits, iou_pred, obj_score_logits, targets, cfg), valid)
-
-
 def _num_objects(valid: jax.Array) -> jax.Array:
     """Objects that carry a loss on some frame: `valid [..., T, O]` -> a scalar count."""
     if valid.ndim < 2:
@@ -132,16 +116,20 @@ def _num_objects(valid: jax.Array) -> jax.Array:
     return valid.any(axis=-2).sum().astype(jnp.float32)
 
 
-def feature_mse(student: jax.Array, teacher: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean squared error between memory-conditioned features over the valid entries.
+def feature_mse(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """Mean squared error between memory-conditioned features `[..., H, W, C]` -> `[...]`.
 
-    student, teacher: `[..., N, C]`; valid: `[...]` bool (frames and objects that count).
+    The teacher's features are the target: a constant for the gradient, whatever they were
+    computed from (with `TRAIN.MEMORY_SOURCE student` they depend on the student's masks).
     """
-    sq = ((student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)) ** 2).mean(
-        axis=(-2, -1)
-    )
+    diff = student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)
+    return jnp.mean(diff**2, axis=(-3, -2, -1))
+
+
+def masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """The mean of `values` over the entries where `valid` holds (0 when none does)."""
     valid = valid.astype(jnp.float32)
-    return (sq * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    return (values * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
 
 def total_loss(masks: MaskLosses, mse: jax.Array | None, cfg: LossConfig) -> tuple[jax.Array, dict]:

@@ -91,10 +91,7 @@ def batch_loss(templates: Templates, trainable, frozen, batch, cfg: Config):
     out = _batch_outputs(templates, trainable, frozen, batch, cfg)
     valid = _valid(batch)
     masks = losses.reduce_terms(out.terms, valid)
-    mse = None
-    if templates.student is not None:
-        v = valid.astype(jnp.float32)
-        mse = (out.mse * v).sum() / jnp.maximum(v.sum(), 1.0)
+    mse = None if templates.student is None else losses.masked_mean(out.mse, valid)
     total, terms = losses.total_loss(masks, mse, cfg.TRAIN.LOSS)
     return total, (terms, out)
 

@@ -1,5 +1,6 @@
 """The training losses against sam3's own training loss functions, and their reduction rules."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +21,11 @@ def _sam3_loss_fns():
 
 
 loss_fns = _sam3_loss_fns()
+
+
+def _mask_losses(logits, iou_pred, obj_score_logits, targets, valid, cfg) -> losses.MaskLosses:
+    """The train step's mask losses: per-(frame, object) terms reduced over the valid entries."""
+    return losses.reduce_terms(losses.mask_terms(logits, iou_pred, obj_score_logits, targets, cfg), valid)
 
 
 @pytest.fixture
@@ -55,7 +61,7 @@ def test_multimask_supervises_the_lowest_loss_candidate(masks):
     cfg = LossConfig()
     gt = targets[:, 0]
     iou_pred = np.zeros((5, 3), np.float32)
-    out = losses.mask_losses(logits, iou_pred, np.zeros(5, np.float32), gt, np.ones(5, bool), cfg)
+    out = _mask_losses(logits, iou_pred, np.zeros(5, np.float32), gt, np.ones(5, bool), cfg)
     focal = np.asarray(losses.focal_per_mask(logits, gt[:, None], 0.25, 2.0))
     dice = np.asarray(losses.dice_per_mask(logits, gt[:, None]))
     best = np.argmin(20 * focal + dice, axis=1)
@@ -70,10 +76,10 @@ def test_padded_objects_and_frames_do_not_count(masks):
     cfg = LossConfig()
     gt = targets[:, 0]
     valid = np.array([True, True, False, False, True])
-    base = losses.mask_losses(logits, np.zeros((5, 3)), np.zeros(5), gt, valid, cfg)
+    base = _mask_losses(logits, np.zeros((5, 3)), np.zeros(5), gt, valid, cfg)
     noisy = logits.copy()
     noisy[~valid] = 1e3  # garbage in the padded slots
-    again = losses.mask_losses(noisy, np.zeros((5, 3)), np.zeros(5), gt, valid, cfg)
+    again = _mask_losses(noisy, np.zeros((5, 3)), np.zeros(5), gt, valid, cfg)
     for name, a, b in zip(base._fields, base, again, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)
 
@@ -82,20 +88,18 @@ def test_perfect_prediction_has_zero_focal_and_iou_terms():
     gt = np.zeros((2, 16, 16), bool)
     gt[:, 4:10, 3:12] = True
     logits = np.where(gt, 50.0, -50.0)[:, None].astype(np.float32)
-    out = losses.mask_losses(logits, np.ones((2, 1)), np.full(2, 50.0), gt, np.ones(2, bool), LossConfig())
+    out = _mask_losses(logits, np.ones((2, 1)), np.full(2, 50.0), gt, np.ones(2, bool), LossConfig())
     assert float(out.focal) < 1e-12 and float(out.iou) < 1e-6 and float(out.obj_score) < 1e-12
     assert float(out.dice) < 1e-3
 
 
 def test_feature_mse_ignores_invalid_entries_and_stops_teacher_gradient():
-    import jax
-
-    s = np.random.default_rng(0).normal(size=(3, 10, 4)).astype(np.float32)
+    s = np.random.default_rng(0).normal(size=(3, 5, 2, 4)).astype(np.float32)
     t = np.zeros_like(s)
     valid = np.array([True, False, True])
     expected = (s[valid] ** 2).mean()
-    np.testing.assert_allclose(losses.feature_mse(s, t, valid), expected, rtol=1e-6)
-    g_teacher = jax.grad(lambda tt: losses.feature_mse(s, tt, valid))(t)
+    np.testing.assert_allclose(losses.masked_mean(losses.feature_mse(s, t), valid), expected, rtol=1e-6)
+    g_teacher = jax.grad(lambda tt: losses.masked_mean(losses.feature_mse(s, tt), valid))(t)
     assert not np.any(g_teacher), "the MSE term must not send gradients into the teacher"
 
 
