@@ -67,7 +67,7 @@ def test_mse_gradient_holds_the_teacher_features_constant():
     scale = max(float(np.abs(g).max()) for g in want.values())
     err = max(float(np.abs(got[k] - want[k]).max()) for k in want) / scale
     print(
-        f"[mse gradient] MEMORY_SOURCE {source}: relative difference to the held-constant gradient {err:.2e}"
+        f"[mse gradient] MEMORY_SOURCE student: relative difference to the held-constant gradient {err:.2e}"
     )
     assert float(value) == pytest.approx(float(ref_value), rel=1e-6)
     assert scale > 0 and err <= 1e-5, f"the MSE's gradient reaches its own target: {err:.2e}"
