@@ -148,9 +148,7 @@ def run(
     return summary
 
 
-def _export(
-    student_weights: Path, teacher_weights: str, cfg: config_lib.Config, output_path: Path
-) -> str | None:
+def _export(student_weights: Path, teacher_weights: str, output_path: Path) -> str | None:
     """The merged PyTorch file's path, or None (with the reason printed) where torch is missing."""
     if importlib.util.find_spec("torch") is None:
         print(f"skipped: the PyTorch export needs torch ({TORCH_EXTRA})", flush=True)
