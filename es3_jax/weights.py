@@ -48,13 +48,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from es3_jax import checkpoints
 from es3_jax import config as config_lib
 from es3_jax.errors import TORCH_EXTRA, Es3Error
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
 from es3_jax.params import abstract_shapes, check_shapes, flatten, param_dict, unflatten
-from es3_jax.train import checkpoint
 from porting.keymap import STUDENT_TABLE, TRACKER_TABLE
 
 PARAMS_DIR = "params"
@@ -142,7 +142,7 @@ def load(
     path = Path(source)
     if path.suffix == ".pth" and not path.exists():
         path = path.with_suffix("")  # the seed names checkpoints `ckpt_best.pth`
-    if checkpoint.is_reference(path):
+    if checkpoints.is_reference(path):
         return _load_checkpoint(path, config, overrides, parts)
     if not path.exists():
         raise WeightsError(f"checkpoint not found: {path}")
@@ -151,7 +151,7 @@ def load(
             return _load_folder(path, config, overrides)
         if (path / "weights" / PARAMS_DIR).is_dir():
             return _load_folder(path / "weights", config, overrides)
-        if (path / checkpoint.CHECKPOINTS).is_dir():
+        if (path / checkpoints.CHECKPOINTS).is_dir():
             return _load_checkpoint(path, config, overrides, parts)
         if any(path.glob("*.safetensors")):
             return _load_torch(path, config, overrides, parts)
@@ -255,10 +255,10 @@ def _load_folder(folder: Path, config, overrides: Sequence[str]) -> Weights:
 
 def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collection[str]) -> Weights:
     try:
-        ref = checkpoint.resolve(path)
-    except checkpoint.CheckpointNotFoundError as e:
+        ref = checkpoints.resolve(path)
+    except checkpoints.CheckpointNotFoundError as e:
         raise WeightsError(str(e)) from e
-    params, meta = checkpoint.read(ref)
+    params, meta = checkpoints.read(ref)
     run_config = ref.output_dir / CONFIG_FILE
     if config is not None:
         cfg = _config(config, overrides)

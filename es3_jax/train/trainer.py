@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from es3_jax import checkpoints, distributed, weights
 from es3_jax import config as config_lib
-from es3_jax import distributed, weights
 from es3_jax.data.pipeline import build_pipeline
 from es3_jax.errors import Es3Error
 from es3_jax.eval.metrics import boundary_f_measure, region_similarity
@@ -40,7 +40,7 @@ from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.models.trunk import compute_dtype, trunk_fingerprint, trunk_from_config
 from es3_jax.params import ModuleTemplate, param_dict
-from es3_jax.train import checkpoint, optim, sharding
+from es3_jax.train import optim, sharding
 from es3_jax.train.metrics_log import MetricsLog
 from es3_jax.train.step import TRUNK, Templates, make_eval_step, make_train_step, split_trainable
 
@@ -182,16 +182,16 @@ class Trainer:
         teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
         self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
-        self.checkpoints = checkpoint.manager(
+        self.checkpoints = checkpoints.manager(
             self.output_dir, keep_latest=cfg.TRAIN.KEEP_LATEST, save_every=cfg.TRAIN.SAVE_EVERY
         )
         self.micro = 0
         self.bad_steps = 0
         self.best = -math.inf
         if resume:
-            ref = checkpoint.resolve(self.output_dir if resume == "auto" else resume)
-            restored = checkpoint.restore(
-                checkpoint.manager(ref.output_dir, read_only=True),
+            ref = checkpoints.resolve(self.output_dir if resume == "auto" else resume)
+            restored = checkpoints.restore(
+                checkpoints.manager(ref.output_dir, read_only=True),
                 ref.step,
                 params=self.learner.trainable,
                 opt_state=self.learner.opt_state,
@@ -247,7 +247,7 @@ class Trainer:
         }
 
     def save(self, metrics: Mapping[str, float] | None = None) -> None:
-        checkpoint.save(
+        checkpoints.save(
             self.checkpoints,
             self.step,
             params=self.learner.trainable,
@@ -358,7 +358,7 @@ class Trainer:
                 if due(self.step, cfg.EVAL_EVERY, cfg.MAX_STEPS):
                     last_val = self.validate()
                     self.log.log(self.step, last_val, prefix="val")
-                    metrics_for_ckpt = {checkpoint.BEST_METRIC: last_val["jf"]}
+                    metrics_for_ckpt = {checkpoints.BEST_METRIC: last_val["jf"]}
                     self.best = max(self.best, last_val["jf"])
                 last = self.step == cfg.MAX_STEPS
                 if metrics_for_ckpt is not None or due(self.step, cfg.SAVE_EVERY, cfg.MAX_STEPS) or last:

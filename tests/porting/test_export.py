@@ -189,16 +189,16 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
 def test_training_checkpoint_and_config_mismatch(base, tmp_path):
     """A checkpoint ref (`<run>/ckpt_best`) exports with the run's config.yaml; a config.yaml that
     does not describe the checkpoint is refused, naming the key and both shapes."""
-    from es3_jax.train import checkpoint
+    from es3_jax import checkpoints
 
     seed, _, base_path, _, _ = base
     cfg = _config("efficient_memory")
     student = _student(cfg, seed + 3)
     run = tmp_path / "run"
-    mgr = checkpoint.manager(run)
+    mgr = checkpoints.manager(run)
     meta = {"mode": "distill", "config": config_lib.to_dict(cfg)}
     opt = {"count": np.zeros((), np.int32)}
-    checkpoint.save(
+    checkpoints.save(
         mgr,
         4,
         params=student,
@@ -207,7 +207,7 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
         meta=meta,
         metrics={"val_jf": 0.7},
     )
-    checkpoint.save(
+    checkpoints.save(
         mgr,
         8,
         params=student,

@@ -1,4 +1,6 @@
-"""Training checkpoints: orbax under `<output_dir>/checkpoints/<step>/`.
+"""The checkpoints of a training run: orbax under `<output_dir>/checkpoints/<step>/`, written by the
+trainer and read back by `--resume` and by `es3_jax.weights.load` (a run's student or fine-tuned
+modules).
 
 Each checkpoint holds the trainable parameters (`params`), the optimiser state (`opt_state`), the
 data-iterator state (`data`) and `meta` (step, resolved config, counters). Kept: the latest
