@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow lint demo clean
+.PHONY: test test-slow lint demo parity-sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
@@ -21,6 +22,12 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
+	$(BIN)/lint-imports
+
+# Every parity test over SEEDS fresh seeds; the worst figure per test against its tolerance.
+SEEDS ?= 20
+parity-sweep: $(STAMP)
+	$(BIN)/python -m tests.parity_sweep --seeds $(SEEDS) --output parity_sweep.md
 
 demo: $(STAMP)
 	$(BIN)/es3 demo
