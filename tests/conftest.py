@@ -1,6 +1,9 @@
 """Test-session set-up: 8 fake CPU devices, exact float32 matmuls, grain's absl flags."""
 
+import json
 import os
+import sys
+from pathlib import Path
 
 # Must precede the first JAX backend use anywhere in the session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -19,15 +22,24 @@ except ImportError:
     pass
 
 
+def _figures() -> list[dict]:
+    module = sys.modules.get("tests.upstream")  # imported by the parity tests only, when torch is there
+    return getattr(module, "PARITY_FIGURES", [])
+
+
 def pytest_terminal_summary(terminalreporter):
     """List every parity figure the run measured against the upstream implementations."""
-    import sys
-
-    module = sys.modules.get("tests.upstream")
-    figures = getattr(module, "PARITY_FIGURES", [])
+    figures = _figures()
     if not figures:
         return
     terminalreporter.section("parity against upstream (relative error = max|ours - ref| / max|ref|)")
-    for name, err, tol in figures:
-        mark = "ok" if err <= tol else "FAIL"
-        terminalreporter.write_line(f"{err:.2e}  (<= {tol:.0e} {mark})  {name}")
+    for f in figures:
+        mark = "ok" if f["error"] <= f["tolerance"] else "FAIL"
+        terminalreporter.write_line(f"{f['error']:.2e}  (<= {f['tolerance']:.0e} {mark})  {f['name']}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write the figures as JSON lines where ES3_PARITY_FIGURES says (the parity sweep reads them)."""
+    path = os.environ.get("ES3_PARITY_FIGURES")
+    if path:
+        Path(path).write_text("".join(json.dumps(f) + "\n" for f in _figures()))

@@ -89,14 +89,28 @@ def mask_iou(logits: np.ndarray, ref_logits: np.ndarray, rtol: float) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-# Every figure measured in this session, printed at the end of the run by tests/conftest.py.
-PARITY_FIGURES: list[tuple[str, float, float]] = []
+# Every figure measured in this session: printed at the end of the run by tests/conftest.py, and
+# written where ES3_PARITY_FIGURES says (`tests/parity_sweep.py` collects them over many seeds).
+PARITY_FIGURES: list[dict] = []
+
+
+def _record(name: str, error: float, tolerance: float) -> None:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    PARITY_FIGURES.append({"test": test, "name": name, "error": error, "tolerance": tolerance})
 
 
 def report(name: str, ours, ref, tol: float, *, floor: float = 0.0) -> float:
     """Record, print and check one parity figure (`floor`: the smallest scale it is measured on)."""
     err = relative_error(ours, ref, floor)
-    PARITY_FIGURES.append((name, err, tol))
+    _record(name, err, tol)
     print(f"[parity] {name}: relative error {err:.3e} (tolerance {tol:.0e})")
     assert err <= tol, f"{name}: relative error {err:.3e} exceeds {tol:.0e}"
     return err
+
+
+def report_iou(name: str, iou: float, minimum: float) -> float:
+    """Record, print and check a binarised-mask IoU against its minimum (recorded as 1 − IoU)."""
+    _record(f"{name} (1 - IoU)", 1.0 - iou, 1.0 - minimum)
+    print(f"[parity] {name}: IoU {iou:.6f} (minimum {minimum})")
+    assert iou >= minimum, f"{name}: IoU {iou:.6f} below {minimum}"
+    return iou

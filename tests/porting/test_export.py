@@ -143,10 +143,8 @@ def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
         worst_err = max(worst_err, err)
         for k in range(2):
             worst_iou = min(worst_iou, upstream.mask_iou(logits[k], ref_logits[k], 1e-3))
-    print(
-        f"[parity] export {name}: worst relative error {worst_err:.3e}, worst binarised IoU {worst_iou:.6f}"
-    )
-    assert worst_iou >= 0.999
+    print(f"[parity] export {name}: worst relative error {worst_err:.3e}")
+    upstream.report_iou(f"export {name}: worst binarised-mask IoU over frames and objects", worst_iou, 0.999)
 
 
 def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
