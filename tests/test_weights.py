@@ -141,7 +141,7 @@ def test_what_can_be_the_teacher(sam3_pt, tmp_path):
                  "--output_path", str(tmp_path / "st.pt")]) == 0  # fmt: skip
     refused = config_lib.override(cfg, "MODEL.TEACHER_WEIGHTS", str(tmp_path / "st.pt"))
     with pytest.raises(
-        weights.WeightsError, match="st.pt: a merged export whose memory path is a distilled student"
+        weights.WeightsError, match=r"st\.pt: a merged export whose memory path is a distilled student"
     ):
         weights.teacher(refused, trunk=False)
 
