@@ -3,11 +3,16 @@
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Must precede the first JAX backend use anywhere in the session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session and the `es3` processes its tests start: tests build the
+# same programs again and again (a fresh jit per test, per command run), and on a 2-core CPU
+# compiling is most of their time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="es3-tests-xla-cache-"))
 
 import jax
 

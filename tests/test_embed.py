@@ -1,7 +1,6 @@
 """`es3 embed`: the job on real frames with a tiny trunk; resume, kill -9, two processes, errors, seed import."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from es3_jax import embed, weights
 from es3_jax.cli import main
 from es3_jax.data.embedding_store import EmbeddingStore, identity
 from es3_jax.data.frames import FrameError, list_videos
+from tests.train.runs import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 BEDROOM = REPO / ".." / "shared" / "fixtures" / "bedroom_frames"
@@ -40,19 +40,13 @@ def _data(root: Path, corrupt: str | None = None) -> Path:
     return root
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
 def _embed_cmd(data: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "es3_jax.cli", "embed", "--config", str(TINY), "--data_dir", str(data),
             "--output_dir", str(out), "--batch_size", "2", "--no_progress"]  # fmt: skip
 
 
 def _run(cmd, **env) -> str:
-    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=cli_env(**env), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -98,7 +92,7 @@ def test_kill_9_then_resume_is_byte_identical(reference, tmp_path):
     data, ref = reference
     out = tmp_path / "store"
     proc = subprocess.Popen(
-        _embed_cmd(data, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _embed_cmd(data, out), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
     # Kill as soon as the first video is complete: the next one is being written then.
@@ -129,7 +123,7 @@ def test_two_processes_write_what_one_writes(reference, tmp_path):
     procs = [
         subprocess.Popen(
             _embed_cmd(data, out),
-            env=_env(
+            env=cli_env(
                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
             ),
             stdout=subprocess.PIPE,

@@ -39,6 +39,10 @@ def synthetic_store(root: Path, videos: int, overrides: Sequence[str]) -> list[s
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of an `es3` subprocess on CPU: this one without its XLA and JAX settings (the
-    test session's 8 fake devices), the repository importable, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
+    test session's 8 fake devices) but with its compilation cache, the repository importable, plus
+    `extra`."""
+    keep = ("JAX_COMPILATION_CACHE_DIR",)
+    env = {
+        k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and (not k.startswith("JAX_") or k in keep)
+    }
     return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
