@@ -4,7 +4,8 @@ tolerance: a tolerance that holds for every seed is the only kind a test suite c
     python -m tests.parity_sweep --seeds 20 --output sweep.md     # or: make parity-sweep SEEDS=20
 
 Each run is a separate pytest process (`-m parity`, weights and inputs drawn fresh), writing the
-figures it measured to a JSON-lines file (`ES3_PARITY_FIGURES`). A run that fails is listed with
+figures it measured to a JSON-lines file (`ES3_PARITY_FIGURES`); after the first, runs select
+only the tests that measured figures. A run that fails is listed with
 its seed line, so `ES3_TEST_SEED=<seed>` replays it. Not part of `make test`: 20 runs take hours
 on a 2-core CPU.
 """
@@ -88,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, e.g. a test path")
     args = p.parse_args(argv)
     runs = []
+    selection = list(args.pytest_args)
     with tempfile.TemporaryDirectory() as folder:
         for i in range(args.seeds):
-            runs.append(run_once(i, Path(folder), args.pytest_args))
+            runs.append(run_once(i, Path(folder), selection))
+            if i == 0:
+                # Later runs need only the tests that measure figures (the others draw no seed).
+                selection = sorted({f["test"] for f in runs[0]["figures"]}) or selection
             run = runs[-1]
             status = "ok" if run["returncode"] == 0 else f"FAILED ({run['returncode']})"
             print(
