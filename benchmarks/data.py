@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from es3_jax.commands.common import add_config_args, load_config
+
 HELP = "data pipeline: clips/s and MB/s with W workers, against one training step's consumption"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from es3_jax.commands.common import add_config_args
-
     p.add_argument("--workers", default="0,2", help="worker process counts to measure, comma-separated")
     p.add_argument("--batch", type=int, default=0, help="per-process batch (default: TRAIN.BATCH_SIZE)")
     p.add_argument("--batches", type=int, default=6, help="batches timed per worker count, after warm-up")
@@ -108,8 +108,6 @@ def _measure(cfg, workers: int, batch: int, batches: int, warmup: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from es3_jax.commands.common import load_config
-
     cfg = load_config(args)
     batch = args.batch or cfg.TRAIN.BATCH_SIZE
     workers = [int(w) for w in args.workers.split(",") if w.strip()]

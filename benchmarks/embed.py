@@ -10,13 +10,17 @@ or the last block) for a quick CPU run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from benchmarks.harness import block, time_call
+from es3_jax.commands.common import add_config_args, load_config
+from es3_jax.config import validate
+from es3_jax.errors import Es3Error
 
 HELP = "trunk: frames/s of the JAX ViT (jit, warmed) beside the upstream PyTorch ViT"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from es3_jax.commands.common import add_config_args
-
     p.add_argument("--batch_size", type=int, default=1, help="frames per trunk call")
     p.add_argument("--depth", type=int, default=None, help="blocks to run; none: all of MODEL.TRUNK.DEPTH")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per framework")
@@ -27,9 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _geometry(cfg, depth: int | None):
     """The config with the trunk shortened to `depth` blocks, its global blocks kept inside."""
-    import dataclasses
-
-    from es3_jax.config import validate
 
     t = cfg.MODEL.TRUNK
     if depth is None or depth == t.DEPTH:
@@ -59,7 +60,6 @@ def _bench_jax(cfg, batch: int, warmup: int, repeats: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.harness import block, time_call
     from es3_jax.models.trunk import compute_dtype, trunk_from_config
 
     dtype = compute_dtype(cfg.MODEL.COMPUTE_DTYPE)
@@ -72,7 +72,6 @@ def _bench_jax(cfg, batch: int, warmup: int, repeats: int) -> dict:
 
 
 def _bench_torch(cfg, batch: int, warmup: int, repeats: int) -> dict:
-    from benchmarks.harness import time_call
     from porting.upstream import build_trunk, trunk_call
 
     t = cfg.MODEL.TRUNK
@@ -93,9 +92,6 @@ def _bench_torch(cfg, batch: int, warmup: int, repeats: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from es3_jax.commands.common import load_config
-    from es3_jax.errors import Es3Error
-
     cfg = _geometry(load_config(args), args.depth)
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     unknown = set(frameworks) - {"jax", "torch"}

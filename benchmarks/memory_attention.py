@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.harness import block, time_call
+from es3_jax import config
+
 HELP = "memory attention at the steady state (7 frames + 16 pointers): teacher vs students, JAX vs PyTorch"
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(name: str):
-    from es3_jax import config
-
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
     return config.load(path if name != "teacher" else CONFIGS / "efficient_memory.yaml")
 
@@ -55,7 +56,6 @@ def _jax_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: in
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.harness import block
     from es3_jax.models.memory_attention import MemoryAttention
     from es3_jax.models.memory_path import MemoryPath
     from es3_jax.models.student import student_from_config
@@ -153,7 +153,6 @@ def _torch_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: 
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from benchmarks.harness import time_call
     from es3_jax.models.flops import memory_path_cost, total
 
     records = []

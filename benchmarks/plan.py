@@ -21,6 +21,8 @@ import itertools
 import time
 
 from benchmarks.train import PEAK_FLOPS, config_for, flops_per_clip
+from es3_jax import config as config_lib
+from es3_jax.config import ConfigError
 
 HELP = "train-step plan: per-device memory, FLOPs and predicted GPU step time, compiled without running"
 
@@ -83,8 +85,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def use_fake_devices(count: int) -> None:
     """Make JAX start on `count` CPU devices; refuses once JAX has started with another count."""
     import jax
-
-    from es3_jax.config import ConfigError
 
     try:
         jax.config.update("jax_platforms", "cpu")
@@ -153,7 +153,6 @@ def compiled_plan(learner, cfg, mesh) -> dict:
 
 def record(args: argparse.Namespace, cfg, mesh, learner, batch_size: int) -> dict:
     """The plan of `learner`'s step at `batch_size` clips per device, with its GPU prediction."""
-    from es3_jax import config as config_lib
 
     cfg = config_lib.override(cfg, "TRAIN.BATCH_SIZE", str(batch_size))
     plan = compiled_plan(learner, cfg, mesh)

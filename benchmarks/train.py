@@ -17,6 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+
+from benchmarks.harness import block, time_call
+from es3_jax import config as config_lib
+
 HELP = "training step: median ms and clips/s (distill or finetune) on synthetic batches; MFU on GPU"
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -52,7 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_for(name: str, mode: str, overrides: list[str], *, on_the_fly: bool = False):
     """The config `name` (under configs/, or a YAML path) in `mode`, with random teacher weights."""
-    from es3_jax import config as config_lib
 
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
     overrides = [*overrides, "TRAIN.MODE", mode, "MODEL.TEACHER_WEIGHTS", ""]
@@ -92,7 +96,6 @@ def peak_flops(device, dtype: str) -> float | None:
 
 def _synthetic_batch(cfg, clips: int, seed: int = 0) -> dict:
     """Random trunk features (or frames) and ground truth of moving rectangles, every slot valid."""
-    import numpy as np
 
     from es3_jax.data import embedding_store
 
@@ -124,7 +127,6 @@ def _synthetic_batch(cfg, clips: int, seed: int = 0) -> dict:
 def _measure(cfg, args: argparse.Namespace) -> dict:
     import jax
 
-    from benchmarks.harness import block, time_call
     from es3_jax import weights
     from es3_jax.models.trunk import compute_dtype
     from es3_jax.train import sharding

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from es3_jax.commands.common import add_config_args
 
 HELP = "run the main job end to end on generated videos: fine-tune a teacher, distil the student, evaluate"
 DESCRIPTION = """\
@@ -17,34 +20,34 @@ teacher and vs ground truth, steps and wall time; and prints where every output 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from es3_jax.commands.common import add_config_args
-    from es3_jax.demo import DEMO_DISTILL, DEMO_VIDEOS
-
     p.add_argument("--output_dir", default="output/demo", help="where everything goes")
     p.add_argument("--sam3_weights", default=None, help="use the real SAM3 tracker as the teacher")
-    p.add_argument("--videos", type=int, default=DEMO_VIDEOS, help="number of generated videos")
+    p.add_argument(
+        "--videos",
+        type=int,
+        default=None,
+        help="number of generated videos (default: the demo's, docs/demo.md)",
+    )
     p.add_argument("--finetune_steps", type=int, default=None, help="teacher steps (default: the config's)")
     p.add_argument(
         "--distill_steps",
         type=int,
         default=None,
-        help=f"student steps (default: {DEMO_DISTILL['MAX_STEPS']} with the demo config, at a peak "
-        f"TRAIN.LR of {DEMO_DISTILL['LR']}; else the config's)",
+        help="student steps (default: the demo's distillation schedule with the demo config, docs/demo.md; "
+        "else the config's)",
     )
     add_config_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from es3_jax import demo
+    from es3_jax import demo  # jax and the models load when the command runs
 
     summary = demo.run(
         args.output_dir,
         config=args.config,
         overrides=args.overrides,
         sam3_weights=args.sam3_weights,
-        videos=args.videos,
+        videos=demo.DEMO_VIDEOS if args.videos is None else args.videos,
         finetune_steps=args.finetune_steps,
         distill_steps=args.distill_steps,
     )

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -65,6 +64,8 @@ class MetricsLog:
             _truncate_jsonl(path, resume_step)
         self._jsonl = path.open("a")
         if tensorboard:
+            from tensorboardX import SummaryWriter  # imports torch when it is installed
+
             self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resume_step)
 
     def info(self, message: str) -> None:
