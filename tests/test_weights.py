@@ -22,17 +22,15 @@ from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.models.trunk import trunk_from_config
 from es3_jax.params import flatten, param_dict
 from es3_jax.predictor import VideoPredictor
+from tests.predictor.test_video_predictor import SMALL as PREDICTOR_SMALL
 
 torch = pytest.importorskip("torch")
 from porting import checkpoint_file  # noqa: E402
 from porting.keymap import TRACKER_TABLE, TRUNK_TABLE  # noqa: E402
 
-SMALL = [
-    "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TEACHER.TRUNK_DIM", "64", "MODEL.TRUNK.WIDTH", "64",
-    "MODEL.TRUNK.NUM_HEADS", "2", "MODEL.TRUNK.MLP_DIM", "128", "MODEL.TRUNK.DEPTH", "1",
-    "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]", "MODEL.TRUNK.WINDOW_SIZE", "8", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "112",
-    "MODEL.PERCEIVER.NUM_LATENTS", "8", "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2",
-]  # fmt: skip
+# The predictor tests' 112 px geometry, with a student small enough for it.
+SMALL = [*PREDICTOR_SMALL, "MODEL.PERCEIVER.NUM_LATENTS", "8", "MODEL.PERCEIVER.NUM_LATENTS_2D", "4",
+         "MODEL.PERCEIVER.WINDOW_SIZE", "2"]  # fmt: skip
 
 
 def _torch(params: dict, table) -> dict:
