@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from es3_jax import demo, weights
+
 torch = pytest.importorskip("torch")
+from porting.sam3_checkpoint import student_to_torch  # noqa: E402
 
 
 def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
-    from es3_jax import demo
-
     summary = demo.run(
         tmp_path,
         videos=10,
@@ -46,9 +47,6 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     assert not any(k.startswith("tracker.transformer.encoder.layers.2.") for k in model), (
         "the teacher's 4-layer memory attention survived the merge"
     )
-    from es3_jax import weights
-    from porting.sam3_checkpoint import student_to_torch
-
     student = weights.load(summary["student_weights"]).student
     for key, value in student_to_torch(student).items():
         np.testing.assert_array_equal(model[key].numpy(), value, err_msg=f"exported {key}")

@@ -16,7 +16,7 @@ from es3_jax import config as config_lib
 from es3_jax import embed, weights
 from es3_jax.cli import main
 from es3_jax.data.embedding_store import EmbeddingStore, identity
-from es3_jax.data.frames import FrameError, list_videos
+from es3_jax.data.frames import FrameError, list_videos, load_frame_uint8
 from tests.train.runs import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,8 +178,6 @@ def test_unreadable_frame_stop_or_skip(tmp_path):
 
 
 def _frame(path):
-    from es3_jax.data.frames import load_frame_uint8
-
     return load_frame_uint8(path, 224)[0][None]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from es3_jax.cli import main
-from es3_jax.data.masks import read_palette_png
+from es3_jax.data.masks import read_palette_png, write_palette_png
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures"
@@ -25,7 +25,6 @@ def test_track_bedroom_single_mask(tmp_path):
     frames = _needs(FIXTURES / "bedroom_frames")
     ids = np.zeros((540, 960), np.uint8)
     ids[300:400, 150:270] = 1
-    from es3_jax.data.masks import write_palette_png
 
     mask = write_palette_png(tmp_path / "prompt.png", ids)
     out = tmp_path / "out"

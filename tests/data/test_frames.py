@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -75,7 +76,6 @@ def test_normalize_numpy_and_jax_agree():
     x = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     ours = normalize(x, mean, std)
-    import jax.numpy as jnp
 
     np.testing.assert_allclose(np.asarray(normalize(jnp.asarray(x), mean, std)), ours, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours, (x / 255.0 - np.array(mean)) / np.array(std), rtol=1e-6, atol=1e-6)

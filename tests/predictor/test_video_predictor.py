@@ -11,8 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
+from es3_jax import config as config_lib
+from es3_jax import weights
+from es3_jax.data.embedding_store import EmbeddingStore, identity
+from es3_jax.models.memory_path import MemoryPath
 from es3_jax.models.sam_heads import NO_OBJ_SCORE
+from es3_jax.models.student import student_from_config
+from es3_jax.models.tracker import SAM3Tracker
+from es3_jax.params import flatten, param_dict
+from es3_jax.predictor import VideoPredictor
 
 # 112 px -> an 8×8 grid; a 64-wide trunk output stands in for SAM3's 1024.
 SMALL = [
@@ -24,8 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _predictor(selection: bool = True):
-    from es3_jax.predictor import VideoPredictor
-
     overrides = [*SMALL, "MODEL.TEACHER.USE_MEMORY_SELECTION", str(selection)]
     return VideoPredictor.from_checkpoint(None, overrides=overrides, memory="teacher")
 
@@ -99,8 +106,6 @@ _PEAK_SCRIPT = textwrap.dedent(
 
 
 def test_peak_memory_is_flat_with_video_length(tmp_path):
-    from es3_jax.data.embedding_store import EmbeddingStore, identity
-
     store = EmbeddingStore(tmp_path / "store")
     rng = np.random.default_rng(0)
     writer = store.begin_video(
@@ -136,15 +141,6 @@ def test_peak_memory_is_flat_with_video_length(tmp_path):
 
 def test_a_training_run_folder_loads_its_student(tmp_path):
     """`es3 train` writes <run>/weights with the tracker and the student; the run folder names it."""
-    from flax import nnx
-
-    from es3_jax import config as config_lib
-    from es3_jax import weights
-    from es3_jax.models.memory_path import MemoryPath
-    from es3_jax.models.student import student_from_config
-    from es3_jax.models.tracker import SAM3Tracker
-    from es3_jax.params import flatten, param_dict
-    from es3_jax.predictor import VideoPredictor
 
     cfg = config_lib.load(
         None, [*SMALL, "MODEL.PERCEIVER.NUM_LATENTS_2D", "4", "MODEL.PERCEIVER.WINDOW_SIZE", "2"]

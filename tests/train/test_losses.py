@@ -1,5 +1,8 @@
 """The training losses against sam3's own training loss functions, and their reduction rules."""
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +16,6 @@ torch = pytest.importorskip("torch")
 
 def _sam3_loss_fns():
     """sam3's training losses; their module imports torchmetrics for metrics these tests do not use."""
-    import sys
-    import types
 
     sys.modules.setdefault("torchmetrics", types.ModuleType("torchmetrics"))
     return pytest.importorskip("sam3.train.loss.loss_fns")

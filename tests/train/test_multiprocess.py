@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from es3_jax import weights
+from es3_jax.params import flatten
 from tests.train.runs import MICRO, cli_env, synthetic_store
 
 # 8 devices × 1 clip: 8 training videos make one global batch, 2 more are held out. FSDP 2 with no
@@ -69,9 +71,6 @@ def _train(out: Path, overrides, *, processes: int, devices: int) -> None:
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:
-    from es3_jax import weights
-    from es3_jax.params import flatten
-
     student = weights.load(out / "weights").student
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timing = ("step_time_s", "clips_per_s")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from es3_jax import weights
+from es3_jax.params import flatten
 from tests.train.runs import MICRO, cli_env, synthetic_store
 
 
@@ -25,9 +27,6 @@ def _train(out: Path, overrides, *extra: str) -> subprocess.Popen:
 
 
 def _final(out: Path) -> tuple[dict, list[dict]]:
-    from es3_jax import weights
-    from es3_jax.params import flatten
-
     student = weights.load(out / "weights").student
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [{k: r[k] for k in ("step", "total", "focal", "dice", "iou", "mse")} for r in log]

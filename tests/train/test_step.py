@@ -1,16 +1,23 @@
 """The train step: fine-tuning and distillation learn, and sharding does not change the numbers."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from es3_jax import config as config_lib
+from es3_jax import weights
+from es3_jax.data.pipeline import build_pipeline
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.params import ModuleTemplate, flatten, param_dict
 from es3_jax.train import optim, sharding
-from es3_jax.train.step import Templates, make_train_step, split_trainable
+from es3_jax.train.step import TRUNK, Templates, batch_loss, make_train_step, split_trainable, trunk_features
+from es3_jax.train.trainer import Trainer, frozen_trunk
+from tests.train.runs import MICRO as RUN
+from tests.train.runs import synthetic_store
 
 # The smallest geometry the tracker supports: 56 px frames -> 4 × 4 tokens.
 MICRO = [
@@ -112,8 +119,6 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
 @pytest.fixture(scope="module")
 def frames_and_store(tmp_path_factory):
     """10 synthetic videos and their float32 store written by `es3 embed` with the micro trunk."""
-    from tests.train.runs import MICRO as RUN
-    from tests.train.runs import synthetic_store
 
     root = tmp_path_factory.mktemp("on_the_fly")
     batch = ("TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "MESH.FSDP", "2")
@@ -124,8 +129,6 @@ def frames_and_store(tmp_path_factory):
 
 
 def _first_batches(stored, on_the_fly):
-    from es3_jax.data.pipeline import build_pipeline
-
     a, b = (
         next(iter(build_pipeline(c, batch_size=8, process_index=0, process_count=1)))
         for c in (stored, on_the_fly)
@@ -137,12 +140,6 @@ def _first_batches(stored, on_the_fly):
 
 
 def test_trunk_in_the_step_computes_the_stored_features(frames_and_store):
-    import json
-
-    from es3_jax import weights
-    from es3_jax.train.step import TRUNK, trunk_features
-    from es3_jax.train.trainer import frozen_trunk
-
     stored, on_the_fly, root = frames_and_store
     a, b = _first_batches(stored, on_the_fly)
     template, params, fingerprint = frozen_trunk(on_the_fly, weights.teacher(on_the_fly, trunk=True))
@@ -160,8 +157,6 @@ def test_step_on_frames_equals_step_on_the_store(frames_and_store, tmp_path):
     """The first batch's loss and gradients (what a step applies) through the trainer's wiring:
     frames through the trunk inside the step, or the store. Gradients, not Adam's update: Adam
     turns the round-off of a near-zero gradient into a full ±LR step."""
-    from es3_jax.train.step import batch_loss
-    from es3_jax.train.trainer import Trainer
 
     stored, on_the_fly, _ = frames_and_store
     _first_batches(stored, on_the_fly)
