@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_once(index: int, folder: Path, pytest_args: list[str]) -> dict:
     """One pytest run of the parity tests -> {"returncode", "seeds", "figures", "seconds"}."""
     figures = folder / f"run_{index}.jsonl"
-    env = {**os.environ, "ES3_PARITY_FIGURES": str(figures)}
+    # Every run compiles the same programs (fresh weights, same shapes): one cache serves them all.
+    env = {**os.environ, "ES3_PARITY_FIGURES": str(figures), "JAX_COMPILATION_CACHE_DIR": str(folder / "xla")}
     env.pop("ES3_TEST_SEED", None)
     start = time.perf_counter()
     proc = subprocess.run(

@@ -11,6 +11,7 @@ from benchmarks.train import config_for
 from es3_jax import weights
 from es3_jax.train import sharding
 from es3_jax.train.trainer import Learner
+from tests.train.runs import LIGHT
 from tests.train.test_step import MICRO
 
 
@@ -25,7 +26,16 @@ def _bytes_per_device(tree) -> int:
 def test_plan_accounts_for_every_argument_byte():
     p = argparse.ArgumentParser()
     plan.add_arguments(p)
-    overrides = [*MICRO, "DATA.NUM_FRAMES", "3", "DATA.MAX_OBJECTS", "2", "MODEL.COMPUTE_DTYPE", "float32"]
+    overrides = [
+        *MICRO,
+        *LIGHT,
+        "DATA.NUM_FRAMES",
+        "3",
+        "DATA.MAX_OBJECTS",
+        "2",
+        "MODEL.COMPUTE_DTYPE",
+        "float32",
+    ]
     args = p.parse_args(["--config", "tiny", "--devices", "8", *overrides])
     plan.use_fake_devices(args.devices)  # the session's 8 devices: accepted, not restarted
     cfg = config_for("tiny", "distill", overrides)

@@ -12,11 +12,12 @@ from es3_jax.models.student import student_from_config
 from es3_jax.params import flatten, param_dict
 from es3_jax.train.step import batch_loss, split_trainable
 from es3_jax.train.trainer import templates
+from tests.train.runs import LIGHT
 from tests.train.test_step import MICRO, _batch
 
 
 def micro_config(mode: str, overrides: tuple[str, ...] = ()) -> config_lib.Config:
-    return config_lib.load(None, [*MICRO, "TRAIN.MODE", mode, *overrides])
+    return config_lib.load(None, [*MICRO, *LIGHT, "TRAIN.MODE", mode, *overrides])
 
 
 @functools.cache

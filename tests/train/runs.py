@@ -8,6 +8,7 @@ from pathlib import Path
 from es3_jax import config as config_lib
 from es3_jax import embed, weights
 from es3_jax.data.synthetic import make_synthetic
+from tests.flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,15 @@ MICRO = [
 ]  # fmt: skip
 
 
+# One layer in every stack (memory attention, decoder, perceiver): every kind of module is still
+# there, and a train step compiles in two thirds of the time. For tests whose property does not
+# depend on depth (sharding, remat, precision, gradients, the compiled plan).
+LIGHT = [
+    *("MODEL.TEACHER.MEMORY_ATTENTION_LAYERS", "1", "MODEL.TEACHER.DECODER_DEPTH", "1"),
+    *("MODEL.MEMORY_ATTENTION.NUM_LAYERS", "1", "MODEL.PERCEIVER.DEPTH", "1"),
+]
+
+
 def synthetic_store(root: Path, videos: int, overrides: Sequence[str]) -> list[str]:
     """Write `videos` synthetic SA-V videos (8 frames of 80 × 64) under `root/data` and their store
     under `root/emb` with `es3 embed`; returns `overrides` extended with both paths."""
@@ -38,11 +48,9 @@ def synthetic_store(root: Path, videos: int, overrides: Sequence[str]) -> list[s
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of an `es3` subprocess on CPU: this one without its XLA and JAX settings (the
-    test session's 8 fake devices) but with its compilation cache, the repository importable, plus
+    """The environment of an `es3` subprocess on CPU: this one without its JAX settings and its 8 fake
+    devices but with its compilation cache and compile speed, the repository importable, plus
     `extra`."""
     keep = ("JAX_COMPILATION_CACHE_DIR",)
-    env = {
-        k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and (not k.startswith("JAX_") or k in keep)
-    }
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **extra}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": str(REPO), **extra}

@@ -15,7 +15,8 @@ import pytest
 
 from es3_jax import weights
 from es3_jax.params import flatten
-from tests.train.runs import MICRO, cli_env, synthetic_store
+from tests.flags import FAST_COMPILE
+from tests.train.runs import LIGHT, MICRO, cli_env, synthetic_store
 
 # 8 devices × 1 clip: 8 training videos make one global batch, 2 more are held out. FSDP 2 with no
 # size threshold shards every divisible trainable across a device pair, and validation at step 3
@@ -25,10 +26,7 @@ RUN = [
     *("TRAIN.BATCH_SIZE", "1", "TRAIN.EFFECTIVE_BATCH_SIZE", "8", "TRAIN.MAX_STEPS", "3"),
     *("TRAIN.EVAL_EVERY", "3", "TRAIN.SAVE_EVERY", "0", "MESH.FSDP", "2", "MESH.FSDP_MIN_SIZE_MB", "0"),
 ]
-LIGHT = [
-    *("MODEL.TEACHER.MEMORY_ATTENTION_LAYERS", "1", "MODEL.TEACHER.DECODER_DEPTH", "1"),
-    *("MODEL.MEMORY_ATTENTION.NUM_LAYERS", "1", "MODEL.PERCEIVER.DEPTH", "1", "TRAIN.EVAL_EVERY", "0"),
-]
+NO_VALIDATION = ["TRAIN.EVAL_EVERY", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,7 @@ def _free_port() -> int:
 
 def _train(out: Path, overrides, *, processes: int, devices: int) -> None:
     """`es3 train` as `processes` processes of `devices` CPU devices each; waits for all of them."""
-    # Optimisation level 0 halves XLA's CPU compile time; every run here uses the same flags.
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env = cli_env(XLA_FLAGS=flags)
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
@@ -79,7 +76,7 @@ def _final(out: Path) -> tuple[dict, list[dict]]:
 
 @pytest.mark.parametrize("variant", ["light", pytest.param("full", marks=pytest.mark.slow)])
 def test_two_processes_equal_one(dataset, tmp_path, variant):
-    overrides = [*dataset, *(LIGHT if variant == "light" else [])]
+    overrides = [*dataset, *([*LIGHT, *NO_VALIDATION] if variant == "light" else [])]
     _train(tmp_path / "one", overrides, processes=1, devices=8)
     _train(tmp_path / "two", overrides, processes=2, devices=4)
     params_one, log_one = _final(tmp_path / "one")

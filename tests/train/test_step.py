@@ -16,8 +16,8 @@ from es3_jax.params import ModuleTemplate, flatten, param_dict
 from es3_jax.train import optim, sharding
 from es3_jax.train.step import TRUNK, Templates, batch_loss, make_train_step, split_trainable, trunk_features
 from es3_jax.train.trainer import Trainer, frozen_trunk
+from tests.train.runs import LIGHT, synthetic_store
 from tests.train.runs import MICRO as RUN
-from tests.train.runs import synthetic_store
 
 # The smallest geometry the tracker supports: 56 px frames -> 4 × 4 tokens.
 MICRO = [
@@ -35,7 +35,7 @@ def _setup(mode: str, mesh_cfg: dict, devices):
     # Fine-tuning with one tracking mask: with SAM's three candidates, the loss supervises the best
     # one, and on a near-tie the choice flips with float round-off between meshes.
     single = ["MODEL.TEACHER.NUM_MULTIMASK_OUTPUTS", "1"] if mode == "finetune" else []
-    cfg = config_lib.load(None, [*MICRO, *single, "TRAIN.MODE", mode])
+    cfg = config_lib.load(None, [*MICRO, *LIGHT, *single, "TRAIN.MODE", mode])
     cfg = config_lib.merge(cfg, {"MESH": mesh_cfg})
     t = cfg.MODEL.TEACHER
     teacher = param_dict(SAM3Tracker(t, rngs=nnx.Rngs(0)))
