@@ -86,7 +86,9 @@ def table(rows: list[dict], runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=20, help="number of pytest runs, each with fresh seeds")
-    p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
+    p.add_argument(
+        "--output", default=None, help="also write the table (markdown) to this file, after each run"
+    )
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, e.g. a test path")
     args = p.parse_args(argv)
     runs = []
@@ -103,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"run {i + 1}/{args.seeds}: {status}, {len(run['figures'])} figures, {run['seconds']:.0f} s",
                 flush=True,
             )
-    text = table(worst_per_test(runs), runs)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+            if args.output:
+                # Rewritten after every run, so an interrupted sweep still leaves its table.
+                Path(args.output).write_text(table(worst_per_test(runs), runs) + "\n")
+    print(table(worst_per_test(runs), runs))
     return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from es3_jax.models.neck import NeckLevel, TrackerNeck
+from es3_jax.params import bind
 from tests import upstream
 
 torch = upstream.torch
@@ -15,9 +17,6 @@ pytestmark = pytest.mark.parity
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from es3_jax.models.neck import TrackerNeck
-    from es3_jax.params import bind
-
     seed, _, neck, params = upstream.ported_reference(tmp_path_factory.mktemp("neck"))
     ours = bind(lambda: TrackerNeck(1024, 256, rngs=nnx.Rngs(0)), params["neck"])
     return seed, neck, ours
@@ -39,7 +38,5 @@ def test_neck_levels_and_pos_match_upstream(setup):
 
 
 def test_neck_rejects_unknown_scale():
-    from es3_jax.models.neck import NeckLevel
-
     with pytest.raises(ValueError, match="scale"):
         NeckLevel(8, 4, 3, rngs=nnx.Rngs(0))

@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from es3_jax import config as config_lib
+from es3_jax.predictor import VideoPredictor
 from tests import upstream
 
 torch = upstream.torch
@@ -31,8 +33,6 @@ def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.n
 
 
 def _config(memory_selection: bool):
-    from es3_jax import config as config_lib
-
     cfg = config_lib.Config()
     teacher = dataclasses.replace(
         cfg.MODEL.TEACHER, IMAGE_SIZE=IMAGE_SIZE, USE_MEMORY_SELECTION=memory_selection
@@ -67,8 +67,6 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("memory_selection", [False, True], ids=["no_selection", "selection"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_tracking_matches_upstream(reference, memory_selection, reverse):
-    from es3_jax.predictor import VideoPredictor
-
     _, neck, trackers, path, trunk, masks = reference
     prompt_frame = NUM_FRAMES - 1 if reverse else 0
     prompts = {1: (prompt_frame, masks[0]), 2: (prompt_frame, masks[1])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -11,11 +12,13 @@ import pytest
 from flax import nnx
 
 from es3_jax import config as config_lib
+from es3_jax.cli import main
 from es3_jax.models.trunk import ViTTrunk, trunk_fingerprint, trunk_from_config
 from es3_jax.params import ParamMismatchError, abstract_shapes, bind, flatten, param_dict
 from tests import upstream
 
 torch = upstream.torch
+
 from porting.checkpoint_file import CheckpointError, read_checkpoint  # noqa: E402
 from porting.sam3_checkpoint import TRUNK_PREFIX, port_trunk  # noqa: E402
 
@@ -301,10 +304,6 @@ def test_config_refuses_a_trunk_width_the_tracker_does_not_read():
 
 
 def test_bench_embed_times_both_frameworks(tmp_path, capsys):
-    import json
-
-    from es3_jax.cli import main
-
     out = tmp_path / "embed.jsonl"
     args = ["bench", "embed", "--depth", "2", "--repeats", "1", "--batch_size", "2", "--output", str(out)]
     assert main([*args, *SMALL_OVERRIDES]) == 0

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
+from es3_jax import checkpoints, weights
 from es3_jax import config as config_lib
-from es3_jax import weights
+from es3_jax.cli import build_parser, main
 from es3_jax.params import ParamMismatchError, flatten
+from es3_jax.predictor import VideoPredictor
 from tests import upstream
 
 torch = upstream.torch
+
 from porting.checkpoint_file import read_checkpoint, record_of  # noqa: E402
 from porting.export import ExportError, export_merged  # noqa: E402
 from porting.keymap import STUDENT_TABLE  # noqa: E402
@@ -113,7 +117,6 @@ def _bytes(t) -> bytes:
 def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
     """PyTorch (upstream predictor + the exported student) vs JAX (`VideoPredictor` on the run):
     8 frames, 2 objects prompted by masks on frame 0, memory selection on, float32."""
-    from es3_jax.predictor import VideoPredictor
 
     seed, neck, base_path, trunk, masks = base
     cfg = _config(name)
@@ -151,8 +154,6 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
     """es3 weights -> merged .pt -> PyTorch model -> saved from PyTorch (.safetensors) -> `es3 port`
     -> es3 weights: the student's parameters come back bit for bit, and the predictor reads the
     merged file directly too."""
-    from es3_jax.cli import main
-    from es3_jax.predictor import VideoPredictor
 
     seed, _, base_path, _, _ = base
     cfg = _config("efficient_memory")
@@ -175,7 +176,6 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
 
     for source in (tmp_path / "back", merged):
         predictor = VideoPredictor.from_checkpoint(source)
-        from flax import nnx
 
         loaded = flatten(
             nnx.to_pure_dict(nnx.state(nnx.merge(predictor._memory_def, predictor._memory_state)))
@@ -187,7 +187,6 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
 def test_training_checkpoint_and_config_mismatch(base, tmp_path):
     """A checkpoint ref (`<run>/ckpt_best`) exports with the run's config.yaml; a config.yaml that
     does not describe the checkpoint is refused, naming the key and both shapes."""
-    from es3_jax import checkpoints
 
     seed, _, base_path, _, _ = base
     cfg = _config("efficient_memory")
@@ -380,8 +379,6 @@ def test_readme_pytorch_snippet_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_export_cli_help_lists_the_seed_flags():
-    from es3_jax.cli import build_parser
-
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["export"]
     flags = {opt for a in sub._actions for opt in a.option_strings}
