@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest processes for `make test`: compiling dominates the suite and is single-threaded, so one per
+# core; each holds a few GiB at most.
+WORKERS ?= 2
 
 .PHONY: test test-slow lint demo parity-sweep clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m slow

@@ -31,14 +31,31 @@ except ImportError:
     pass
 
 
+# Figures measured by `pytest -n` workers, gathered on the controlling process as each worker ends.
+_WORKER_FIGURES: list[dict] = []
+
+
 def _figures() -> list[dict]:
     module = sys.modules.get("tests.upstream")  # imported by the parity tests only, when torch is there
-    return getattr(module, "PARITY_FIGURES", [])
+    return getattr(module, "PARITY_FIGURES", []) + _WORKER_FIGURES
+
+
+class _GatherWorkerFigures:
+    """On the controller of a `pytest -n` run: the figures each worker measured."""
+
+    def pytest_testnodedown(self, node, error):
+        _WORKER_FIGURES.extend(json.loads(node.workeroutput.get("parity_figures", "[]")))
+
+
+def pytest_configure(config):
+    # Registered only where xdist is loaded: without it pytest rejects its hook as unknown.
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_GatherWorkerFigures())
 
 
 def pytest_terminal_summary(terminalreporter):
     """List every parity figure the run measured against the upstream implementations."""
-    figures = _figures()
+    figures = sorted(_figures(), key=lambda f: f["test"])  # workers finish in any order
     if not figures:
         return
     terminalreporter.section("parity against upstream (relative error = max|ours - ref| / max|ref|)")
@@ -48,7 +65,11 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Write the figures as JSON lines where ES3_PARITY_FIGURES says (the parity sweep reads them)."""
+    """A worker hands its figures to the controller; the controller (or a plain run) writes them as
+    JSON lines where ES3_PARITY_FIGURES says (the parity sweep reads them)."""
+    if hasattr(session.config, "workerinput"):
+        session.config.workeroutput["parity_figures"] = json.dumps(_figures())
+        return
     path = os.environ.get("ES3_PARITY_FIGURES")
     if path:
         Path(path).write_text("".join(json.dumps(f) + "\n" for f in _figures()))
