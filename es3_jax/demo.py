@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -24,7 +23,7 @@ import jax
 from es3_jax import config as config_lib
 from es3_jax import embed, weights
 from es3_jax.data.synthetic import Style, make_synthetic
-from es3_jax.errors import TORCH_EXTRA
+from es3_jax.errors import Es3Error, require_torch
 from es3_jax.train.trainer import Trainer
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -150,8 +149,10 @@ def run(
 
 def _export(student_weights: Path, teacher_weights: str, output_path: Path) -> str | None:
     """The merged PyTorch file's path, or None (with the reason printed) where torch is missing."""
-    if importlib.util.find_spec("torch") is None:
-        print(f"skipped: the PyTorch export needs torch ({TORCH_EXTRA})", flush=True)
+    try:
+        require_torch("the PyTorch export")
+    except Es3Error as e:
+        print(f"skipped: {e}", flush=True)
         return None
     from porting.export import export_merged  # porting imports torch
 

@@ -1,5 +1,7 @@
 """The base of every error a user can act on: `es3` prints its message and exits with status 2."""
 
+import importlib.util
+
 
 class Es3Error(ValueError):
     """Bad input, a mismatched checkpoint or store, a refused configuration: the message names the
@@ -8,3 +10,10 @@ class Es3Error(ValueError):
 
 # What a user without torch installs to read or write PyTorch checkpoints.
 TORCH_EXTRA = "pip install 'es3-jax[torch]'"
+
+
+def require_torch(what: str, error: type[Es3Error] = Es3Error) -> None:
+    """Raise `error` ("<what> needs torch: <the extra to install>") where torch is not installed:
+    porting/ and every PyTorch file need it, the rest of es3 does not."""
+    if importlib.util.find_spec("torch") is None:
+        raise error(f"{what} needs torch: {TORCH_EXTRA}")

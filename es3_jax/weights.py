@@ -34,7 +34,6 @@ A weights folder (`save`):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ from flax import nnx
 
 from es3_jax import checkpoints
 from es3_jax import config as config_lib
-from es3_jax.errors import TORCH_EXTRA, Es3Error
+from es3_jax.errors import Es3Error, require_torch
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
@@ -303,8 +302,7 @@ def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collec
 
 
 def _load_torch(path: Path, config, overrides: Sequence[str], parts: Collection[str]) -> Weights:
-    if importlib.util.find_spec("torch") is None:
-        raise WeightsError(f"{path}: reading a PyTorch checkpoint needs torch: {TORCH_EXTRA}")
+    require_torch(f"{path}: reading a PyTorch checkpoint", WeightsError)
     # Imported here, not at the top: porting imports torch, which es3 needs only for PyTorch files.
     from porting import checkpoint_file
     from porting import sam3_checkpoint as port

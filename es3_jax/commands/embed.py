@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 from es3_jax.commands.common import add_config_args, load_config
-from es3_jax.errors import TORCH_EXTRA, Es3Error
+from es3_jax.errors import Es3Error, require_torch
 
 HELP = "pre-compute trunk embeddings of video frames into the embedding store"
 DESCRIPTION = """\
@@ -45,17 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
 
 
-def _pt_frame_reader():
-    """How `.pt` seed frames are read: through torch when it is installed, else an error naming the extra."""
-    if importlib.util.find_spec("torch") is None:
-
-        def missing(path: Path):
-            raise Es3Error(f"{path}: reading a .pt seed frame needs torch: {TORCH_EXTRA}")
-
-        return missing
+def _read_pt_frame(path: Path):
+    """One seed `.pt` frame, read through torch; an error naming the extra where torch is missing."""
+    require_torch(f"{path}: reading a .pt seed frame")
     from porting.seed_embeddings import read_pt_frame  # porting imports torch
 
-    return read_pt_frame
+    return read_pt_frame(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             cfg,
             args.import_pt,
             output_dir,
-            read_pt=_pt_frame_reader(),
+            read_pt=_read_pt_frame,
             weights=trunk if args.sam3_weights else None,
             on_error=args.on_error,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from es3_jax.commands.common import add_config_args
+from es3_jax.errors import require_torch
 
 HELP = "merge the trained student into a SAM3 / stage-1 PyTorch checkpoint (efficient_sam3_full.pt)"
 DESCRIPTION = """\
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_torch("es3 export (it writes a PyTorch checkpoint)")
     from porting.export import export_merged  # torch, jax and the models load when the command runs
 
     result = export_merged(
