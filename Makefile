@@ -30,7 +30,7 @@ lint: $(STAMP)
 # Every parity test over SEEDS fresh seeds; the worst figure per test against its tolerance.
 SEEDS ?= 20
 parity-sweep: $(STAMP)
-	$(BIN)/python -m tests.parity_sweep --seeds $(SEEDS) --output parity_sweep.md
+	$(BIN)/python -m tests.parity_sweep --seeds $(SEEDS) --workers $(WORKERS) --output parity_sweep.md
 
 demo: $(STAMP)
 	$(BIN)/es3 demo

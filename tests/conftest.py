@@ -17,6 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # same programs again and again (a fresh jit per test, per command run), and on a 2-core CPU
 # compiling is most of their time.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="es3-tests-xla-cache-"))
+# Every program, not only those that took a second to compile: the small ones recur most.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax
 

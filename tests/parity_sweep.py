@@ -1,7 +1,7 @@
 """Run the parity tests over many fresh seeds and report, per test, the worst figure against its
 tolerance: a tolerance that holds for every seed is the only kind a test suite can rely on.
 
-    python -m tests.parity_sweep --seeds 20 --output sweep.md     # or: make parity-sweep SEEDS=20
+    python -m tests.parity_sweep --seeds 20 --workers 2 --output sweep.md   # or: make parity-sweep
 
 Each run is a separate pytest process (`-m parity`, weights and inputs drawn fresh), writing the
 figures it measured to a JSON-lines file (`ES3_PARITY_FIGURES`); after the first, runs select
@@ -13,6 +13,7 @@ on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -25,28 +26,53 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_once(index: int, folder: Path, pytest_args: list[str]) -> dict:
-    """One pytest run of the parity tests -> {"returncode", "seeds", "figures", "seconds"}."""
+def run_once(index: int, folder: Path, selection: list[str], workers: int) -> dict:
+    """One pytest run of the parity tests -> {"returncode", "seeds", "figures", "seconds", "tail"},
+    also kept as `folder/run_<index>.json`."""
     figures = folder / f"run_{index}.jsonl"
     # Every run compiles the same programs (fresh weights, same shapes): one cache serves them all.
     env = {**os.environ, "ES3_PARITY_FIGURES": str(figures), "JAX_COMPILATION_CACHE_DIR": str(folder / "xla")}
     env.pop("ES3_TEST_SEED", None)
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-m", "parity", "-p", "no:cacheprovider", *pytest_args],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-m",
+            "parity",
+            "-p",
+            "no:cacheprovider",
+            *parallel,
+            *selection,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
     )
     records = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
-    return {
+    run = {
         "returncode": proc.returncode,
+        # Under -n a worker's output shows only in a failure's report, which is where it is needed.
         "seeds": sorted(set(re.findall(r"\[es3 test seed (\d+)\]", proc.stdout))),
         "figures": records,
         "seconds": time.perf_counter() - start,
         "tail": proc.stdout[-3000:] if proc.returncode else "",
     }
+    (folder / f"run_{index}.json").write_text(json.dumps(run))
+    return run
+
+
+def earlier_runs(folder: Path) -> list[dict]:
+    """The runs a previous sweep into the same folder completed, in order."""
+    done = []
+    while (folder / f"run_{len(done)}.json").exists():
+        done.append(json.loads((folder / f"run_{len(done)}.json").read_text()))
+    return done
 
 
 def worst_per_test(runs: list[dict]) -> list[dict]:
@@ -89,16 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--output", default=None, help="also write the table (markdown) to this file, after each run"
     )
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, e.g. a test path")
+    p.add_argument("--workers", type=int, default=1, help="pytest processes per run (pytest-xdist)")
+    p.add_argument(
+        "--folder",
+        default=None,
+        help="keep each run here; a sweep into the same folder goes on from its last run",
+    )
+    p.add_argument("pytest_args", nargs="*", help="pytest's selection, e.g. a test path")
     args = p.parse_args(argv)
-    runs = []
-    selection = list(args.pytest_args)
-    with tempfile.TemporaryDirectory() as folder:
-        for i in range(args.seeds):
-            runs.append(run_once(i, Path(folder), selection))
-            if i == 0:
+    with contextlib.ExitStack() as stack:
+        folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        runs = earlier_runs(folder)
+        selection = list(args.pytest_args)
+        for i in range(len(runs), args.seeds):
+            if runs:
                 # Later runs need only the tests that measure figures (the others draw no seed).
                 selection = sorted({f["test"] for f in runs[0]["figures"]}) or selection
+            runs.append(run_once(i, folder, selection, args.workers))
             run = runs[-1]
             status = "ok" if run["returncode"] == 0 else f"FAILED ({run['returncode']})"
             print(

@@ -1,5 +1,6 @@
 """`es3 demo` end to end at a few steps, as `make demo` runs it (its own process, this machine's one
-CPU device): every stage runs, and the summary and outputs are real."""
+CPU device): every stage runs, and the summary and outputs are real. One layer in the SAM decoder and
+the perceiver: their depth proves nothing here and costs compile time."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from porting.sam3_checkpoint import student_to_torch  # noqa: E402
 
 
 def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
-    cmd = [sys.executable, "-m", "es3_jax.cli", "demo", "--output_dir", str(tmp_path), "--videos", "10",
-           "--finetune_steps", "2", "--distill_steps", "2", "DATA.VAL_VIDEOS", "2", "TRAIN.BATCH_SIZE", "1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "es3_jax.cli", "demo", "--output_dir", str(tmp_path), "--videos", "6",
+           "--finetune_steps", "2", "--distill_steps", "2", "DATA.VAL_VIDEOS", "2", "TRAIN.BATCH_SIZE", "1",
+           "MODEL.TEACHER.DECODER_DEPTH", "1", "MODEL.PERCEIVER.DEPTH", "1"]  # fmt: skip
     run = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -46,9 +48,8 @@ def test_demo_runs_every_stage_and_reports_what_it_measured(tmp_path):
     merged = torch.load(summary["pytorch_checkpoint"], map_location="cpu", weights_only=True)
     model = merged["model"]
     assert any(k.startswith("tracker.spatial_perceiver.") for k in model), "student perceiver not exported"
-    assert not any(k.startswith("tracker.transformer.encoder.layers.2.") for k in model), (
-        "the teacher's 4-layer memory attention survived the merge"
-    )
-    student = weights.load(summary["student_weights"]).student
-    for key, value in student_to_torch(student).items():
+    student = student_to_torch(weights.load(summary["student_weights"]).student)
+    for key, value in student.items():
         np.testing.assert_array_equal(model[key].numpy(), value, err_msg=f"exported {key}")
+    teachers = {k for k in model if k.startswith("tracker.transformer.encoder.")} - set(student)
+    assert not teachers, f"the teacher's memory attention survived the merge: {sorted(teachers)[:4]}"

@@ -113,22 +113,22 @@ _PEAK_SCRIPT = textwrap.dedent(
 
 
 def test_peak_memory_is_flat_with_video_length(tmp_path):
-    """One run of 400 frames: what the device holds after frame 100 (the bank long full) and at the end is the same (the
+    """One run of 200 frames: what the device holds after frame 50 (the bank long full) and at the end is the same (the
     bank is bounded), and the process's peak RSS grows by at most 5 %."""
     store = EmbeddingStore(tmp_path / "store")
     rng = np.random.default_rng(0)
     writer = store.begin_video(
         "long",
-        frame_names=[f"{i:05d}" for i in range(400)],
+        frame_names=[f"{i:05d}" for i in range(200)],
         feature_shape=(8, 8, 64),
         dtype="float32",
         ident=identity("random", (0.5,) * 3, (0.5,) * 3, 112),
     )
-    for start in range(0, 400, 100):
-        writer.write(start, rng.standard_normal((100, 8, 8, 64)).astype(np.float32))
+    for start in range(0, 200, 50):
+        writer.write(start, rng.standard_normal((50, 8, 8, 64)).astype(np.float32))
     writer.commit()
     run = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "store"), "400", "100", json.dumps(SMALL)],
+        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "store"), "200", "50", json.dumps(SMALL)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -137,12 +137,12 @@ def test_peak_memory_is_flat_with_video_length(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["frames"] == 400 and out["traces"]["track_step"] == 1
+    assert out["frames"] == 200 and out["traces"]["track_step"] == 1
     early, end = out["early"], out["end"]
     ratio = end["rss_kb"] / early["rss_kb"]
     print(
-        f"[memory] after 100 frames: {early['device_bytes'] / 2**20:.2f} MiB on the device, peak RSS "
-        f"{early['rss_kb'] / 1024:.0f} MiB; after 400: {end['device_bytes'] / 2**20:.2f} MiB, "
+        f"[memory] after 50 frames: {early['device_bytes'] / 2**20:.2f} MiB on the device, peak RSS "
+        f"{early['rss_kb'] / 1024:.0f} MiB; after 200: {end['device_bytes'] / 2**20:.2f} MiB, "
         f"{end['rss_kb'] / 1024:.0f} MiB (ratio {ratio:.3f})"
     )
     assert end["device_bytes"] == early["device_bytes"]

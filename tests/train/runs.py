@@ -51,6 +51,6 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment of an `es3` subprocess on CPU: this one without its JAX settings and its 8 fake
     devices but with its compilation cache and compile speed, the repository importable, plus
     `extra`."""
-    keep = ("JAX_COMPILATION_CACHE_DIR",)
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
     return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": str(REPO), **extra}
