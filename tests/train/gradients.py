@@ -30,12 +30,13 @@ def weights_of() -> tuple[dict, dict]:
 
 @functools.cache
 def loss_and_gradients(mode: str, overrides: tuple[str, ...] = ()) -> tuple[float, dict[str, np.ndarray]]:
-    """(total loss, `{dotted path: gradient}`) of 2 clips of 4 frames with the micro config + overrides."""
+    """(total loss, `{dotted path: gradient}`) of 2 clips of 3 frames (a prompt, then two tracked frames
+    reading a bank) with the micro config + overrides."""
     cfg = micro_config(mode, overrides)
     teacher, student = weights_of()
     trainable, frozen = split_trainable(cfg, teacher, student if mode == "distill" else None)
     run_templates = templates(cfg)
-    batch = _batch(cfg, seed=3, batch=2, frames=4)
+    batch = _batch(cfg, seed=3, batch=2)
 
     def loss(p):
         return batch_loss(run_templates, p, frozen, batch, cfg)[0]

@@ -46,8 +46,8 @@ def test_mse_gradient_holds_the_teacher_features_constant():
     }
     trainable, frozen = split_trainable(cfg, teacher, student)
     run_templates = templates(cfg)
-    # Three frames: frame 1's student mask is in the teacher's bank when frame 2 is tracked.
-    batch = _batch(cfg, seed=3, batch=2, frames=3)
+    # Three frames (the default): frame 1's student mask is in the teacher's bank when frame 2 is tracked.
+    batch = _batch(cfg, seed=3, batch=2)
     t = batch["masks"].shape[1]
     valid = batch["object_valid"] & batch["clip_valid"][:, None]
     weight = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], t - 1, valid.shape[1])).astype(jnp.float32)
