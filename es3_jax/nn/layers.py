@@ -55,16 +55,22 @@ def conv(
     rngs: nnx.Rngs,
     stride: int = 1,
     padding: int = 0,
+    groups: int = 1,
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
 ) -> nnx.Conv:
-    """A 2-D convolution with torch's symmetric explicit padding (never 'SAME', which pads (0, 1) at stride 2)."""
+    """A 2-D convolution with torch's symmetric explicit padding (never 'SAME', which pads (0, 1) at stride 2).
+
+    `groups` as torch's: the kernel is `[k, k, din / groups, dout]`, torch's `[dout, din / groups, k, k]`
+    permuted (2, 3, 1, 0).
+    """
     return nnx.Conv(
         din,
         dout,
         kernel_size=(kernel, kernel),
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -72,29 +78,120 @@ def conv(
     )
 
 
-class DepthwiseConv(nnx.Module):
-    """`nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)`, written as a sum of k² shifted products.
+class BatchNorm(nnx.Module):
+    """`nn.BatchNorm2d` / `BatchNorm1d` in inference form over the last axis, from running statistics.
 
-    XLA's CPU backend computes a grouped convolution's kernel gradient as a dense `[k, k, dim, dim]`
-    convolution, `dim` times the work; the shifted sum differentiates into fused elementwise loops
-    on every backend. Parameters keep `nnx.Conv`'s layout: `kernel` `[k, k, 1, dim]`, `bias` `[dim]`.
+    Frozen trunks never update the statistics, so they are held as parameters beside the affine
+    ones: `scale`, `bias`, `mean`, `var` `[C]` are torch's `weight`, `bias`, `running_mean`,
+    `running_var`. Computed in float32 whatever the compute dtype, then cast back.
     """
 
-    def __init__(self, dim: int, kernel: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim), jnp.float32))
+    def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+        del rngs  # torch's initial state (scale 1, bias 0, mean 0, var 1) needs no randomness
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.mean = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.var = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """`[B, H, W, dim]` -> `[B, H, W, dim]`."""
-        k = self.kernel.shape[0]
+        """`[..., C]` -> `[..., C]`."""
+        scale = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
+        shift = self.bias[...] - self.mean[...] * scale
+        return (x.astype(jnp.float32) * scale + shift).astype(self.dtype)
+
+
+DEPTHWISE_SCOPE = "depthwise_conv"
+
+
+class DepthwiseConv(nnx.Module):
+    """`nn.Conv2d(dim, dim, k, stride, padding=k // 2, groups=dim, bias=use_bias)`, written as a sum of
+    k² shifted (strided) products.
+
+    XLA's CPU backend runs a grouped convolution 2-8× slower than this sum at the trunks' sizes, and
+    computes its kernel gradient as a dense `[k, k, dim, dim]` convolution, `dim` times the work;
+    the shifted sum fuses into elementwise loops on every backend. Parameters keep `nnx.Conv`'s
+    layout: `kernel` `[k, k, 1, dim]`, `bias` `[dim]` when there is one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+    ):
+        init = nnx.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if use_bias else None
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, dim]` -> `[B, ceil(H / stride), ceil(W / stride), dim]` (odd k)."""
+        k, s = self.kernel.shape[0], self.stride
         _, h, w, _ = x.shape
-        x = x.astype(self.dtype)
+        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
         kernel = self.kernel[...].astype(self.dtype)
-        padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-        y = sum(padded[:, dy : dy + h, dx : dx + w] * kernel[dy, dx, 0] for dy in range(k) for dx in range(k))
-        return y + self.bias[...].astype(self.dtype)
+        padded = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+        # The scope marks the taps' products as a convolution's (`es3_jax.models.flops` counts them).
+        with jax.named_scope(DEPTHWISE_SCOPE):
+            y = sum(
+                padded[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s] * kernel[dy, dx, 0]
+                for dy in range(k)
+                for dx in range(k)
+            )
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class ConvBN(nnx.Module):
+    """A bias-free conv `c` (padding k // 2) then an inference-form BatchNorm `bn`: upstream's
+    `Conv2d_BN` in RepViT and TinyViT. A depthwise one (`groups == din == dout`) is a
+    `DepthwiseConv`, with the same parameter layout."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        kernel: int = 1,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        eps: float = 1e-5,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+    ):
+        if groups > 1 and groups == din == dout:
+            self.c = DepthwiseConv(din, kernel, stride=stride, use_bias=False, rngs=rngs, dtype=dtype)
+        else:
+            self.c = conv(
+                din, dout, kernel, stride=stride, padding=kernel // 2, groups=groups, use_bias=False,
+                rngs=rngs, dtype=dtype,
+            )  # fmt: skip
+        self.bn = BatchNorm(dout, eps=eps, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, din]` -> `[B, ceil(H / stride), ceil(W / stride), dout]` (odd kernel)."""
+        return self.bn(self.c(x))
+
+
+class Activation(nnx.Module):
+    """A parameter-less layer (`nn.GELU()`, `nn.Identity()`, ...): it holds its index in a module
+    list mirroring a torch `nn.Sequential`, so that parameter paths keep torch's indices."""
+
+    def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+        self.fn = fn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x)
+
+
+def identity(x: jax.Array) -> jax.Array:
+    return x
 
 
 class ConvTranspose2x2(nnx.Module):
