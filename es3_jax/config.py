@@ -88,8 +88,12 @@ class TrackerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrunkConfig:
-    """The SAM3 ViT trunk (`sam3/model_builder.py:69-96`); its input size is `MODEL.TEACHER.IMAGE_SIZE`."""
+    """The trunk that turns frames into the tracker's `[S/14, S/14, 1024]` features; its input size is
+    `MODEL.TEACHER.IMAGE_SIZE`. KIND `sam3_vit` is SAM3's ViT (`sam3/model_builder.py:69-96`, the
+    fields below); the others are EfficientSAM3's stage-1 students with their head, set from the
+    checkpoint that holds one."""
 
+    KIND: str = "sam3_vit"
     PATCH_SIZE: int = 14
     WIDTH: int = 1024
     DEPTH: int = 32
@@ -318,7 +322,20 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Co
     return validate(apply_overrides(cfg, overrides))
 
 
+STAGE1_TRUNK_KINDS = (
+    "repvit_m0_9",
+    "repvit_m1_1",
+    "repvit_m2_3",
+    "tiny_vit_5m",
+    "tiny_vit_11m",
+    "tiny_vit_21m",
+    "efficientvit_b0",
+    "efficientvit_b1",
+    "efficientvit_b2",
+)
+
 CHOICES = {
+    "MODEL.TRUNK.KIND": ("sam3_vit", *STAGE1_TRUNK_KINDS),
     "TRAIN.MODE": ("distill", "finetune"),
     "TRAIN.MEMORY_SOURCE": ("teacher", "student"),
     "TRAIN.REMAT": ("none", "frame", "layer", "frame_layer"),
@@ -329,8 +346,9 @@ def validate(cfg: Config) -> Config:
     """Refuse values that are each well typed but do not fit together, or that name no known choice;
     the message names the keys."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for name in key.split("."):
+            value = getattr(value, name)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
     if cfg.TRAIN.AMP:

@@ -9,7 +9,7 @@ Sources (`load`'s first argument):
 | a run folder (`es3 train --output_dir`) | as its `weights/`, else its latest checkpoint | |
 | `<run>/ckpt_latest`, `ckpt_best`, `ckpt_step_<N>`, `<run>/checkpoints/<N>` (a seed-style `.pth` suffix is ignored) | `checkpoint` | the student (distillation) or the fine-tuned modules, over the run's teacher |
 | Meta's `sam3.pt` | `sam3` | tracker, SAM3 ViT trunk |
-| a stage-1 merged `.pt` (another trunk) | `stage1` | tracker; the trunk is foreign, not ported |
+| a stage-1 merged `.pt` (EfficientSAM3's RepViT, TinyViT or EfficientViT trunk) | `stage1` | tracker, stage-1 trunk (`MODEL.TRUNK.KIND` set from it) |
 | a transformers `Sam3TrackerVideoModel` `.safetensors` file or folder | `transformers` | tracker, trunk |
 | a merged export (`es3 export`, `save_efficient_sam3`) | `merged_export` | tracker (without a memory attention when its memory path is the student's), student, trunk |
 
@@ -108,7 +108,8 @@ class Weights:
             return param_dict(trunk_from_config(self.cfg, seed=seed))
         raise WeightsError(
             f"{self.source}: holds no trunk weights, so it cannot compute trunk features from frames; "
-            "give weights with SAM3's ViT (sam3.pt, or `es3 port` of one), or pre-computed embeddings "
+            "give weights with a trunk (sam3.pt, a stage-1 merged checkpoint, or `es3 port` of one), or "
+            "pre-computed embeddings "
             "(`es3 embed`, then DATA.USE_PRECOMPUTED True / `es3 track --embeddings`)"
         )
 
@@ -306,6 +307,7 @@ def _load_torch(path: Path, config, overrides: Sequence[str], parts: Collection[
     # Imported here, not at the top: porting imports torch, which es3 needs only for PyTorch files.
     from porting import checkpoint_file
     from porting import sam3_checkpoint as port
+    from porting import stage1_checkpoint as stage1
 
     source = str(path)
     sd, extras = checkpoint_file.read_checkpoint(path)
@@ -336,16 +338,29 @@ def _load_torch(path: Path, config, overrides: Sequence[str], parts: Collection[
     else:
         sd_tracker = sd
     result = port.port_tracker(sd_tracker, expected, source)
-    trunk_kind = port.trunk_kind(sd)
+    trunk_kind = "stage1" if stage1.find_stage1_trunk(sd) else port.trunk_kind(sd)
     trunk = None
-    if trunk_kind == "sam3-vit" and TRUNK in parts:
+    if trunk_kind == "stage1":
+        # The checkpoint says which student trunk it holds; the config follows it.
+        named = None if cfg.MODEL.TRUNK.KIND == "sam3_vit" else cfg.MODEL.TRUNK.KIND
+        found, trunk = stage1.port_stage1_trunk(
+            sd, kind=named, out_dim=cfg.MODEL.TEACHER.TRUNK_DIM, source=source
+        )
+        cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", found])
+        trunk, trunk_kind = (trunk if TRUNK in parts else None), found
+    elif trunk_kind == "sam3-vit" and cfg.MODEL.TRUNK.KIND != "sam3_vit":
+        raise WeightsError(
+            f"{path}: holds SAM3's ViT trunk, but MODEL.TRUNK.KIND is {cfg.MODEL.TRUNK.KIND}; set it to "
+            "sam3_vit or give a stage-1 checkpoint of that trunk"
+        )
+    elif trunk_kind == "sam3-vit" and TRUNK in parts:
         trunk = port.port_trunk(sd, expected=abstract_shapes(lambda: trunk_from_config(cfg)), source=source)
     if merged:
         kind = "merged_export"
     elif layout == "transformers":
         kind = "transformers"
     else:
-        kind = "stage1" if trunk_kind == "foreign" else "sam3"
+        kind = "sam3" if cfg.MODEL.TRUNK.KIND == "sam3_vit" else "stage1"
     report = {
         "layout": layout,
         "trunk": trunk_kind,

@@ -121,7 +121,7 @@ def sam3_to_transformers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def trunk_kind(sd: Mapping[str, Any]) -> str:
     """The trunk a checkpoint holds: `sam3-vit` (every trunk key is one of SAM3's ViT, at any size),
-    `foreign` (e.g. a stage-1 student backbone) or `absent`."""
+    `foreign` (another trunk; `porting.stage1_checkpoint` knows the stage-1 ones) or `absent`."""
     keys = [k for k in sd if k.startswith(TRUNK_PREFIX)]
     if not keys:
         return "sam3-vit" if any(k.startswith(TRANSFORMERS_TRUNK_PREFIXES) for k in sd) else "absent"
@@ -209,13 +209,13 @@ def format_report(result: PortResult, trunk: str, layout: str) -> str:
         f"source: {result.source} ({layout} layout)",
         f"ported: {result.consumed} tensors (tracker + tracker neck)",
     ]
+    described = {
+        "sam3-vit": "SAM3 ViT trunk (ported: frames can be embedded and tracked)",
+        "foreign": "a trunk es3 does not know: not ported",
+        "absent": "no trunk in this checkpoint",
+    }
     lines.append(
-        "trunk: "
-        + {
-            "sam3-vit": "SAM3 ViT trunk (ported: frames can be embedded and tracked)",
-            "foreign": "foreign trunk (e.g. a stage-1 student backbone): not ported",
-            "absent": "no trunk in this checkpoint",
-        }[trunk]
+        f"trunk: {described.get(trunk, f'stage-1 {trunk} trunk (ported: frames can be embedded and tracked)')}"
     )
     if result.ignored:
         lines.append(f"ignored (unused by the tracker): {', '.join(result.ignored)}")

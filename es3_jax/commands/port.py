@@ -8,11 +8,12 @@ from es3_jax.commands.common import add_config_args, load_config
 
 HELP = "port SAM3 tracker weights from PyTorch into an es3 weights folder"
 DESCRIPTION = """\
-Read the SAM3 tracker, its neck and its ViT trunk from a PyTorch checkpoint and write them as
+Read the SAM3 tracker, its neck and its trunk from a PyTorch checkpoint and write them as
 an es3 weights folder (orbax params + config.yaml + port.json) that loads without torch.
 
-Accepted: Meta's sam3.pt (ckpt['model'] with tracker.* and detector.* keys); a stage-1
-merged checkpoint (same layout, another trunk: reported as foreign, not ported); a
+Accepted: Meta's sam3.pt (ckpt['model'] with tracker.* and detector.* keys); an EfficientSAM3
+stage-1 merged checkpoint (same layout with a RepViT, TinyViT or EfficientViT trunk and its head:
+the config's MODEL.TRUNK.KIND is set from it); a
 transformers Sam3TrackerVideoModel .safetensors file or folder; a merged export (`es3 export`,
 or `save_efficient_sam3` after training or editing the student in PyTorch): its student comes
 back as the folder's "student" with the config its record describes (`es3 track`/`es3 eval`

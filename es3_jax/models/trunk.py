@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from es3_jax.config import Config, ConfigError
+from es3_jax.models.stage1.stage1_trunk import Stage1Trunk
 from es3_jax.nn.attention import attend
 from es3_jax.nn.layers import Dtype, conv, gelu, layer_norm, linear
 from es3_jax.nn.rope import apply_rope, axial_angles, grid_positions
@@ -225,18 +226,25 @@ class ViTTrunk(nnx.Module):
 
 def trunk_from_config(
     cfg: Config, params: Mapping | None = None, *, seed: int = 0, dtype: Dtype = jnp.float32
-) -> ViTTrunk:
-    """The trunk `cfg.MODEL.TRUNK` describes at input size `cfg.MODEL.TEACHER.IMAGE_SIZE`.
+) -> ViTTrunk | Stage1Trunk:
+    """The trunk `cfg.MODEL.TRUNK` describes (SAM3's ViT, or the stage-1 student `KIND` names) at
+    input size `cfg.MODEL.TEACHER.IMAGE_SIZE`, giving `[B, S/14, S/14, TRUNK_DIM]` features.
 
     Random weights from `seed` when `params` is None; otherwise `params` (nested, as
-    `porting.sam3_checkpoint.port_trunk` returns) are bound strictly: a missing, extra or
-    mis-shaped parameter is a `ParamMismatchError` listing them all.
+    `porting.sam3_checkpoint.port_trunk` / `porting.stage1_checkpoint.port_stage1_trunk` return)
+    are bound strictly: a missing, extra or mis-shaped parameter is a `ParamMismatchError` listing
+    them all.
     """
-    t = cfg.MODEL.TRUNK
+    t, teacher = cfg.MODEL.TRUNK, cfg.MODEL.TEACHER
 
-    def factory() -> ViTTrunk:
+    def factory() -> ViTTrunk | Stage1Trunk:
+        if t.KIND != "sam3_vit":
+            grid = teacher.IMAGE_SIZE // teacher.BACKBONE_STRIDE
+            return Stage1Trunk(
+                t.KIND, teacher.IMAGE_SIZE, grid, teacher.TRUNK_DIM, rngs=nnx.Rngs(seed), dtype=dtype
+            )
         return ViTTrunk(
-            cfg.MODEL.TEACHER.IMAGE_SIZE,
+            teacher.IMAGE_SIZE,
             t.PATCH_SIZE,
             t.WIDTH,
             t.DEPTH,
@@ -249,7 +257,7 @@ def trunk_from_config(
             dtype=dtype,
         )
 
-    return factory() if params is None else bind(factory, params, source="trunk")
+    return factory() if params is None else bind(factory, params, source=f"trunk {t.KIND}")
 
 
 def trunk_fingerprint(params: Mapping) -> str:

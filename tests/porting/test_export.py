@@ -235,9 +235,9 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
     assert not (tmp_path / "latest.pt").exists()
 
 
-def test_stage1_base_keys_come_through_byte_identical(base, tmp_path):
-    """Every base key except the teacher's memory attention is kept with its bytes and dtype; a
-    foreign (stage-1) trunk included."""
+def test_base_keys_come_through_byte_identical(base, tmp_path):
+    """Every base key except the teacher's memory attention is kept with its bytes and dtype; a trunk
+    es3 does not know, in half precision, included (a real stage-1 trunk: test_stage1_checkpoint)."""
     seed, _, base_path, _, _ = base
     sd, _ = _read(base_path)
     g = torch.Generator().manual_seed(seed)
@@ -246,7 +246,7 @@ def test_stage1_base_keys_come_through_byte_identical(base, tmp_path):
         "detector.backbone.vision_backbone.trunk.stages.0.norm.running_mean": torch.randn(16, generator=g),
         "detector.backbone.vision_backbone.trunk.stages.0.norm.num_batches_tracked": torch.tensor(1234),
     }
-    stage1 = tmp_path / "efficient_sam3_efficientvit_b0.pt"
+    stage1 = tmp_path / "other_trunk.pt"
     upstream.save_sam3_checkpoint(stage1, {**sd, **trunk})
     cfg = _config("edgetam_like")
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 4)
@@ -263,7 +263,7 @@ def test_stage1_base_keys_come_through_byte_identical(base, tmp_path):
     encoder = {k for k in out if k.startswith("tracker.transformer.encoder.layers.")}
     assert {int(k.split(".")[4]) for k in encoder} == {0, 1}  # the student's 2 layers, not the teacher's 4
     assert any(k.startswith("tracker.spatial_perceiver.") for k in out)
-    print(f"[export] stage-1 base: {len(kept)} keys byte-identical ({len(trunk)} of a foreign trunk)")
+    print(f"[export] base: {len(kept)} keys byte-identical ({len(trunk)} of a foreign trunk)")
 
 
 def test_missing_or_extra_key_is_refused_naming_it(base, tmp_path):

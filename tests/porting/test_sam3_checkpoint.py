@@ -104,17 +104,17 @@ def test_bad_checkpoint_lists_every_problem_and_writes_nothing(tmp_path, sam3_mo
     assert not list(tmp_path.glob(".w.*")), "no staging folder left behind"
 
 
-def test_stage1_checkpoint_ports_tracker_and_reports_foreign_trunk(tmp_path, sam3_model, capsys):
+def test_unknown_trunk_is_reported_foreign_and_the_tracker_ported(tmp_path, sam3_model, capsys):
     model = dict(sam3_model)
     model["detector.backbone.vision_backbone.trunk.model.stem.conv.weight"] = torch.randn(24, 3, 3, 3)
     model["detector.backbone.vision_backbone.trunk.model.stages.0.blocks.0.weight"] = torch.randn(24, 24)
-    ckpt = upstream.save_sam3_checkpoint(tmp_path / "stage1.pt", model)
+    ckpt = upstream.save_sam3_checkpoint(tmp_path / "other_trunk.pt", model)
     result = weights.load(ckpt)
-    assert result.kind == "stage1" and result.report["trunk"] == "foreign" and result.trunk is None
+    assert result.kind == "sam3" and result.report["trunk"] == "foreign" and result.trunk is None
     assert result.report["unused_keys"]["trunk"] == 2
     assert_params_equal_source(result.tracker, sam3_model)
     assert main(["port", "--sam3_weights", str(ckpt), "--output_dir", str(tmp_path / "w")]) == 0
-    assert "foreign trunk" in capsys.readouterr().out
+    assert "a trunk es3 does not know: not ported" in capsys.readouterr().out
 
 
 def test_refuses_existing_output_and_unreadable_input(tmp_path, capsys):
