@@ -334,11 +334,17 @@ def run(
     mine = [v for i, v in enumerate(all_videos) if i % nproc == rank]
     params = weights.trunk_params(seed)
     trunk = trunk_from_config(cfg, params, dtype=compute_dtype(cfg.MODEL.COMPUTE_DTYPE))
-    ident = identity(trunk_fingerprint(params), data.PIXEL_MEAN, data.PIXEL_STD, cfg.MODEL.TEACHER.IMAGE_SIZE)
+    ident = identity(
+        trunk_fingerprint(params),
+        data.PIXEL_MEAN,
+        data.PIXEL_STD,
+        cfg.MODEL.TEACHER.IMAGE_SIZE,
+        cfg.MODEL.TRUNK.KIND,
+    )
     store = EmbeddingStore(output_dir)
     store.check_writable(ident, data.EMBEDDING_DTYPE)
     devices = jax.local_devices()
-    feature_shape = (trunk.grid, trunk.grid, cfg.MODEL.TRUNK.WIDTH)
+    feature_shape = (trunk.grid, trunk.grid, cfg.MODEL.TEACHER.TRUNK_DIM)
     settings = {
         "backbone_stride": cfg.MODEL.TRUNK.PATCH_SIZE,
         "trunk_config": to_dict(cfg.MODEL.TRUNK),
@@ -393,6 +399,7 @@ def import_seed_folder(
     on_error: str = "stop",
     process_index: int = 0,
     process_count: int = 1,
+    trunk_kind: str = "sam3_vit",
 ) -> tuple[EmbedResult, list[str], dict]:
     """Copy this process's share of the seed videos (video i -> process i mod N) into `store`.
 
@@ -403,7 +410,7 @@ def import_seed_folder(
     image_sizes = {int(v.meta.get("image_size", 1008)) for v in videos}
     if len(image_sizes) != 1:
         raise StoreError(f"{src}: videos were embedded at different image sizes {sorted(image_sizes)}")
-    ident = identity(trunk, pixel_mean, pixel_std, image_sizes.pop())
+    ident = identity(trunk, pixel_mean, pixel_std, image_sizes.pop(), trunk_kind)
     store.check_writable(ident, dtype)
     result = EmbedResult()
     for i, video in enumerate(videos):
@@ -485,6 +492,7 @@ def run_import(
         on_error=on_error,
         process_index=rank,
         process_count=nproc,
+        trunk_kind=cfg.MODEL.TRUNK.KIND,
     )
     complete = [n for n in names if store.is_complete(n)]
     return _publish(

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if not output_dir:
         raise Es3Error("no store given: pass --output_dir or set DATA.EMBEDDING_DIR")
     trunk = weights.load(args.sam3_weights, cfg, seed=args.seed, parts=(weights.TRUNK,))
+    cfg = trunk.cfg  # a stage-1 checkpoint sets MODEL.TRUNK.KIND
     if args.import_pt:
         summary = embed.run_import(
             cfg,

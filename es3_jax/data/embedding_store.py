@@ -82,15 +82,25 @@ class StoreError(Es3Error):
 
 
 def identity(
-    trunk: str, pixel_mean: Sequence[float], pixel_std: Sequence[float], image_size: int
+    trunk: str,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    image_size: int,
+    trunk_kind: str = "sam3_vit",
 ) -> dict[str, Any]:
-    """The identity record of a set of features (the keys of `expect`)."""
+    """The identity record of a set of features (the keys of `expect`): the trunk's fingerprint and
+    kind (`MODEL.TRUNK.KIND`), the pixel normalisation and the input size."""
     return {
         "trunk": str(trunk),
+        "trunk_kind": str(trunk_kind),
         "pixel_mean": [float(x) for x in pixel_mean],
         "pixel_std": [float(x) for x in pixel_std],
         "image_size": int(image_size),
     }
+
+
+# Stores written before a record had the key held features of the only trunk there was.
+_IDENTITY_DEFAULTS = {"trunk_kind": "sam3_vit"}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -103,6 +113,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
     """StoreError naming both values for every key of `expected` that `found` contradicts."""
+    found = {**_IDENTITY_DEFAULTS, **found}
     bad = [k for k in expected if not _same(found.get(k), expected[k])]
     if bad:
         lines = [f"  {k}: the store has {found.get(k)!r}, expected {expected[k]!r}" for k in bad]

@@ -287,10 +287,11 @@ def index_dataset(
 
 def open_store(cfg):
     """The embedding store of DATA.EMBEDDING_DIR (opened lazily, per process); it refuses features made
-    with another pixel normalisation or image size than the config's."""
+    by another kind of trunk, or with another pixel normalisation or image size than the config's."""
     if not cfg.DATA.EMBEDDING_DIR:
         raise PipelineError("DATA.USE_PRECOMPUTED is True but DATA.EMBEDDING_DIR is empty")
     expect = {
+        "trunk_kind": cfg.MODEL.TRUNK.KIND,
         "pixel_mean": list(cfg.DATA.PIXEL_MEAN),
         "pixel_std": list(cfg.DATA.PIXEL_STD),
         "image_size": cfg.MODEL.TEACHER.IMAGE_SIZE,

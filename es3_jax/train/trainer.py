@@ -180,6 +180,8 @@ class Trainer:
         local_batch = cfg.TRAIN.BATCH_SIZE * jax.local_device_count()
         self.accumulate = optim.accumulation_steps(cfg.TRAIN, self.mesh.size)
         teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
+        # A stage-1 teacher checkpoint says which student trunk made (or makes) the features.
+        cfg = self.cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", teacher.cfg.MODEL.TRUNK.KIND])
         self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
         self.checkpoints = checkpoints.manager(
