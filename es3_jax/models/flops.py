@@ -1,4 +1,5 @@
-"""Parameters and FLOPs of one tracking step's memory path, for the teacher or any student config.
+"""Parameters and FLOPs of one tracking step's memory path, for the teacher or any student config,
+and of one frame through a trunk.
 
 A step encodes one memory frame (memory encoder, then the perceiver when the student has one)
 and conditions the current frame on the bank (memory attention). Counted at the steady state of
@@ -16,12 +17,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.extend import core as jax_core
 
 from es3_jax.config import Config
 from es3_jax.models.memory_attention import MemoryAttention
 from es3_jax.models.memory_encoder import MemoryEncoder
 from es3_jax.models.perceiver import PerceiverResampler
+from es3_jax.models.trunk import trunk_from_config
+from es3_jax.nn.layers import DEPTHWISE_SCOPE, BatchNorm
 from es3_jax.params import abstract_shapes
 
 STEADY_FRAMES = 7
@@ -175,3 +181,51 @@ def total(costs: dict[str, Cost], prefix: str = "") -> Cost:
 
 def gflops(cost: Cost) -> float:
     return cost.flops / 1e9
+
+
+# --- trunks ----------------------------------------------------------------------------------------
+#
+# A trunk is counted from its traced program, not by hand: the three stage-1 families and the ViT
+# have dozens of block types between them, and the program is what runs. The same convention as
+# above: 2 × the multiply-accumulates of every matrix product and convolution, depthwise ones
+# (sums of shifted products, `nn.layers.DepthwiseConv`) included.
+
+
+def _matmul_flops(eqn) -> float:
+    if eqn.primitive.name == "mul" and DEPTHWISE_SCOPE in str(eqn.source_info.name_stack):
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape)  # one tap of a depthwise conv
+    if eqn.primitive.name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        out = eqn.outvars[0].aval.shape
+        return 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+    if eqn.primitive.name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+        per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])  # in / groups × kernel area
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    return 0.0
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    flops = 0.0
+    for eqn in jaxpr.eqns:
+        flops += _matmul_flops(eqn)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            flops += times * _jaxpr_flops(sub)
+    return flops
+
+
+def trunk_cost(cfg: Config) -> Cost:
+    """One frame at `MODEL.TEACHER.IMAGE_SIZE` through the trunk `MODEL.TRUNK` describes (traced
+    abstractly: nothing is allocated or computed)."""
+    size = cfg.MODEL.TEACHER.IMAGE_SIZE
+    trunk = nnx.eval_shape(lambda: trunk_from_config(cfg))
+    graphdef, state = nnx.split(trunk)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    closed = jax.make_jaxpr(lambda st, x: nnx.merge(graphdef, st)(x))(state, images)
+    stored = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(trunk, nnx.Param)))
+    # Running statistics are held as parameters of a frozen BatchNorm; they are not counted as such.
+    stats = sum(2 * math.prod(m.mean.shape) for _, m in nnx.iter_graph(trunk) if isinstance(m, BatchNorm))
+    return Cost(stored - stats, _jaxpr_flops(closed.jaxpr))

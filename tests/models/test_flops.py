@@ -1,5 +1,6 @@
 """The FLOP and parameter account (`es3_jax.models.flops`) against XLA's count and upstream's modules."""
 
+import math
 from pathlib import Path
 
 import jax
@@ -8,11 +9,13 @@ import pytest
 from flax import nnx
 
 from es3_jax import config
-from es3_jax.models.flops import memory_path_cost, total
+from es3_jax.models.flops import memory_path_cost, total, trunk_cost
 from es3_jax.models.memory_attention import MemoryAttention
 from es3_jax.models.memory_encoder import MemoryEncoder
 from es3_jax.models.memory_path import MemoryPath
 from es3_jax.models.student import student_from_config
+from es3_jax.models.trunk import trunk_from_config
+from es3_jax.params import abstract_shapes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GRID, FRAMES, POINTER_TOKENS = 16, 7, 64
@@ -111,3 +114,61 @@ def test_parameter_counts_match_upstream():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert total(teacher, "memory_attention").params == count(tracker.transformer.encoder)
     assert teacher["memory_encoder"].params == count(tracker.maskmem_backbone)
+
+
+def _vit_flops(cfg: config.Config) -> float:
+    """SAM3's ViT by hand: patch conv, then every block up to the last global one: MLP over the grid,
+    and attention (qkv, products, proj) over the whole grid or within windows of the grid
+    zero-padded to whole windows (the padded tokens are projected and attended too)."""
+    t, size = cfg.MODEL.TRUNK, cfg.MODEL.TEACHER.IMAGE_SIZE
+    g, d, w = size // t.PATCH_SIZE, t.WIDTH, t.WINDOW_SIZE
+    blocks = max(t.GLOBAL_BLOCKS) + 1
+    flops = 2 * g * g * t.PATCH_SIZE**2 * 3 * d
+    padded = -(-g // w) * w
+    for i in range(blocks):
+        tokens = g * g if i in t.GLOBAL_BLOCKS else padded * padded
+        flops += 2 * g * g * d * 2 * t.MLP_DIM + 2 * tokens * d * 4 * d
+        flops += 4 * g**4 * d if i in t.GLOBAL_BLOCKS else 4 * padded**2 * w * w * d
+    return flops
+
+
+def test_trunk_flops_of_the_vit_match_a_count_by_hand():
+    cfg = config.load(CONFIGS / "tiny.yaml", ["MODEL.TRUNK.DEPTH", "3", "MODEL.TRUNK.GLOBAL_BLOCKS", "[1]",
+                                              "MODEL.TRUNK.WINDOW_SIZE", "6"])  # fmt: skip
+    cost = trunk_cost(cfg)
+    assert cost.flops == _vit_flops(cfg)  # 16×16 grid, 6×6 windows padded to 18×18, 2 of 3 blocks run
+    assert cost.params == sum(math.prod(s) for s in abstract_shapes(lambda: trunk_from_config(cfg)).values())
+
+
+# EfficientViT's linear attention normalises by q·Σk: timm multiplies by a column of ones padded onto
+# v (2·N·d more per head and scale), es3 sums k (a reduction, not counted): 0.05% fewer FLOPs.
+TRUNK_FLOPS_RTOL = {"repvit_m1_1": 1e-9, "tiny_vit_11m": 1e-9, "efficientvit_b1": 1e-3}
+
+
+@pytest.mark.parametrize("kind", list(TRUNK_FLOPS_RTOL))
+def test_stage1_trunk_flops_match_torchs_count_of_timms_model(kind):
+    """Counted from the JAX program = counted by torch's FlopCounterMode on timm's model of the same
+    architecture with the same head (both: 2 × multiply-accumulates of convolutions and matmuls)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from porting.stage1_checkpoint import timm_stage1_trunk
+
+    size = 256
+    cfg = config.load(
+        CONFIGS / "tiny.yaml", ["MODEL.TEACHER.IMAGE_SIZE", str(size), "MODEL.TRUNK.KIND", kind]
+    )
+    grid = size // cfg.MODEL.TEACHER.BACKBONE_STRIDE
+    model = timm_stage1_trunk(kind, grid, cfg.MODEL.TEACHER.TRUNK_DIM)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    ours = trunk_cost(cfg)
+    theirs = counter.get_total_flops()
+    print(f"[flops] {kind} at {size} px: ours {ours.flops / 1e9:.4f} GFLOP, torch {theirs / 1e9:.4f}")
+    assert ours.flops == pytest.approx(theirs, rel=TRUNK_FLOPS_RTOL[kind])
+    # timm keeps its classifier's pre-logits layers even headless; upstream's trunk has none.
+    trunk_params = (
+        p.numel() for name, p in model.named_parameters() if not name.startswith("backbone.head.")
+    )
+    assert ours.params == sum(trunk_params)
