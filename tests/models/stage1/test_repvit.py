@@ -21,8 +21,6 @@ from es3_jax.models.stage1.repvit import VARIANTS, RepViT, se_channels
 from es3_jax.params import abstract_shapes, bind
 from tests import upstream
 from tests.models.stage1.timm_repvit import (
-    TIMM_NAMES,
-    build_timm,
     random_timm,
     timm_features,
     timm_to_upstream,
@@ -85,30 +83,6 @@ def test_other_variants_match_timm(kind, size, grid):
 def _shapes(kind: str) -> dict[str, tuple[int, ...]]:
     # Building the module, even abstractly, is most of these tests' time (M2.3: seconds).
     return abstract_shapes(lambda: RepViT(kind, 1008, rngs=nnx.Rngs(0)))
-
-
-def _es3_path(key: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """The contract's mechanical rule, written out independently of `porting`: upstream key and
-    torch shape -> es3 path and shape."""
-    module, _, leaf = key.rpartition(".")
-    if leaf == "weight" and len(shape) == 4:  # conv [O, I/g, kh, kw] -> [kh, kw, I/g, O]
-        return f"{module}.kernel", (shape[2], shape[3], shape[1], shape[0])
-    leaf = {"weight": "scale", "running_mean": "mean", "running_var": "var"}.get(leaf, leaf)
-    return f"{module}.{leaf}", shape
-
-
-@pytest.mark.parametrize("kind", sorted(TIMM_NAMES))
-def test_parameter_paths_mirror_upstream_names(kind):
-    """Every es3 parameter is one upstream backbone key (renamed leaf, permuted layout), and back."""
-    timm_model = build_timm(kind, device="meta")
-    torch_shapes = {
-        k: tuple(v.shape)
-        for k, v in timm_to_upstream(timm_model.state_dict()).items()
-        if not k.endswith("num_batches_tracked")
-    }
-    expected = dict(_es3_path(k, s) for k, s in torch_shapes.items())
-    assert len(expected) == len(torch_shapes)
-    assert _shapes(kind) == expected
 
 
 def test_upstream_layout():

@@ -13,12 +13,15 @@ from es3_jax import config
 from es3_jax.config import STAGE1_TRUNK_KINDS
 from es3_jax.models.stage1.stage1_trunk import FAMILIES, Stage1Trunk, family_of
 from es3_jax.models.trunk import trunk_from_config
-from es3_jax.params import flatten, param_dict
+from es3_jax.params import abstract_shapes, flatten, param_dict
 from tests import upstream
 
 torch = upstream.torch
 
-from porting.stage1_checkpoint import STAGE1_PREFIX, stage1_table  # noqa: E402
+from porting.stage1_checkpoint import STAGE1_PREFIX, TIMM_NAMES, stage1_table  # noqa: E402
+from tests.models.stage1 import timm_efficientvit, timm_repvit, timm_tiny_vit  # noqa: E402
+
+TIMM_HELPERS = {"repvit": timm_repvit, "tiny_vit": timm_tiny_vit, "efficientvit": timm_efficientvit}
 
 pytestmark = pytest.mark.parity
 
@@ -74,3 +77,31 @@ def test_every_config_kind_has_a_family_and_builds_from_the_config():
     assert flatten(param_dict(trunk))["head.3.kernel"].shape == (3, 3, 1024, 1024)
     with pytest.raises(ValueError, match="unknown stage-1 trunk kind 'resnet50'"):
         family_of("resnet50")
+
+
+def _es3_path(key: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The mirroring rule written out apart from `porting`: an upstream key and torch shape -> the
+    es3 path and shape (convs and linears permuted, norms' leaves renamed)."""
+    module, _, leaf = key.rpartition(".")
+    if leaf == "weight" and len(shape) == 4:  # conv [O, I/g, kh, kw] -> [kh, kw, I/g, O]
+        return f"{module}.kernel", (shape[2], shape[3], shape[1], shape[0])
+    if leaf == "weight" and len(shape) == 2:  # linear [out, in] -> [in, out]
+        return f"{module}.kernel", (shape[1], shape[0])
+    leaf = {"weight": "scale", "running_mean": "mean", "running_var": "var"}.get(leaf, leaf)
+    return f"{module}.{leaf}", shape
+
+
+@pytest.mark.parametrize("kind", STAGE1_TRUNK_KINDS)
+def test_parameter_paths_mirror_upstream_names(kind):
+    """Every es3 parameter of a backbone is one of upstream's keys (timm's renamed to upstream's), and back."""
+    helpers = next(h for prefix, h in TIMM_HELPERS.items() if kind.startswith(prefix + "_"))
+    assert kind in TIMM_NAMES
+    timm_model = helpers.build_timm(kind, device="meta")
+    upstream_shapes = {
+        k: tuple(v.shape)
+        for k, v in helpers.timm_to_upstream(timm_model.state_dict()).items()
+        if not k.endswith("num_batches_tracked")
+    }
+    expected = dict(_es3_path(k, s) for k, s in upstream_shapes.items())
+    assert len(expected) == len(upstream_shapes)
+    assert abstract_shapes(lambda: family_of(kind)(kind, 1008, rngs=nnx.Rngs(0))) == expected

@@ -14,11 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-TIMM_NAMES: dict[str, str] = {
-    "efficientvit_b0": "efficientvit_b0",
-    "efficientvit_b1": "efficientvit_b1",
-    "efficientvit_b2": "efficientvit_b2",
-}
+from porting.stage1_checkpoint import TIMM_NAMES  # noqa: E402
 
 UPSTREAM_ATTN_EPS = 1e-15  # upstream LiteMLA's eps; timm's default is 1e-5
 

@@ -23,11 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-TIMM_NAMES: dict[str, str] = {
-    "repvit_m0_9": "repvit_m0_9",
-    "repvit_m1_1": "repvit_m1_1",
-    "repvit_m2_3": "repvit_m2_3",
-}
+from porting.stage1_checkpoint import TIMM_NAMES  # noqa: E402
 
 # The image the BatchNorm statistics are measured on when the caller gives none.
 _CALIBRATION_SHAPE = (1, 3, 256, 256)

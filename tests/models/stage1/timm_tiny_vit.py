@@ -15,11 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-TIMM_NAMES: dict[str, str] = {
-    "tiny_vit_5m": "tiny_vit_5m_224",
-    "tiny_vit_11m": "tiny_vit_11m_224",
-    "tiny_vit_21m": "tiny_vit_21m_224",
-}
+from porting.stage1_checkpoint import TIMM_NAMES
 
 
 def build_timm(kind: str, device: str | None = None) -> torch.nn.Module:
