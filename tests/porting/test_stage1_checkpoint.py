@@ -28,6 +28,7 @@ from es3_jax.models.trunk import trunk_from_config
 from es3_jax.params import param_dict
 from tests import upstream
 from tests.models.stage1 import timm_repvit
+from tests.models.stage1.reference_head import random_head
 
 torch = upstream.torch
 
@@ -45,28 +46,6 @@ KIND = "repvit_m1_1"
 OUT_DIM = 64  # the tiny config's MODEL.TEACHER.TRUNK_DIM
 
 
-def random_head(channels: int, seed: int) -> torch.nn.Sequential:
-    """Upstream's stage-1 head with every weight and BatchNorm statistic random."""
-    gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Sequential(
-        torch.nn.Conv2d(channels, OUT_DIM, 1, bias=False),
-        torch.nn.BatchNorm2d(OUT_DIM),
-        torch.nn.GELU(),
-        torch.nn.Conv2d(OUT_DIM, OUT_DIM, 3, padding=1),
-    ).eval()
-    with torch.no_grad():
-        for name, t in head.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            draw = (
-                torch.rand(t.shape, generator=gen) + 0.5
-                if name.endswith(("running_var", "1.weight"))
-                else None
-            )
-            t.copy_(draw if draw is not None else 0.1 * torch.randn(t.shape, generator=gen))
-    return head
-
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """(path, state dict) of a stage-1 merged checkpoint over the tiny tracker."""
@@ -76,7 +55,7 @@ def stage1(tmp_path_factory):
     backbone = timm_repvit.random_timm(KIND, seed)
     for k, v in timm_repvit.timm_to_upstream(backbone.state_dict()).items():
         sd[f"{STAGE1_PREFIX}backbone.model.{k}"] = v.detach().clone()
-    for k, v in random_head(backbone.num_features, seed).state_dict().items():
+    for k, v in random_head(backbone.num_features, OUT_DIM, seed).state_dict().items():
         sd[f"{STAGE1_PREFIX}head.{k}"] = v.detach().clone()
     path = tmp_path_factory.mktemp("stage1") / "efficient_sam3_repvit_m1_1.pt"
     torch.save({"model": sd}, path)

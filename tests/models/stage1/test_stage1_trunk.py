@@ -20,6 +20,7 @@ torch = upstream.torch
 
 from porting.stage1_checkpoint import STAGE1_PREFIX, TIMM_NAMES, stage1_table  # noqa: E402
 from tests.models.stage1 import timm_efficientvit, timm_repvit, timm_tiny_vit  # noqa: E402
+from tests.models.stage1.reference_head import random_head  # noqa: E402
 
 TIMM_HELPERS = {"repvit": timm_repvit, "tiny_vit": timm_tiny_vit, "efficientvit": timm_efficientvit}
 
@@ -34,18 +35,8 @@ def test_head_matches_pytorch():
     kind, out_dim = "efficientvit_b0", 96
     trunk = Stage1Trunk(kind, 64, 72, out_dim, rngs=nnx.Rngs(0))
     channels = trunk.backbone.out_channels
-    head = torch.nn.Sequential(
-        torch.nn.Conv2d(channels, out_dim, 1, bias=False),
-        torch.nn.BatchNorm2d(out_dim),
-        torch.nn.GELU(),
-        torch.nn.Conv2d(out_dim, out_dim, 3, padding=1),
-    ).eval()
+    head = random_head(channels, out_dim, seed)
     with torch.no_grad():
-        for name, t in head.state_dict().items():
-            if name.endswith(("running_var", "1.weight")):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
-            elif not name.endswith("num_batches_tracked"):
-                t.copy_(0.2 * torch.randn(t.shape, generator=gen))
         features = torch.randn(2, channels, 32, 32, generator=gen)
         ref = torch.nn.functional.interpolate(
             head(features), size=(72, 72), mode="bilinear", align_corners=False
