@@ -156,6 +156,7 @@ def test_embed_writes_the_trunks_features_and_train_refuses_them_for_another_tru
     )
     assert stored.shape == direct.shape == (3, 16, 16, OUT_DIM)
     error = float(np.abs(stored - direct).max() / np.abs(direct).max())
+    print(f"[stage1] store vs direct features: relative error {error:.2e}")
     assert error <= 1e-5, f"store vs direct features: relative error {error:.2e}"
     # A store of the ViT's features is refused by a run whose teacher is the stage-1 checkpoint.
     vit_store = tmp_path / "vit_store"
