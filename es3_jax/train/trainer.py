@@ -182,6 +182,23 @@ class Trainer:
         teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
         # A stage-1 teacher checkpoint says which student trunk made (or makes) the features.
         cfg = self.cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", teacher.cfg.MODEL.TRUNK.KIND])
+        # The data before the models: a store of another trunk or a missing video fails in seconds,
+        # not after the teacher and student are placed on the mesh.
+        self.train_data = build_pipeline(
+            cfg,
+            split="train",
+            batch_size=local_batch,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+        self.val_data = build_pipeline(
+            cfg,
+            split="val",
+            batch_size=local_batch,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            num_workers=0,
+        )
         self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
         self.checkpoints = checkpoints.manager(
@@ -215,21 +232,6 @@ class Trainer:
         )
         if self.learner.trunk_fingerprint is not None:
             self.log.info(f"trunk features computed on the fly by trunk {self.learner.trunk_fingerprint}")
-        self.train_data = build_pipeline(
-            cfg,
-            split="train",
-            batch_size=local_batch,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        self.val_data = build_pipeline(
-            cfg,
-            split="val",
-            batch_size=local_batch,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            num_workers=0,
-        )
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------

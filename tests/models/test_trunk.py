@@ -305,11 +305,17 @@ def test_config_refuses_a_trunk_width_the_tracker_does_not_read():
 
 def test_bench_embed_times_both_frameworks(tmp_path, capsys):
     out = tmp_path / "embed.jsonl"
-    args = ["bench", "embed", "--depth", "2", "--repeats", "1", "--batch_size", "2", "--output", str(out)]
+    args = ["bench", "embed", "--trunks", "sam3_vit,repvit_m0_9", "--depth", "2", "--repeats", "1",
+            "--batch_size", "2", "--output", str(out)]  # fmt: skip
     assert main([*args, *SMALL_OVERRIDES]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["framework"].split()[0] for r in records] == ["jax", "torch"]
+    assert [(r["trunk"], r["framework"].split()[0]) for r in records] == [
+        ("sam3_vit (depth 2)", "jax"), ("sam3_vit (depth 2)", "torch"), ("repvit_m0_9", "jax"), ("repvit_m0_9", "torch")
+    ]  # fmt: skip
     for r in records:
-        assert (r["depth"], r["global_blocks"], r["image_size"], r["batch"]) == (2, "1", 112, 2)
-        assert r["frames_per_s"] > 0
+        assert (
+            (r["image_size"], r["batch"]) == (112, 2) and r["frames_per_s"] > 0 and r["gflops_per_frame"] > 0
+        )
+        assert r["speed_vs_vit"] > 0 and r["flops_vs_vit"] > 0
+    assert records[0]["speed_vs_vit"] == records[0]["flops_vs_vit"] == 1.0
     assert "frames_per_s" in capsys.readouterr().out
