@@ -47,6 +47,9 @@ def test_main_variant_matches_timm_at_1008():
     _run_parity(MAIN, 1008, 1e-4)
 
 
+# The main variant's blocks at other widths and depths: their layout is checked in every run
+# (test_stage1_trunk), their numerics with `make test-slow`.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(set(VARIANTS) - {MAIN}))
 def test_other_variants_match_timm_small(kind):
     _run_parity(kind, 224, 1e-4)

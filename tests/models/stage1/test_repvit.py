@@ -64,6 +64,9 @@ def test_repvit_m1_1_matches_timm_at_1008():
     upstream.report(f"{kind} 1008 px, final map", out, ref, 1e-4)
 
 
+# The main variant's blocks at other widths and depths: their layout is checked in every run
+# (test_stage1_trunk), their numerics with `make test-slow`.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "size", "grid"),
     [
