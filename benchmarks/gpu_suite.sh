@@ -29,7 +29,7 @@ bench() {  # bench RECORD_NAME BENCHMARK [ARGS... [KEY VALUE...]]
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.csv" 2>&1 || true
 
-bench trunk embed --frameworks jax --batch_size 4 --repeats 5 MODEL.COMPUTE_DTYPE bfloat16
+bench trunks embed --frameworks jax,torch --batch_size 1,8 --repeats 5 MODEL.COMPUTE_DTYPE bfloat16
 bench memory_attention memory-attention --configs teacher efficient_memory --batch 1 8 \
   --frameworks jax --repeats 10
 # The default launch (TRAIN.REMAT frame at 4 clips per device), and what remat costs beside it.
