@@ -31,6 +31,7 @@ from es3_jax.config import Config, to_dict
 from es3_jax.data.embedding_store import EmbeddingStore, StoreError, VideoWriter, identity
 from es3_jax.data.frames import FrameError, VideoFrames, list_videos, load_frame_uint8, normalize
 from es3_jax.data.seed_embeddings import SeedFrameReader, list_seed_videos, load_seed_frame
+from es3_jax.models.stage1.stage1_trunk import Stage1Trunk
 from es3_jax.models.trunk import ViTTrunk, compute_dtype, trunk_fingerprint, trunk_from_config
 from es3_jax.progress import progress_bar
 from es3_jax.weights import Weights
@@ -266,7 +267,7 @@ def publish_global(store: EmbeddingStore, record: dict) -> bool:
 
 
 def make_features_fn(
-    trunk: ViTTrunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
+    trunk: ViTTrunk | Stage1Trunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
 ) -> FeaturesFn:
     """uint8 frames -> stored-dtype features, jit-compiled, the batch split over `devices`."""
     graphdef, state = nnx.split(trunk)
