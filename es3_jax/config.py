@@ -52,6 +52,10 @@ class DataConfig:
     EMBEDDING_DTYPE: str = "bfloat16"
     EMBEDDING_SHARD_FRAMES: int = 16
     EMBEDDING_CLEVEL: int = 3
+    # A video the readers cannot use (unreadable annotations, a frame missing, masks of another size)
+    # is left out of training and named in train.log and metrics.jsonl; True makes any such video an
+    # error instead.
+    STRICT: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +377,10 @@ def validate(cfg: Config) -> Config:
             f"MODEL.TRUNK.GLOBAL_BLOCKS {list(trunk.GLOBAL_BLOCKS)} must be a non-empty list of block "
             f"indices below MODEL.TRUNK.DEPTH ({trunk.DEPTH})"
         )
+    for key in ("TRAIN.MAX_STEPS", "TRAIN.BATCH_SIZE", "DATA.NUM_FRAMES", "DATA.MAX_OBJECTS"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {getattr(getattr(cfg, section), name)}")
     if trunk.WIDTH % trunk.NUM_HEADS or (trunk.WIDTH // trunk.NUM_HEADS) % 4:
         raise ConfigError(
             f"MODEL.TRUNK.NUM_HEADS ({trunk.NUM_HEADS}) must divide MODEL.TRUNK.WIDTH ({trunk.WIDTH}) "
