@@ -258,7 +258,8 @@ def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collec
         ref = checkpoints.resolve(path)
     except checkpoints.CheckpointNotFoundError as e:
         raise WeightsError(str(e)) from e
-    params, meta = checkpoints.read(ref)
+    # A damaged newest step gives way to the next older (with a warning); a named one is an error.
+    step, params, meta = checkpoints.read(ref)
     run_config = ref.output_dir / CONFIG_FILE
     if config is not None:
         cfg = _config(config, overrides)
@@ -270,7 +271,7 @@ def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collec
         )
     else:
         raise WeightsError(f"{ref.output_dir}: no {CONFIG_FILE} to describe the checkpoint (pass a config)")
-    source = f"{ref.output_dir} step {ref.step}"
+    source = f"{ref.output_dir} step {step}"
     student, trained = None, {}
     if meta.get("mode", cfg.TRAIN.MODE) == "distill":
         student = params
@@ -284,7 +285,7 @@ def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collec
             f"{source}: the fine-tuned modules do not match the config",
             _torch_name(TRACKER_TABLE),
         )
-    weights = Weights(cfg, source, "checkpoint", student=student, trained=trained, step=ref.step)
+    weights = Weights(cfg, source, "checkpoint", student=student, trained=trained, step=step)
     if "tracker" in parts or TRUNK in parts:
         # The tracker it ran with: the run's teacher, with what the run fine-tuned in place.
         base = load(
