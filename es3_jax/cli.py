@@ -1,18 +1,20 @@
 """The `es3` command.
 
 Each subcommand lives in `es3_jax/commands/<name>.py`. Config-driven commands take `--config FILE`
-and trailing `KEY VALUE` overrides of the config tree (`es3 port ... MODEL.TEACHER.NUM_MASKMEM 7`).
+and `KEY VALUE` overrides of the config tree (`es3 port ... MODEL.TEACHER.NUM_MASKMEM 7`), before or
+after their options.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
 from es3_jax import __version__
-from es3_jax.commands.common import Formatter
+from es3_jax.commands.common import Formatter, merge_overrides
 from es3_jax.errors import Es3Error
 
 # Subcommand name -> module under es3_jax.commands, in the order `es3 --help` lists them.
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if unknown := merge_overrides(args, extra):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -66,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Es3Error as e:
         print(f"es3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a training loop (which saves and stops on its own): the shell's status.
+        print(f"es3 {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

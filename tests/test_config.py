@@ -91,6 +91,7 @@ def test_overrides_parse_each_type():
         (["TRAIN.MODE", "distil"], "TRAIN.MODE"),
         (["TRAIN.MEMORY_SOURCE", "gt"], "TRAIN.MEMORY_SOURCE"),
         (["TRAIN.MAX_STEPS"], "TRAIN.MAX_STEPS"),
+        (["TRAIN.MAX_STEPS", "-5"], r"TRAIN.MAX_STEPS: must be at least 1, got -5"),
     ],
 )
 def test_bad_overrides_name_the_key(pairs, names):

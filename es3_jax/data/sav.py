@@ -4,8 +4,8 @@ the val/test layout with the semi-supervised prompts of an evaluation video.
 SA-V videos are 24 fps; masks are annotated on every 4th frame. Annotated index i is the 24-fps frame
 4·i, and the extracted JPEGs are named by the 24-fps index (`<frames_root>/<video>/00004.jpg`). The
 `masklet` field is nested `[annotated frame][object]` of COCO compressed RLEs (`size` = [H, W],
-column-major); an object that is not visible on a frame is an empty RLE (the SAM 2 loader also
-tolerates `None`, and so does this one). `masklet_first_appeared_frame` is in annotated-frame units
+column-major); an object that is not visible on a frame is an empty RLE. A frame that holds a `None`
+mask is not annotated, as in SAM 2's loader: training leaves it out (`None` decodes as empty). `masklet_first_appeared_frame` is in annotated-frame units
 and is a float in manual files, an int in auto files.
 
 The index (`scan_sav`) turns a training folder into compact `VideoEntry` records, the only thing the
@@ -65,7 +65,10 @@ def decode_rle(rle: Mapping[str, Any] | None, size: tuple[int, int] | None = Non
         if size is None:
             raise SavError("a None mask needs the frame size to decode")
         return np.zeros(size, np.uint8)
-    return np.ascontiguousarray(mask_utils.decode(dict(rle)))
+    try:
+        return np.ascontiguousarray(mask_utils.decode(dict(rle)))
+    except (TypeError, ValueError) as e:  # pycocotools: "Invalid RLE mask representation", or not an RLE
+        raise SavError(f"not a COCO RLE mask: {e}") from e
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -79,6 +82,65 @@ def rle_area(rle: Mapping[str, Any] | None) -> int:
     """Foreground pixel count of one RLE, without decoding it (0 for `None`)."""
     # pycocotools' list form overflows past 255 items with numpy 2; one call per RLE is still microseconds.
     return 0 if rle is None else int(mask_utils.area(dict(rle)))
+
+
+MAX_RUN_DIGITS = 7  # 35 bits: more than any frame's pixel count
+
+
+def count_pixels(counts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels, foreground pixels) [n] int64 that each COCO compressed RLE counts string covers; -1 for
+    a string that is not one. A valid RLE of an H x W mask covers H x W pixels.
+
+    pycocotools reads any string without complaint (`mask_utils.area` returns a number for garbage, and
+    `decode` fills what a short string leaves uncovered with whatever was in memory), so an index checks
+    its RLEs here. The format (pycocotools' `rleToString`): each run length is a little-endian series of
+    5-bit groups, one character per group ('0' + group, + 32 when another group follows), the last
+    group's 0x10 bit its sign; from the fourth run of a string on, each run is stored as its difference
+    to the run two before. All strings are parsed in one numpy pass.
+    """
+    n = len(counts)
+    pixels = np.full(n, -1, np.int64)
+    foreground = np.full(n, -1, np.int64)
+    lengths = np.array([len(s) for s in counts], np.int64)
+    bad = np.array([not s.isascii() for s in counts], bool) | (lengths == 0)
+    text = "".join(counts).encode("ascii", "replace")  # a replaced character's string is bad already
+    c = np.frombuffer(text, np.uint8) - np.uint8(48)  # characters below '0' wrap round to >= 208
+    if not c.size:
+        return pixels, foreground
+    string_of_char = np.repeat(np.arange(n), lengths)
+    bad[string_of_char[c > 63]] = True
+    ends = c & 0x20 == 0  # the last character of a run length
+    nonempty = np.flatnonzero(lengths)
+    last_char = np.cumsum(lengths)[nonempty] - 1
+    bad[nonempty[~ends[last_char]]] = True  # the string stops inside a run length
+    ends[last_char] = True  # so that no run length goes on into the next string
+    end = np.flatnonzero(ends)
+    start = np.concatenate(([0], end[:-1] + 1))
+    digits = end - start + 1
+    value = (c[start] & 0x1F).astype(np.int64)
+    longer = np.flatnonzero(digits > 1)
+    for k in range(1, MAX_RUN_DIGITS):
+        longer = longer[digits[longer] > k]
+        value[longer] += (c[start[longer] + k] & 0x1F).astype(np.int64) << (5 * k)
+    negative = np.flatnonzero(c[end] & 0x10)
+    value[negative] -= np.int64(1) << (5 * np.minimum(digits[negative], MAX_RUN_DIGITS))
+    # Run m of a string (m > 2) is the sum of the stored values of its parity from run 1 or 2 on.
+    string = string_of_char[end]
+    runs_per_string = np.bincount(string, minlength=n)
+    first = np.repeat(np.cumsum(runs_per_string) - runs_per_string, runs_per_string)
+    m = np.arange(len(value)) - first
+    same_parity = np.empty_like(value)  # running sums over every other value
+    same_parity[0::2] = np.cumsum(value[0::2])
+    same_parity[1::2] = np.cumsum(value[1::2])
+    runs = same_parity - np.concatenate(([0], same_parity))[first + 1 - m % 2]
+    runs[m == 0] = value[m == 0]
+    bad[string[(runs < 0) | (digits > MAX_RUN_DIGITS)]] = True
+    has = np.flatnonzero(runs_per_string)
+    first_run = np.cumsum(runs_per_string)[has] - runs_per_string[has]
+    pixels[has] = np.add.reduceat(runs, first_run)
+    foreground[has] = np.add.reduceat(np.where(m % 2 == 1, runs, 0), first_run)
+    pixels[bad] = foreground[bad] = -1
+    return pixels, foreground
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +177,52 @@ class SavAnnotation:
         return np.arange(self.num_annotated, dtype=np.int64) * ANN_EVERY
 
     def areas(self) -> np.ndarray:
-        """Mask area of every object on every annotated frame [A, N] int64."""
-        return np.array([[rle_area(r) for r in frame] for frame in self.masklet], dtype=np.int64).reshape(
-            self.num_annotated, self.num_objects
-        )
+        """Mask area of every object on every annotated frame [A, N] int64, counted without decoding.
+        SavError names the first mask that is not an RLE of the video's size (see `checked_areas`)."""
+        cells = [(i, k) for i in range(self.num_annotated) for k in range(self.num_objects)]
+        return self.checked_areas(cells).reshape(self.num_annotated, self.num_objects)
+
+    def checked_areas(self, cells: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Areas [n] int64 of the masks `masklet[i][k]` of `cells` ((i, k) pairs; 0 for `None`), each
+        checked to be a compressed RLE whose size and counts make a video_height x video_width mask;
+        SavError names the first that is not."""
+        h, w = self.height, self.width
+        present, counts = [], []
+        for n, (i, k) in enumerate(cells):
+            rle = self.masklet[i][k]
+            if rle is None:
+                continue
+            if not isinstance(rle, Mapping) or not isinstance(rle.get("counts"), str):
+                raise SavError(
+                    f"{self._where(i, k)} is not a COCO compressed RLE (a size and a counts string)"
+                )
+            size = rle.get("size")
+            if not isinstance(size, (list, tuple)) or list(size) != [h, w]:
+                raise SavError(
+                    f"{self._where(i, k)}: RLE size {size} differs from video_height x video_width {h}x{w}"
+                )
+            present.append(n)
+            counts.append(rle["counts"])
+        pixels, foreground = count_pixels(counts)
+        wrong = np.flatnonzero(pixels != h * w)
+        if wrong.size:
+            i, k = cells[present[wrong[0]]]
+            raise SavError(f"{self._where(i, k)}: RLE counts do not decode to a {h}x{w} mask")
+        areas = np.zeros(len(cells), np.int64)
+        areas[present] = foreground
+        return areas
+
+    def _where(self, i: int, k: int) -> str:
+        return f"masklet[{i}][{k}] (frame {ANN_EVERY * i:05d}, object {self.source_ids[k]})"
 
     def masks(self, ann_index: int, objects: Sequence[int] | None = None) -> np.ndarray:
-        """Masks of `objects` (default all) on annotated frame `ann_index` [O, H, W] uint8."""
+        """Masks of `objects` (default all) on annotated frame `ann_index` [O, H, W] uint8.
+
+        The RLEs are checked first (`checked_areas`): pycocotools decodes a short counts string into
+        memory it never wrote."""
         frame = self.masklet[ann_index]
         objects = range(self.num_objects) if objects is None else objects
+        self.checked_areas([(ann_index, k) for k in objects])
         out = np.zeros((len(objects), self.height, self.width), np.uint8)
         for o, k in enumerate(objects):
             if frame[k] is not None:
@@ -158,6 +257,7 @@ def read_sav_json(path: str | Path) -> SavAnnotation:
     ids = data.get("masklet_id")
     n = int(data.get("masklet_num", len(ids) if ids is not None else (len(masklet[0]) if masklet else 0)))
     ids = list(range(n)) if ids is None else [int(i) for i in ids]
+    masklet = [[None] * n if frame is None else frame for frame in masklet]  # a frame not annotated
     for i, frame in enumerate(masklet):
         if not isinstance(frame, list) or len(frame) != n:
             got = len(frame) if isinstance(frame, list) else type(frame).__name__
@@ -252,6 +352,10 @@ def _jpeg_size(frames_dir: Path, stem: str) -> tuple[int, int] | None:
     return None
 
 
+def _frame_list(numbers: Sequence[int], shown: int = 5) -> str:
+    return ", ".join(f"{int(m):05d}" for m in numbers[:shown]) + (" ..." if len(numbers) > shown else "")
+
+
 def index_sav_video(
     name: str,
     files: Sequence[Path],
@@ -263,40 +367,53 @@ def index_sav_video(
 
     `stems` are the frame names the frame source has for this video (JPEG stems or the embedding
     store's frame names), `frame_size` the (H, W) of its frames when known. Problems are returned,
-    never raised: unreadable or inconsistent JSON, RLE sizes that differ from the frames, annotated
-    frames without a frame, and objects that are never visible (dropped; the video is kept).
+    never raised: unreadable or inconsistent JSON, an RLE that is not a mask of the video's size (its
+    `size`, or counts that do not add up to it), frames of another size, annotated frames without a
+    frame; and, the video kept, annotated frames with a `None` mask (left out) and objects that are
+    never visible (dropped).
     """
     try:
-        ann = merge_annotations([read_sav_json(f) for f in files])
+        parts = [read_sav_json(f) for f in files]
+        ann = merge_annotations(parts)
     except SavError as e:
         return None, [Problem(name, str(e))]
     if ann.num_annotated == 0 or ann.num_objects == 0:
         return None, [Problem(name, "no annotated frames or no objects")]
-    sizes = {tuple(r["size"]) for frame in ann.masklet for r in frame if r is not None}
-    expected = {(ann.height, ann.width)}
-    if sizes - expected:
-        return None, [
-            Problem(name, f"RLE sizes {sorted(sizes)} differ from video_height x video_width {expected}")
-        ]
+    areas = []
+    for part, path in zip(parts, files, strict=True):
+        try:
+            areas.append(part.areas())
+        except SavError as e:
+            return None, [Problem(name, f"{path}: {e}")]
     if frame_size is not None and tuple(frame_size) != (ann.height, ann.width):
         return None, [
             Problem(
                 name, f"frames are {frame_size[0]}x{frame_size[1]} but the masks are {ann.height}x{ann.width}"
             )
         ]
+    problems = []
+    # SAM 2's loader reads a frame with a None mask as not annotated and leaves it out.
+    annotated = np.array([all(r is not None for r in frame) for frame in ann.masklet])
+    if not annotated.any():
+        return None, [Problem(name, "every annotated frame holds a None mask")]
+    if not annotated.all():
+        shown = _frame_list(ann.frame_numbers[~annotated])
+        problems.append(
+            Problem(
+                name, f"frames {shown} hold a None mask and were left out as not annotated", skipped=False
+            )
+        )
     by_number = {int(s): (i, s) for i, s in enumerate(stems) if s.isdigit()}
-    numbers = ann.frame_numbers
+    numbers = ann.frame_numbers[annotated]
     missing = [int(f) for f in numbers if int(f) not in by_number]
     if missing:
-        shown = ", ".join(f"{m:05d}" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        return None, [Problem(name, f"{len(missing)} annotated frames have no frame: {shown}")]
-    visible = ann.areas() > 0
-    problems = []
+        return None, [Problem(name, f"{len(missing)} annotated frames have no frame: {_frame_list(missing)}")]
+    visible = np.concatenate(areas, axis=1)[annotated] > 0
     seen = visible.any(axis=0)
     if not seen.all():
         dropped = [ann.source_ids[k] for k in np.flatnonzero(~seen)]
         if not seen.any():
-            return None, [Problem(name, "no object is visible on any annotated frame")]
+            return None, [*problems, Problem(name, "no object is visible on any annotated frame")]
         problems.append(Problem(name, f"objects {dropped} are never visible and were dropped", skipped=False))
     keep = tuple(int(k) for k in np.flatnonzero(seen))
     entry = VideoEntry(
@@ -385,7 +502,16 @@ def load_masks(entry: VideoEntry, positions: Sequence[int], objects: Sequence[in
     `positions` [T, O, H, W] uint8, read from the entry's annotation file(s)."""
     ann = merge_annotations([read_sav_json(f) for f in entry.annotation])
     ids = [entry.objects[o] for o in objects]
-    return np.stack([ann.masks(int(p), ids) for p in positions])
+    masks = []
+    for p in positions:
+        try:
+            masks.append(ann.masks(int(entry.frame_numbers[p]) // ANN_EVERY, ids))
+        except (SavError, IndexError) as e:  # the index checked every mask: the file changed since
+            raise SavError(
+                f"{', '.join(entry.annotation)}: video {entry.name}, frame {entry.stems[p]}: {e} (the file "
+                "changed after the training set was indexed)"
+            ) from e
+    return np.stack(masks)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ class Problem:
 class VideoEntry:
     """What the sampler and the pipeline need of one training video (small and picklable).
 
-    `stems[a]` names annotated frame a (its JPEG stem and embedding-store frame name),
+    `stems[a]` names annotated frame a (its JPEG stem and embedding-store frame name; the annotated
+    frames the index kept, in time order),
     `frame_numbers[a]` is its frame number (24-fps index on SA-V), `frame_positions[a]` its position
     among all the frames of the frame source (the sorted JPEGs or the embedding store's frames),
     `visible[a, k]` whether kept object k has a non-empty mask there, and `objects[k]` is the object's

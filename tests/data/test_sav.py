@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from es3_jax.data import datasets, sav
+from es3_jax.data import datasets, sav, synthetic
 from es3_jax.data.masks import write_palette_png
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "sav_example"
@@ -107,7 +107,7 @@ def test_scan_reports_bad_videos_and_keeps_good_ones(tmp_path):
     }
     assert "3 annotated frames have no frame" in reasons["missing_frames"].reason
     assert "frames are 480x848" in reasons["wrong_size"].reason
-    assert "RLE sizes" in reasons["bad_rle"].reason
+    assert "masklet[5][0] (frame 00020, object 0): RLE size [100, 100]" in reasons["bad_rle"].reason
     assert not reasons["never_visible"].skipped and "[2]" in reasons["never_visible"].reason
     assert "broken_manual.json" in reasons["broken"].reason
     e = entries[0]
@@ -162,3 +162,78 @@ def test_sav_prompts_from_first_appearance(tmp_path):
     prompts = video.prompts()
     assert [(p.frame_idx, p.obj_id) for p in prompts] == [(0, 0), (8, 1)]  # object 2 is never visible
     assert prompts[1].mask[2:6, 11:16].all() and prompts[1].mask.sum() == 20
+
+
+def test_count_pixels_agrees_with_pycocotools_and_refuses_garbage():
+    rng = np.random.default_rng(0)
+    masks = [rng.random(rng.integers(1, 40, 2)) < p for p in rng.random(200)]
+    rles = [sav.encode_mask(m) for m in masks]
+    pixels, foreground = sav.count_pixels([r["counts"] for r in rles])
+    np.testing.assert_array_equal(pixels, [m.size for m in masks])
+    np.testing.assert_array_equal(foreground, [sav.rle_area(r) for r in rles])
+    good = rles[0]["counts"]
+    garbage = ["@@@garbage!!", "", "0o", "é1", "ooooooooo0", good[:-1], good + "1", "P13700000"]
+    pixels, foreground = sav.count_pixels([good, *garbage, good])
+    assert pixels[0] == pixels[-1] == masks[0].size and foreground[-1] == foreground[0]
+    # Every damaged string is refused or does not add up to the mask's size.
+    assert all(p in (-1,) or p != masks[0].size for p in pixels[1:-1]), pixels
+    assert (pixels[1:6] == -1).all()
+
+
+def _damage(root: Path, video: str, edit) -> None:
+    path = root / f"{video}_manual.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_index_names_every_damaged_video(tmp_path):
+    """Each kind of damage leaves its video out, named with the file and frame; a `None` mask leaves
+    only its frame out, as SAM 2's loader does."""
+    names = synthetic.make_synthetic(tmp_path, 8, num_frames=6, height=48, width=64)
+    path = {name: tmp_path / f"{name}_manual.json" for name in names}
+    path[names[1]].write_bytes(path[names[1]].read_bytes()[:200])
+    _damage(tmp_path, names[2], lambda d: d["masklet"][3][0].update(size=[96, 128]))
+    _damage(tmp_path, names[3], lambda d: d["masklet"][2].pop(0))
+    path[names[4]].unlink()
+    (tmp_path / names[5] / "00008.jpg").unlink()
+    _damage(
+        tmp_path, names[6], lambda d: [r.update(counts="@@@garbage!!") for f in d["masklet"][1:] for r in f]
+    )
+    _damage(tmp_path, names[7], lambda d: d["masklet"][3].__setitem__(0, None))
+
+    entries, problems = sav.scan_sav(tmp_path)
+    assert [e.name for e in entries] == [names[0], names[7]]
+    reasons = {p.video: p.reason for p in problems if p.skipped}
+    assert sorted(reasons) == names[1:7]
+    assert f"{path[names[1]]}: cannot read the annotation JSON" in reasons[names[1]]
+    assert "masklet[3][0] (frame 00012, object 0): RLE size [96, 128] differs" in reasons[names[2]]
+    assert "masklet[2] has" in reasons[names[3]]
+    assert f"no {names[4]}_manual.json" in reasons[names[4]]
+    assert "annotated frames have no frame: 00008" in reasons[names[5]]
+    assert (
+        f"{path[names[6]]}: masklet[1][0] (frame 00004, object 0): RLE counts do not decode to a 48x64 mask"
+        in (reasons[names[6]])
+    )
+    (kept,) = [p for p in problems if not p.skipped]
+    assert kept.video == names[7] and "frames 00012 hold a None mask" in kept.reason
+    entry = entries[1]
+    assert entry.frame_numbers.tolist() == [0, 4, 8, 16, 20] and entry.stems[3] == "00016"
+    ann = sav.read_sav_json(path[names[7]])
+    np.testing.assert_array_equal(datasets.load_masks(entry, [3], [0])[0], ann.masks(4, [entry.objects[0]]))
+
+
+def test_a_file_changed_after_indexing_is_named_when_loaded(tmp_path):
+    (name,) = synthetic.make_synthetic(tmp_path, 1, num_frames=4, height=48, width=64)
+    (entry,), _ = sav.scan_sav(tmp_path)
+    short = sav.encode_mask(np.ones((4, 4), bool))  # decodes into memory a 48x64 mask never had
+    _damage(tmp_path, name, lambda d: d["masklet"][2][0].update(counts=short["counts"]))
+    with pytest.raises(sav.SavError) as raised:
+        datasets.load_masks(entry, [1, 2], [0])
+    message = str(raised.value)
+    assert str(tmp_path / f"{name}_manual.json") in message and f"video {name}, frame 00008" in message
+    assert "RLE counts do not decode to a 48x64 mask" in message
+    path = tmp_path / f"{name}_manual.json"
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(sav.SavError, match=f"{path}: cannot read the annotation JSON"):
+        datasets.load_masks(entry, [1], [0])
