@@ -5,8 +5,9 @@ SA-V videos are 24 fps; masks are annotated on every 4th frame. Annotated index 
 4·i, and the extracted JPEGs are named by the 24-fps index (`<frames_root>/<video>/00004.jpg`). The
 `masklet` field is nested `[annotated frame][object]` of COCO compressed RLEs (`size` = [H, W],
 column-major); an object that is not visible on a frame is an empty RLE. A frame that holds a `None`
-mask is not annotated, as in SAM 2's loader: training leaves it out (`None` decodes as empty). `masklet_first_appeared_frame` is in annotated-frame units
-and is a float in manual files, an int in auto files.
+mask is not annotated, as in SAM 2's loader: training leaves it out (`None` decodes as empty).
+`masklet_first_appeared_frame` is in annotated-frame units and is a float in manual files, an int in
+auto files.
 
 The index (`scan_sav`) turns a training folder into compact `VideoEntry` records, the only thing the
 clip sampler and the pipeline need per video: the frame stems that carry an annotation, their 24-fps
@@ -413,7 +414,7 @@ def index_sav_video(
     if not seen.all():
         dropped = [ann.source_ids[k] for k in np.flatnonzero(~seen)]
         if not seen.any():
-            return None, [*problems, Problem(name, "no object is visible on any annotated frame")]
+            return None, [Problem(name, "no object is visible on any annotated frame")]
         problems.append(Problem(name, f"objects {dropped} are never visible and were dropped", skipped=False))
     keep = tuple(int(k) for k in np.flatnonzero(seen))
     entry = VideoEntry(
