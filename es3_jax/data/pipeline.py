@@ -64,10 +64,47 @@ from es3_jax.data.videos import Problem, VideoEntry
 from es3_jax.errors import Es3Error
 
 SPLITS = ("train", "val")
+PROBLEMS_NAMED = 5  # videos a run names at start-up, of each kind of problem
 
 
 class PipelineError(Es3Error):
     """The data pipeline cannot be built from this config or data; the message names the key or path."""
+
+
+def problem_report(
+    problems: Sequence[Problem], named: int = PROBLEMS_NAMED
+) -> tuple[list[str], dict[str, float]]:
+    """What a run says at start-up about the videos its index left out and those it kept without some
+    objects: log lines (the counts, then the first `named` of each kind with the reason) and a metrics
+    record (`skipped_videos`, `videos_with_objects_dropped`, and `skipped/<video>` /
+    `objects_dropped/<video>` = 1 for the videos named). Both are empty when there is no problem."""
+    if not problems:
+        return [], {}
+    skipped = [p for p in problems if p.skipped]
+    kept = [p for p in problems if not p.skipped]
+    lines = [
+        f"data: videos skipped: {len(skipped)}, kept without some objects: {len(kept)}"
+        + (" (DATA.STRICT True makes a skipped video an error)" if skipped else "")
+    ]
+    record = {"skipped_videos": float(len(skipped)), "videos_with_objects_dropped": float(len(kept))}
+    for found, what, key in ((skipped, "skipped", "skipped"), (kept, "kept", "objects_dropped")):
+        lines += [f"data: {what} {p}" for p in found[:named]]
+        if len(found) > named:
+            lines.append(f"data: ... and {len(found) - named} more {what}")
+        record.update({f"{key}/{p.video}": 1.0 for p in found[:named]})
+    return lines, record
+
+
+def check_strict(problems: Sequence[Problem]) -> None:
+    """DATA.STRICT: PipelineError naming the videos the index left out, if any."""
+    skipped = [p for p in problems if p.skipped]
+    if skipped:
+        shown = "; ".join(str(p) for p in skipped[:PROBLEMS_NAMED])
+        more = f"; and {len(skipped) - PROBLEMS_NAMED} more" if len(skipped) > PROBLEMS_NAMED else ""
+        raise PipelineError(
+            f"DATA.STRICT: videos the index left out ({len(skipped)}): {shown}{more} (DATA.STRICT False "
+            "trains without them)"
+        )
 
 
 def split_videos(names: Sequence[str], val_split: float, val_videos: int = 0) -> tuple[list[str], list[str]]:
@@ -351,6 +388,8 @@ def build_pipeline(
                     f"no {spec.num_frames}-frame clip at skip {spec.frame_skip} shows an object on its first frame",
                 ),
             ]
+    if data.STRICT:
+        check_strict(problems)
     train_names, val_names = split_videos([e.name for e in usable], data.VAL_SPLIT, data.VAL_VIDEOS)
     keep = set(train_names if split == "train" else val_names)
     chosen = tuple(e for e in usable if e.name in keep)

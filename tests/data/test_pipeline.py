@@ -278,3 +278,32 @@ def test_two_processes_build_global_batches(dataset, tmp_path):
         index_of = {n: i for i, n in enumerate(names)}
         expected = sum(index_of[train.videos[v]] for v in videos) * 4 * int(np.prod(FEATURE[:2]))
         assert total == expected
+
+
+def test_problems_are_reported_and_strict_refuses_skipped_videos(dataset):
+    cfg, names = dataset
+    entries, problems = pipeline.index_dataset(cfg, store=pipeline.open_store(cfg))
+    assert not problems
+    found = [videos.Problem(f"bad{i}", f"reason {i}") for i in range(7)]
+    found.append(videos.Problem(names[0], "objects [2] are never visible and were dropped", skipped=False))
+    lines, record = pipeline.problem_report(_build(cfg, index=(entries, found)).problems)
+    assert lines == [
+        "data: videos skipped: 7, kept without some objects: 1 (DATA.STRICT True makes a skipped video an error)",
+        *(f"data: skipped bad{i}: reason {i}" for i in range(5)),
+        "data: ... and 2 more skipped",
+        f"data: kept {names[0]}: objects [2] are never visible and were dropped (video kept)",
+    ]
+    assert record == {
+        "skipped_videos": 7,
+        "videos_with_objects_dropped": 1,
+        **{f"skipped/bad{i}": 1 for i in range(5)},
+        f"objects_dropped/{names[0]}": 1,
+    }
+    assert pipeline.problem_report([]) == ([], {})
+    strict = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, STRICT=True))
+    with pytest.raises(
+        pipeline.PipelineError,
+        match=r"DATA\.STRICT: videos the index left out \(7\): bad0: reason 0; .*; and 2 more",
+    ):
+        _build(strict, index=(entries, found))
+    _build(strict, index=(entries, found[-1:]))  # a video kept without some objects is no error
