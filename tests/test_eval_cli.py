@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from es3_jax.cli import main
-from es3_jax.data.masks import read_palette_png
+from es3_jax.data.masks import read_palette_png, write_palette_png
+from es3_jax.predictor import VideoPredictor
+from tests.eval.test_vos import OraclePredictor, _make_dataset
 
 JF_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "jf_reference"
 
@@ -99,3 +102,54 @@ def test_tracker_end_to_end_on_car_shadow(fixture_dir, tmp_path, capsys):
     assert {"track_step", "write_masks"} <= set(summary["ms_per_frame"])
     assert 0.0 <= summary["J&F"] <= 1.0
     assert (out / "per-sequence_results.csv").read_text().startswith("Sequence,J-Mean,F-Mean\ncar-shadow_1,")
+
+
+def _sav_root_with(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """A tiny SA-V root, and `es3 eval`'s predictor replaced by one that returns the ground truth."""
+    truth = _make_dataset(tmp_path / "data", "sav")
+    monkeypatch.setattr(VideoPredictor, "from_checkpoint", lambda *_, **__: OraclePredictor(truth, "sav"))
+    return tmp_path / "data", truth
+
+
+def test_eval_names_a_missing_jpeg_before_tracking(tmp_path, monkeypatch, capsys):
+    root, _ = _sav_root_with(tmp_path, monkeypatch)
+    (root / "JPEGImages_24fps" / "vid" / "00003.jpg").unlink()
+    out = tmp_path / "out"
+    assert main(["eval", "--dataset", "sav", "--data_root", str(root), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"vid: frame 00003 is annotated ({root / 'Annotations_6fps' / 'vid' / '000' / '00003.png'})" in err
+    assert f"has no JPEG in {root / 'JPEGImages_24fps' / 'vid'}" in err and not out.exists()
+
+
+def test_eval_leaves_out_an_object_empty_on_every_frame(tmp_path, monkeypatch, capsys):
+    root, truth = _sav_root_with(tmp_path, monkeypatch)
+    for t in range(len(truth)):
+        write_palette_png(
+            root / "Annotations_6fps" / "vid" / "002" / f"{t:05d}.png", np.zeros((32, 48), np.uint8)
+        )
+    out = tmp_path / "out"
+    assert main(["eval", "--dataset", "sav", "--data_root", str(root), "--output_dir", str(out)]) == 0
+    assert (
+        "vid: objects 002 are empty on every annotated frame; not tracked or scored"
+        in capsys.readouterr().err
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["num_objects"] == 2
+        and summary["J&F"] == 1.0
+        and summary["objects_not_scored"] == {"vid": ["002"]}
+    )
+
+
+def test_score_only_names_a_prediction_of_another_size(tmp_path, capsys):
+    _make_dataset(tmp_path / "data", "davis")
+    gt = tmp_path / "data" / "Annotations" / "480p"
+    for png in sorted(gt.rglob("*.png")):
+        write_palette_png(tmp_path / "pred" / png.relative_to(gt), read_palette_png(png))
+    write_palette_png(tmp_path / "pred" / "vid" / "00002.png", np.zeros((16, 24), np.uint8))
+    args = ["eval", "--score_only", "--layout", "davis", "--pred_root", str(tmp_path / "pred")]
+    assert main([*args, "--gt_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'pred' / 'vid' / '00002.png'} is 24x16 but {gt / 'vid' / '00002.png'} is 48x32" in err
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from es3_jax.commands.common import add_config_args, load_config
 
@@ -15,7 +16,11 @@ dataset's layout under <output_dir>/predictions, and score them the way the offi
   davis  davis2017-evaluation, semi-supervised: objects 1..N of GT frame 0, first and last
          frame dropped; writes global_results.csv and per-sequence_results.csv (0-1).
   sav    sam2 sav_benchmark: per-object PNG folders, each object's first and last annotated
-         frame dropped; writes results.csv (0-100).
+         frame dropped; writes results.csv (0-100). An object empty on every annotated frame
+         has no prompt: it is neither tracked nor scored, with a warning (the official tool
+         stops on it), and summary.json lists it under objects_not_scored.
+
+Every annotated frame needs its JPEG; a missing one is an error before anything is tracked.
 
 Both write per-object_results.csv (full precision) and summary.json (J&F, J and F
 mean/recall/decay; with tracking also frames/s and ms per frame of each component).
@@ -105,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
     videos = datasets.open_dataset(
         dataset, data_root, split=args.split, sequences=_sequences(args), resolution=args.resolution
     )
+    unprompted = vos.unprompted_objects(videos)
+    for name, objects in unprompted.items():
+        print(
+            f"es3 eval: {name}: objects {', '.join(objects)} are empty on every annotated frame; "
+            "not tracked or scored",
+            file=sys.stderr,
+        )
     if args.checkpoint is None:
         print("no --checkpoint: random weights, the scores are meaningless")
     predictor = VideoPredictor.from_checkpoint(args.checkpoint, config=cfg, seed=args.seed)
@@ -117,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
         dataset,
         [v.name for v in videos],
         skip_first_and_last=not args.no_skip_first_last,
+        leave_out=unprompted,
     )
-    extra = {"dataset": dataset, "checkpoint": args.checkpoint, **timing}
+    extra = {"dataset": dataset, "checkpoint": args.checkpoint, "objects_not_scored": unprompted, **timing}
     summary = vos.write_results(out, results, dataset, extra)
     print(vos.format_summary(summary))
     print(f"wrote {out}/summary.json and the predictions under {out}/predictions")

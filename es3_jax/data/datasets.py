@@ -44,7 +44,8 @@ def open_dataset(
     sequences: Sequence[str] | None = None,
     resolution: str = "480p",
 ) -> list[VosVideo]:
-    """The videos of a DAVIS 2017 or SA-V val/test root, in split order (or the given `sequences`)."""
+    """The videos of a DAVIS 2017 or SA-V val/test root, in split order (or the given `sequences`);
+    DatasetError names a missing annotation folder or the JPEG of an annotated frame."""
     frames, annotations = dataset_dirs(dataset, root, resolution)
     names = list(sequences) if sequences else list_sequences(dataset, root, split, resolution)
     if not names:
@@ -55,7 +56,9 @@ def open_dataset(
         ann = annotations / name
         if not ann.is_dir():
             raise DatasetError(f"{name}: annotation folder {ann} not found")
-        videos.append(video_type(name, tuple(list_frames(frames / name)), ann))
+        video = video_type(name, tuple(list_frames(frames / name)), ann)
+        video.check_frames()
+        videos.append(video)
     return videos
 
 

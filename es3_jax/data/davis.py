@@ -63,6 +63,9 @@ class DavisVideo(VosVideo):
 
     layout = "davis"
 
+    def annotation_files(self) -> list[Path]:
+        return sorted(self.annotation_dir.glob("*.png"))
+
     def prompts(self) -> list[Prompt]:
         """The GT masks of frame 0, by object id; objects that appear later are not prompted."""
         first = self.annotation_dir / f"{self.frame_names[0]}.png"

@@ -545,6 +545,9 @@ class SavVideo(VosVideo):
         dirs = [p for p in self.annotation_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         return sorted(dirs, key=lambda p: int(p.name))
 
+    def annotation_files(self) -> list[Path]:
+        return [png for folder in self.object_dirs() for png in sorted(folder.glob("*.png"))]
+
     def prompts(self) -> list[Prompt]:
         """Each object's first non-empty annotated mask, by frame then object id; objects never visible
         are left out."""

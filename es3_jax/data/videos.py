@@ -94,6 +94,21 @@ class VosVideo(abc.ABC):
     def prompts(self) -> list[Prompt]:
         """The semi-supervised input masks, by frame then object id."""
 
+    @abc.abstractmethod
+    def annotation_files(self) -> list[Path]:
+        """The GT mask PNGs, each named by its frame."""
+
+    def check_frames(self) -> None:
+        """DatasetError naming the first annotated frame whose JPEG is missing: tracking runs on the
+        JPEGs there are, so the gap would only show when the missing frame's prediction is scored."""
+        names = set(self.frame_names)
+        for png in self.annotation_files():
+            if png.stem not in names:
+                folder = self.frame_paths[0].parent
+                raise DatasetError(
+                    f"{self.name}: frame {png.stem} is annotated ({png}) but has no JPEG in {folder}"
+                )
+
 
 def numbered_frame_stems(folder: str | Path) -> list[str]:
     """Stems of the JPEG frames of `folder` named by a frame number, sorted by that number.

@@ -21,7 +21,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from es3_jax.data.masks import MaskFileError, logits_to_ids, read_palette_png, write_palette_png
+from es3_jax.data.sav import SavVideo
 from es3_jax.data.videos import VosVideo
 from es3_jax.eval.metrics import EvalError, SavObjectScorer, davis_sequence, statistics
 from es3_jax.progress import progress_bar
@@ -83,6 +84,14 @@ def _check_sequences(pred_root: Path, gt_root: Path, sequences: Sequence[str]) -
             raise EvalError(f"{what} folder(s) missing under {root}: {', '.join(missing[:5])}")
 
 
+def _same_size(path: Path, mask: np.ndarray, reference_path: Path, reference: np.ndarray) -> None:
+    """EvalError naming both files and sizes (width x height, as image tools give them) unless the
+    masks are the same size."""
+    if mask.shape != reference.shape:
+        (h, w), (rh, rw) = mask.shape[:2], reference.shape[:2]
+        raise EvalError(f"{path} is {w}x{h} but {reference_path} is {rw}x{rh} (width x height)")
+
+
 def score_davis(pred_root: str | Path, gt_root: str | Path, sequences: Sequence[str]) -> list[ObjectResult]:
     """davis2017-evaluation, semi-supervised: `gt_root/<seq>/*.png` palette GT, predictions alike."""
     pred_root, gt_root = Path(pred_root), Path(gt_root)
@@ -94,8 +103,15 @@ def score_davis(pred_root: str | Path, gt_root: str | Path, sequences: Sequence[
             raise EvalError(
                 f"{seq}: {len(stems)} GT frames; the first and last are not scored, so 3 are needed"
             )
-        gt = [read_palette_png(gt_root / seq / f"{s}.png") for s in stems]
-        pred = [_read_ids(pred_root / seq / f"{s}.png") for s in stems[1:-1]]
+        gt_paths = [gt_root / seq / f"{s}.png" for s in stems]
+        gt = [read_palette_png(p) for p in gt_paths]
+        for path, mask in zip(gt_paths[1:], gt[1:], strict=True):
+            _same_size(path, mask, gt_paths[0], gt[0])
+        pred = []
+        for gt_path, gt_mask in zip(gt_paths[1:-1], gt[1:-1], strict=True):
+            pred_path = pred_root / seq / gt_path.name
+            pred.append(_read_ids(pred_path))
+            _same_size(pred_path, pred[-1], gt_path, gt_mask)
         j, f = davis_sequence(gt, pred, name=seq)
         results.extend(ObjectResult(seq, str(k + 1), j[k], f[k]) for k in range(j.shape[0]))
     return results
@@ -103,8 +119,7 @@ def score_davis(pred_root: str | Path, gt_root: str | Path, sequences: Sequence[
 
 def _sav_pair(gt_path: Path, pred_path: Path, per_object: bool) -> tuple[np.ndarray, np.ndarray]:
     gt, pred = read_palette_png(gt_path), _read_ids(pred_path)
-    if gt.shape != pred.shape:
-        raise EvalError(f"shape mismatch: {gt_path} {gt.shape}, {pred_path} {pred.shape}")
+    _same_size(pred_path, pred, gt_path, gt)
     if per_object:
         for arr, p in ((gt, gt_path), (pred, pred_path)):
             if len(np.unique(arr)) > 2:
@@ -114,14 +129,21 @@ def _sav_pair(gt_path: Path, pred_path: Path, per_object: bool) -> tuple[np.ndar
 
 
 def score_sav(
-    pred_root: str | Path, gt_root: str | Path, sequences: Sequence[str], *, skip_first_and_last: bool = True
+    pred_root: str | Path,
+    gt_root: str | Path,
+    sequences: Sequence[str],
+    *,
+    skip_first_and_last: bool = True,
+    leave_out: Mapping[str, Collection[str]] | None = None,
 ) -> list[ObjectResult]:
-    """sam2 `sav_benchmark`: per-object folders (SA-V) or flat palette PNGs (DAVIS-style), per video."""
+    """sam2 `sav_benchmark`: per-object folders (SA-V) or flat palette PNGs (DAVIS-style), per video.
+    `leave_out` names object folders of a sequence that are not scored (see `unprompted_objects`)."""
     pred_root, gt_root = Path(pred_root), Path(gt_root)
     _check_sequences(pred_root, gt_root, sequences)
+    leave_out = leave_out or {}
     results = []
     for seq in sequences:
-        entries = sorted(p.name for p in (gt_root / seq).iterdir())
+        entries = sorted(p.name for p in (gt_root / seq).iterdir() if p.name not in leave_out.get(seq, ()))
         per_object = not all(name.endswith(".png") for name in entries)
         units = (
             [(name, gt_root / seq / name, pred_root / seq / name) for name in entries]
@@ -157,9 +179,11 @@ def score(
     sequences: Sequence[str] | None = None,
     *,
     skip_first_and_last: bool = True,
+    leave_out: Mapping[str, Collection[str]] | None = None,
 ) -> list[ObjectResult]:
     """Score predictions against GT with `layout`'s official conventions. `sequences` defaults to
-    every GT folder. The davis layout always drops the first and last frame (its only protocol)."""
+    every GT folder. The davis layout always drops the first and last frame (its only protocol).
+    `leave_out`: SA-V object folders not scored, by sequence (see `unprompted_objects`)."""
     gt_root = Path(gt_root)
     if layout not in LAYOUTS:
         raise EvalError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
@@ -174,7 +198,9 @@ def score(
     try:
         if layout == "davis":
             return score_davis(pred_root, gt_root, sequences)
-        return score_sav(pred_root, gt_root, sequences, skip_first_and_last=skip_first_and_last)
+        return score_sav(
+            pred_root, gt_root, sequences, skip_first_and_last=skip_first_and_last, leave_out=leave_out
+        )
     except MaskFileError as e:
         raise EvalError(str(e)) from e
 
@@ -333,6 +359,23 @@ class _MaskWriter:
         for frame_idx in range(len(self.names)):
             if frame_idx not in self.written:
                 self.write(frame_idx, [], empty)
+
+
+def unprompted_objects(videos: Iterable[VosVideo]) -> dict[str, list[str]]:
+    """Before tracking: the SA-V objects (annotation folder names, by video) whose masks are empty on
+    every annotated frame. They have no prompt, so nothing tracks them, and the official sav_benchmark
+    stops on such an object; `score(..., leave_out=...)` leaves them out. EvalError names a video with
+    no object to track at all."""
+    found = {}
+    for video in videos:
+        prompted = {p.obj_id for p in video.prompts()}
+        if not prompted:
+            raise EvalError(f"{video.name}: no object to track (every annotated mask is empty)")
+        if isinstance(video, SavVideo):
+            empty = [d.name for d in video.object_dirs() if int(d.name) not in prompted]
+            if empty:
+                found[video.name] = empty
+    return found
 
 
 def _frame_size(video: VosVideo) -> tuple[int, int]:

@@ -196,3 +196,41 @@ def test_propagate_write_score_with_an_oracle(tmp_path, dataset):
     assert summary["num_objects"] == 2 and summary["J&F"] == 1.0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["fps"] == timing["fps"]
     assert "J&F 1.0000" in vos.format_summary(summary)
+
+
+@pytest.mark.parametrize("dataset", ["davis", "sav"])
+def test_a_prediction_of_another_size_is_named(tmp_path, dataset):
+    _make_dataset(tmp_path / "data", dataset)
+    _, annotations = datasets.dataset_dirs(dataset, tmp_path / "data")
+    for gt in sorted(annotations.rglob("*.png")):  # a perfect prediction
+        write_palette_png(tmp_path / "pred" / gt.relative_to(annotations), read_palette_png(gt))
+    wrong = next((tmp_path / "pred").rglob("00002.png"))
+    write_palette_png(wrong, np.zeros((16, 24), np.uint8))
+    with pytest.raises(EvalError, match=rf"{wrong} is 24x16 but .*00002\.png is 48x32 \(width x height\)"):
+        vos.score(tmp_path / "pred", annotations, dataset)
+
+
+@pytest.mark.parametrize("dataset", ["davis", "sav"])
+def test_an_annotated_frame_without_its_jpeg_is_named_when_the_dataset_opens(tmp_path, dataset):
+    _make_dataset(tmp_path, dataset)
+    frames, _ = datasets.dataset_dirs(dataset, tmp_path)
+    (frames / "vid" / "00003.jpg").unlink()
+    with pytest.raises(
+        datasets.DatasetError,
+        match=rf"vid: frame 00003 is annotated \(.*\) but has no JPEG in {frames / 'vid'}",
+    ):
+        datasets.open_dataset(dataset, tmp_path)
+
+
+def test_an_object_empty_on_every_frame_is_neither_tracked_nor_scored(tmp_path):
+    truth = _make_dataset(tmp_path / "data", "sav")
+    empty = tmp_path / "data" / "Annotations_6fps" / "vid" / "002"
+    for t in range(len(truth)):
+        write_palette_png(empty / f"{t:05d}.png", np.zeros((32, 48), np.uint8))
+    videos = datasets.open_dataset("sav", tmp_path / "data")
+    assert vos.unprompted_objects(videos) == {"vid": ["002"]}
+    vos.propagate_dataset(OraclePredictor(truth, "sav"), videos, tmp_path / "pred")
+    assert sorted(p.name for p in (tmp_path / "pred" / "vid").iterdir()) == ["000", "001"]
+    _, annotations = datasets.dataset_dirs("sav", tmp_path / "data")
+    results = vos.score(tmp_path / "pred", annotations, "sav", leave_out={"vid": ["002"]})
+    assert [r.obj for r in results] == ["000", "001"] and vos.summarize(results, "sav")["J&F"] == 1.0
