@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     videos = datasets.open_dataset(
         dataset, data_root, split=args.split, sequences=_sequences(args), resolution=args.resolution
     )
-    unprompted = vos.unprompted_objects(videos)
+    unprompted = vos.check_videos(videos)
     for name, objects in unprompted.items():
         print(
             f"es3 eval: {name}: objects {', '.join(objects)} are empty on every annotated frame; "

@@ -137,7 +137,7 @@ def score_sav(
     leave_out: Mapping[str, Collection[str]] | None = None,
 ) -> list[ObjectResult]:
     """sam2 `sav_benchmark`: per-object folders (SA-V) or flat palette PNGs (DAVIS-style), per video.
-    `leave_out` names object folders of a sequence that are not scored (see `unprompted_objects`)."""
+    `leave_out` names object folders of a sequence that are not scored (see `check_videos`)."""
     pred_root, gt_root = Path(pred_root), Path(gt_root)
     _check_sequences(pred_root, gt_root, sequences)
     leave_out = leave_out or {}
@@ -183,7 +183,7 @@ def score(
 ) -> list[ObjectResult]:
     """Score predictions against GT with `layout`'s official conventions. `sequences` defaults to
     every GT folder. The davis layout always drops the first and last frame (its only protocol).
-    `leave_out`: SA-V object folders not scored, by sequence (see `unprompted_objects`)."""
+    `leave_out`: SA-V object folders not scored, by sequence (see `check_videos`)."""
     gt_root = Path(gt_root)
     if layout not in LAYOUTS:
         raise EvalError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
@@ -361,21 +361,33 @@ class _MaskWriter:
                 self.write(frame_idx, [], empty)
 
 
-def unprompted_objects(videos: Iterable[VosVideo]) -> dict[str, list[str]]:
-    """Before tracking: the SA-V objects (annotation folder names, by video) whose masks are empty on
-    every annotated frame. They have no prompt, so nothing tracks them, and the official sav_benchmark
-    stops on such an object; `score(..., leave_out=...)` leaves them out. EvalError names a video with
-    no object to track at all."""
-    found = {}
+def check_videos(videos: Iterable[VosVideo]) -> dict[str, list[str]]:
+    """Before tracking, what would otherwise fail only once the predictions are scored. EvalError names
+    a GT mask whose size differs from its video's frames (predictions are written at the frames' size,
+    and neither official tool scores masks of two sizes), and a video with no object to track.
+
+    Returns the SA-V objects (annotation folder names, by video) whose masks are empty on every
+    annotated frame: they have no prompt, so nothing tracks them, and the official sav_benchmark stops
+    on such an object; `score(..., leave_out=...)` leaves them out.
+    """
+    unprompted = {}
     for video in videos:
+        height, width = _frame_size(video)
+        for png in video.annotation_files():
+            with Image.open(png) as im:
+                if im.size != (width, height):
+                    raise EvalError(
+                        f"{png} is {im.width}x{im.height} but the frames of {video.name} are {width}x{height} "
+                        "(width x height)"
+                    )
         prompted = {p.obj_id for p in video.prompts()}
         if not prompted:
             raise EvalError(f"{video.name}: no object to track (every annotated mask is empty)")
         if isinstance(video, SavVideo):
             empty = [d.name for d in video.object_dirs() if int(d.name) not in prompted]
             if empty:
-                found[video.name] = empty
-    return found
+                unprompted[video.name] = empty
+    return unprompted
 
 
 def _frame_size(video: VosVideo) -> tuple[int, int]:

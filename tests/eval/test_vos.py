@@ -228,9 +228,22 @@ def test_an_object_empty_on_every_frame_is_neither_tracked_nor_scored(tmp_path):
     for t in range(len(truth)):
         write_palette_png(empty / f"{t:05d}.png", np.zeros((32, 48), np.uint8))
     videos = datasets.open_dataset("sav", tmp_path / "data")
-    assert vos.unprompted_objects(videos) == {"vid": ["002"]}
+    assert vos.check_videos(videos) == {"vid": ["002"]}
     vos.propagate_dataset(OraclePredictor(truth, "sav"), videos, tmp_path / "pred")
     assert sorted(p.name for p in (tmp_path / "pred" / "vid").iterdir()) == ["000", "001"]
     _, annotations = datasets.dataset_dirs("sav", tmp_path / "data")
     results = vos.score(tmp_path / "pred", annotations, "sav", leave_out={"vid": ["002"]})
     assert [r.obj for r in results] == ["000", "001"] and vos.summarize(results, "sav")["J&F"] == 1.0
+
+
+@pytest.mark.parametrize("dataset", ["davis", "sav"])
+def test_a_gt_mask_of_another_size_than_the_frames_is_named_before_tracking(tmp_path, dataset):
+    _make_dataset(tmp_path, dataset)
+    _, annotations = datasets.dataset_dirs(dataset, tmp_path)
+    png = sorted(annotations.rglob("00004.png"))[0]
+    write_palette_png(png, np.zeros((32, 47), np.uint8))
+    videos = datasets.open_dataset(dataset, tmp_path)
+    with pytest.raises(
+        EvalError, match=rf"{png} is 47x32 but the frames of vid are 48x32 \(width x height\)"
+    ):
+        vos.check_videos(videos)
