@@ -130,16 +130,18 @@ def count_pixels(counts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     runs_per_string = np.bincount(string, minlength=n)
     first = np.repeat(np.cumsum(runs_per_string) - runs_per_string, runs_per_string)
     m = np.arange(len(value)) - first
+    odd = m & 1
     same_parity = np.empty_like(value)  # running sums over every other value
     same_parity[0::2] = np.cumsum(value[0::2])
     same_parity[1::2] = np.cumsum(value[1::2])
-    runs = same_parity - np.concatenate(([0], same_parity))[first + 1 - m % 2]
-    runs[m == 0] = value[m == 0]
+    runs = same_parity - np.concatenate(([0], same_parity))[first + 1 - odd]
+    leading = m == 0
+    runs[leading] = value[leading]
     bad[string[(runs < 0) | (digits > MAX_RUN_DIGITS)]] = True
     has = np.flatnonzero(runs_per_string)
     first_run = np.cumsum(runs_per_string)[has] - runs_per_string[has]
     pixels[has] = np.add.reduceat(runs, first_run)
-    foreground[has] = np.add.reduceat(np.where(m % 2 == 1, runs, 0), first_run)
+    foreground[has] = np.add.reduceat(runs * odd, first_run)
     pixels[bad] = foreground[bad] = -1
     return pixels, foreground
 
