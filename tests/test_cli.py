@@ -1,11 +1,15 @@
-"""The `es3` command's help describes its commands and their options."""
+"""The `es3` command's help describes its commands and their options; options may follow the
+`KEY VALUE` overrides; an interrupted `es3 train` exits with 128 + the signal's number."""
 
+import signal
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 
 from es3_jax.cli import main
+from es3_jax.train import trainer
 
 
 def test_top_level_help_lists_commands():
@@ -20,7 +24,7 @@ def test_top_level_help_lists_commands():
     [
         ("port", ("--sam3_weights", "--output_dir", "--config", "KEY VALUE", "stage-1", "strict")),
         ("demo", ("--output_dir", "--sam3_weights", "summary.json", "J&F")),
-        ("train", ("--output_dir", "--resume", "ckpt_best", "SIGTERM", "TRAIN.MODE")),
+        ("train", ("--output_dir", "--resume", "ckpt_best", "SIGTERM", "TRAIN.MODE", "143", "130")),
     ],
 )
 def test_command_help(command, words, capsys):
@@ -35,3 +39,40 @@ def test_command_help(command, words, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "commands:" in capsys.readouterr().out
+
+
+class _StoppedTrainer:
+    """In place of the Trainer (no models built): records how it was made; its run is stopped by
+    SIGTERM after step 1, its checkpoint saved."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, cfg, output_dir, *, resume=None):
+        self.made.append((cfg, resume))
+        self.process_index = 0
+
+    def run(self) -> dict:
+        return {"step": 1, "train": {"total": 1.0}, "val": {}, "stopped_by_signal": signal.SIGTERM}
+
+    def export_weights(self):
+        raise AssertionError("an interrupted run has no final weights")
+
+
+def test_an_interrupted_train_exits_with_128_plus_the_signal(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(trainer, "Trainer", _StoppedTrainer)
+    status = main(["train", "--output_dir", str(tmp_path), "TRAIN.MAX_STEPS", "7"])
+    assert status == 128 + signal.SIGTERM == 143
+    assert "stopped by SIGTERM at step 1 of 7 (saved); `--resume auto` continues" in capsys.readouterr().err
+
+
+def test_options_may_follow_the_overrides(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(trainer, "Trainer", _StoppedTrainer)
+    _StoppedTrainer.made.clear()
+    overrides = ["TRAIN.MAX_STEPS", "7", "--resume", "auto", "TRAIN.LR", "0.5"]
+    main(["train", "--output_dir", str(tmp_path), *overrides])
+    ((cfg, resume),) = _StoppedTrainer.made
+    assert resume == "auto" and cfg.TRAIN.MAX_STEPS == 7 and cfg.TRAIN.LR == 0.5
+    # An unknown option where a KEY belongs is refused as argparse refuses it before the pairs.
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "--output_dir", str(tmp_path), "TRAIN.LR", "0.5", "--resum_from", "x"])
+    assert refused.value.code == 2 and "unrecognized arguments: --resum_from" in capsys.readouterr().err

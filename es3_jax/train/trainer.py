@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from es3_jax import checkpoints, distributed, weights
 from es3_jax import config as config_lib
-from es3_jax.data.pipeline import build_pipeline, problem_report
+from es3_jax.data.pipeline import build_pipeline
 from es3_jax.errors import Es3Error
 from es3_jax.eval.metrics import boundary_f_measure, region_similarity
 from es3_jax.models.student import student_from_config
@@ -179,6 +180,14 @@ class Trainer:
         self.mesh = sharding.make_mesh(cfg.MESH)
         local_batch = cfg.TRAIN.BATCH_SIZE * jax.local_device_count()
         self.accumulate = optim.accumulation_steps(cfg.TRAIN, self.mesh.size)
+        # Reported once the log exists: nothing is written in the output folder before the run starts.
+        notes: list[tuple[str, str]] = []
+        # A name that resolves to nothing fails before anything is built.
+        ref = checkpoints.resume_ref(resume, self.output_dir) if resume else None
+        if resume == "auto" and ref is None:
+            notes.append(
+                ("info", f"--resume auto: no checkpoint under {self.output_dir}; starting at step 0")
+            )
         teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
         # A stage-1 teacher checkpoint says which student trunk made (or makes) the features.
         cfg = self.cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", teacher.cfg.MODEL.TRUNK.KIND])
@@ -201,31 +210,24 @@ class Trainer:
         )
         self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
-        self.checkpoints = checkpoints.manager(
-            self.output_dir, keep_latest=cfg.TRAIN.KEEP_LATEST, save_every=cfg.TRAIN.SAVE_EVERY
-        )
+        self._checkpoints: ocp.CheckpointManager | None = None  # created by the first save
         self.micro = 0
         self.bad_steps = 0
         self.best = -math.inf
-        if resume:
-            ref = checkpoints.resolve(self.output_dir if resume == "auto" else resume)
-            restored = checkpoints.restore(
-                checkpoints.manager(ref.output_dir, read_only=True),
-                ref.step,
-                params=self.learner.trainable,
-                opt_state=self.learner.opt_state,
-            )
-            self.learner.trainable, self.learner.opt_state = restored["params"], restored["opt_state"]
-            meta = restored["meta"]
-            self.micro, self.bad_steps = int(meta["micro_step"]), int(meta["bad_steps"])
-            self.best = -math.inf if meta.get("best") is None else float(meta["best"])
+        self._saved_step: int | None = None  # the step whose checkpoint is on disk now
+        if ref is not None:
+            self._restore(ref, notes)
         self.step = self.micro // self.accumulate
         if self.process_index == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config_lib.save(cfg, self.output_dir / "config.yaml")
         self.log = MetricsLog(
-            self.output_dir, tensorboard=cfg.LOG.TENSORBOARD, resume_step=self.step if resume else None
+            self.output_dir,
+            tensorboard=cfg.LOG.TENSORBOARD,
+            resume_step=self.step if ref is not None else None,
         )
+        for level, message in notes:
+            getattr(self.log, level)(message)
         self.log.info(
             f"mode {cfg.TRAIN.MODE}, teacher {teacher.source}, mesh {dict(self.mesh.shape)}, "
             f"{self.process_count} processes, accumulate {self.accumulate}, start step {self.step}"
@@ -234,13 +236,32 @@ class Trainer:
             self.log.info(f"trunk features computed on the fly by trunk {self.learner.trunk_fingerprint}")
         self._stop_signal: int | None = None
 
-        # The videos the index left out (both splits share one index), named before the first step.
-        lines, record = problem_report(self.train_data.problems)
-        for line in lines:
-            self.log.warning(line)
-        if record:
-            self.log.log(self.step, record, prefix="data")
     # ------------------------------------------------------------------------------------------
+
+    def _restore(self, ref: checkpoints.CheckpointRef, notes: list[tuple[str, str]]) -> None:
+        """Continue from `ref` (the newest good step when it names the latest)."""
+        resumed = checkpoints.resume(
+            ref, self.output_dir, params=self.learner.trainable, opt_state=self.learner.opt_state
+        )
+        notes += [("warning", f"skipped a damaged checkpoint: {message}") for message in resumed.skipped]
+        if resumed.set_aside is not None:
+            notes.append(("warning", f"moved the steps after step {resumed.step} to {resumed.set_aside}"))
+        notes.append(("info", f"resumed from {ref.output_dir} step {resumed.step}"))
+        restored = resumed.restored
+        self.learner.trainable, self.learner.opt_state = restored["params"], restored["opt_state"]
+        meta = restored["meta"]
+        self.micro, self.bad_steps = int(meta["micro_step"]), int(meta["bad_steps"])
+        self.best = -math.inf if meta.get("best") is None else float(meta["best"])
+        if ref.output_dir.absolute() == self.output_dir.absolute():
+            self._saved_step = resumed.step
+
+    def _manager(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            train = self.cfg.TRAIN
+            self._checkpoints = checkpoints.manager(
+                self.output_dir, keep_latest=train.KEEP_LATEST, save_every=train.SAVE_EVERY
+            )
+        return self._checkpoints
 
     def _global(self, batch: Mapping[str, np.ndarray]) -> dict:
         features = "embeddings" if self.cfg.DATA.USE_PRECOMPUTED else "images"
@@ -257,8 +278,12 @@ class Trainer:
         }
 
     def save(self, metrics: Mapping[str, float] | None = None) -> None:
+        """Checkpoint the current step, unless it is on disk already (a periodic save, then a
+        signal or a stop at the same step)."""
+        if self._saved_step == self.step:
+            return
         checkpoints.save(
-            self.checkpoints,
+            self._manager(),
             self.step,
             params=self.learner.trainable,
             opt_state=self.learner.opt_state,
@@ -266,6 +291,7 @@ class Trainer:
             meta=self._meta(),
             metrics=metrics,
         )
+        self._saved_step = self.step
         self.log.info(f"saved checkpoint at step {self.step}")
 
     def validate(self) -> dict[str, float]:
@@ -310,7 +336,9 @@ class Trainer:
         self._stop_signal = signum
 
     def run(self) -> dict:
-        """Train to `TRAIN.MAX_STEPS`; returns the last train and validation metrics."""
+        """Train to `TRAIN.MAX_STEPS` or until SIGTERM / SIGINT (the current step is finished and
+        saved) -> the step reached, the last train and validation metrics, and the signal that
+        stopped the run before its last step (None when it completed)."""
         cfg = self.cfg.TRAIN
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         total_micro = cfg.MAX_STEPS * self.accumulate
@@ -373,7 +401,7 @@ class Trainer:
                 last = self.step == cfg.MAX_STEPS
                 if metrics_for_ckpt is not None or due(self.step, cfg.SAVE_EVERY, cfg.MAX_STEPS) or last:
                     self.save(metrics_for_ckpt)
-                if self._stop_signal is not None:
+                if self._stop_signal is not None and not last:
                     self.save(metrics_for_ckpt)
                     self.log.warning(f"signal {self._stop_signal}: saved step {self.step} and stopped")
                     break
@@ -386,7 +414,8 @@ class Trainer:
             "step": self.step,
             "train": last_train,
             "val": last_val,
-            "stopped_by_signal": self._stop_signal,
+            # A signal during the last step stopped nothing: the run is complete.
+            "stopped_by_signal": self._stop_signal if self.step < cfg.MAX_STEPS else None,
         }
 
     def export_weights(self, folder: str | Path | None = None) -> Path:
