@@ -374,12 +374,16 @@ def check_videos(videos: Iterable[VosVideo]) -> dict[str, list[str]]:
     for video in videos:
         height, width = _frame_size(video)
         for png in video.annotation_files():
-            with Image.open(png) as im:
-                if im.size != (width, height):
-                    raise EvalError(
-                        f"{png} is {im.width}x{im.height} but the frames of {video.name} are {width}x{height} "
-                        "(width x height)"
-                    )
+            try:
+                with Image.open(png) as im:  # the header only
+                    size = im.size
+            except OSError as e:
+                raise EvalError(f"{png}: not a readable image: {e}") from e
+            if size != (width, height):
+                raise EvalError(
+                    f"{png} is {size[0]}x{size[1]} but the frames of {video.name} are {width}x{height} "
+                    "(width x height)"
+                )
         prompted = {p.obj_id for p in video.prompts()}
         if not prompted:
             raise EvalError(f"{video.name}: no object to track (every annotated mask is empty)")
