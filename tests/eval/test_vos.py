@@ -247,3 +247,6 @@ def test_a_gt_mask_of_another_size_than_the_frames_is_named_before_tracking(tmp_
         EvalError, match=rf"{png} is 47x32 but the frames of vid are 48x32 \(width x height\)"
     ):
         vos.check_videos(videos)
+    png.write_bytes(b"not a png")
+    with pytest.raises(EvalError, match=rf"{png}: not a readable image"):
+        vos.check_videos(videos)
