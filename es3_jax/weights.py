@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +50,7 @@ from es3_jax.errors import Es3Error, require_torch
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
+from es3_jax.outputs import check_writable, staged_folder
 from es3_jax.params import abstract_shapes, check_shapes, flatten, param_dict, unflatten
 from porting.keymap import STUDENT_TABLE, TRACKER_TABLE
 
@@ -181,13 +179,21 @@ def _string_keys(tree: Mapping) -> dict:
     return {str(k): _string_keys(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
+def check_output(output_dir: str | Path) -> Path:
+    """WeightsError (or OutputError) unless `save` could write `output_dir` now: absent or empty,
+    in a folder that can be written. -> the absolute path."""
+    output_dir = Path(output_dir).absolute()
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise WeightsError(f"{output_dir} already exists and is not empty; choose another --output_dir")
+    check_writable(output_dir)
+    return output_dir
+
+
 def save(output_dir: str | Path, weights: Weights) -> Path:
     """Write `weights` (tracker, student and trunk, those it has) as an es3 weights folder. The
-    folder appears complete or not at all: it is assembled under a temporary name beside
-    `output_dir` and renamed into place. In a multi-process run one process calls it."""
-    output_dir = Path(output_dir).absolute()
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise WeightsError(f"{output_dir} already exists and is not empty; choose another --output_dir")
+    folder appears complete or not at all (`es3_jax.outputs.staged_folder`: an OutputError names a
+    failed write). In a multi-process run one process calls it."""
+    output_dir = check_output(output_dir)
     params = dict(weights.tracker or {})
     for name, part in ((STUDENT, weights.student), (TRUNK, weights.trunk)):
         if part is not None:
@@ -198,9 +204,7 @@ def save(output_dir: str | Path, weights: Weights) -> Path:
         "step": weights.step,
         "trained": sorted(weights.trained),
     }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir, holds=(PARAMS_DIR, CONFIG_FILE, REPORT_FILE)) as staging:
         # One process writes the folder: orbax must not wait at barriers for processes that never
         # call this.
         me = jax.process_index()
@@ -211,12 +215,6 @@ def save(output_dir: str | Path, weights: Weights) -> Path:
         checkpointer.wait_until_finished()
         config_lib.save(weights.cfg, staging / CONFIG_FILE)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -7,7 +7,7 @@ files (the transformers layout). Each file is opened once; large `.pt` files are
 
 Write: `{"model": state dict, "es3_config": record}` (`.pt`) or a `.safetensors` with the record in
 its metadata, through a temporary file in the same folder that is synced and renamed into place,
-so the file is either complete or absent.
+so the file is either complete or absent (`es3_jax.outputs`).
 
 The record (`es3_config`) says what a merged export holds: the model sections of the config
 (MODEL.TEACHER / TRUNK / PERCEIVER / MEMORY_ATTENTION), whether its memory path is the student's,
@@ -17,11 +17,9 @@ and where the parts came from.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from es3_jax import config as config_lib
 from es3_jax.errors import Es3Error
+from es3_jax.outputs import staged_file
 
 RECORD_KEY = "es3_config"
 RECORD_FORMAT = "es3-efficient-sam3"
@@ -138,38 +137,54 @@ def record_config(record: Mapping, base: config_lib.Config | None = None) -> con
 
 def write_checkpoint(path: str | Path, sd: Mapping, record: Mapping, fmt: str) -> Path:
     """Write `{"model": sd, "es3_config": record}` (pt) or a safetensors file with the record in its
-    metadata, atomically (see the module docstring)."""
+    metadata, atomically (`es3_jax.outputs.staged_file`: an OutputError names a failed write)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if fmt == "safetensors":
-                bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-                if bad:
-                    raise CheckpointError(
-                        f"safetensors holds tensors only; the state dict has non-tensor entries: {bad[:5]}"
-                    )
-                # Views of one storage (e.g. from `mmap`) must be separate tensors in safetensors.
-                f.write(
-                    save_safetensors(
-                        {k: v.contiguous().clone() for k, v in sd.items()},
-                        metadata={RECORD_KEY: json.dumps(record)},
-                    )
+    if fmt == "safetensors":
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(
+                f"safetensors holds tensors only; the state dict has non-tensor entries: {bad[:5]}"
+            )
+    with staged_file(path) as f:
+        if fmt == "safetensors":
+            # Views of one storage (e.g. from `mmap`) must be separate tensors in safetensors.
+            f.write(
+                save_safetensors(
+                    {k: v.contiguous().clone() for k, v in sd.items()},
+                    metadata={RECORD_KEY: json.dumps(record)},
                 )
-            else:
-                torch.save({"model": dict(sd), RECORD_KEY: dict(record)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            )
+        else:
+            _torch_save({"model": dict(sd), RECORD_KEY: dict(record)}, f)
     return path
+
+
+class _KeepsWriteError:
+    """A file as `torch.save` writes it, keeping the OSError of a failed write: torch's zip writer
+    reports one only as a RuntimeError without its cause."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, f: BinaryIO) -> None:
+    writer = _KeepsWriteError(f)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise writer.error from None

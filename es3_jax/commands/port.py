@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from es3_jax import weights  # jax and the models load when the command runs
 
     cfg = load_config(args)
+    weights.check_output(args.output_dir)  # before the work, not after it
     ported = weights.load(args.sam3_weights, cfg)
     out = weights.save(args.output_dir, ported)
     print(ported.report.get("text", f"source: {ported.source} ({ported.kind})"))
