@@ -27,13 +27,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from es3_jax import config as config_lib
 from es3_jax import weights
 from es3_jax.errors import Es3Error
-from es3_jax.params import check_shapes, flatten
+from es3_jax.models.tracker import expected_param_shapes
+from es3_jax.models.trunk import trunk_from_config
+from es3_jax.outputs import check_writable
+from es3_jax.params import abstract_shapes, check_shapes, flatten
 from es3_jax.weights import Weights
 from porting.checkpoint_file import FORMATS, config_record, write_checkpoint
-from porting.keymap import TRACKER_TABLE
-from porting.sam3_checkpoint import STUDENT_PREFIXES, student_to_torch
+from porting.keymap import TRACKER_TABLE, TRUNK_TABLE
+from porting.sam3_checkpoint import (
+    STUDENT_PREFIXES,
+    TRUNK_PREFIX,
+    check_state_dict,
+    student_to_torch,
+    trunk_kind,
+)
 
 TEACHER_ENCODER_PREFIX = "tracker.transformer.encoder."
 
@@ -101,6 +111,25 @@ def merge_state_dict(base: Mapping, stage2: Weights, source: str = "<base>") -> 
     return merged, MergeSummary(kept, removed, added, list(finetuned))
 
 
+def check_merged(merged: Mapping, cfg: config_lib.Config, memory: str, source: str) -> None:
+    """ParamMismatchError naming each key and both shapes unless the merged file's tracker, neck and
+    SAM3 ViT trunk (those of the base, with what the run trained) are exactly what its recorded
+    config describes: what `es3 port` and `load_efficient_sam3` will demand of it. The student's
+    keys were checked against the same config when the run was read."""
+    expected = expected_param_shapes(cfg.MODEL.TEACHER)
+    tracker = merged
+    if memory == "student":
+        tracker = {k: v for k, v in merged.items() if not k.startswith(STUDENT_PREFIXES)}
+        expected = {p: s for p, s in expected.items() if not p.startswith("memory_attention.")}
+    what = "the base does not fit the model of the run (the config recorded in the export)"
+    check_state_dict(tracker, table=TRACKER_TABLE, expected=expected, source=source, what=what)
+    if trunk_kind(merged) == "sam3-vit":
+        trunk = {k: v for k, v in merged.items() if k.startswith(TRUNK_PREFIX)}
+        shapes = abstract_shapes(lambda: trunk_from_config(cfg))
+        expected = {f"trunk.{p}": s for p, s in shapes.items()}
+        check_state_dict(trunk, table=TRUNK_TABLE, expected=expected, source=source, what=what)
+
+
 def es3_tracker_state_dict(weights: Weights) -> dict:
     """The tracker (and tracker neck) of es3 weights in the sam3.pt layout, as a base to merge into
     when the teacher exists only in es3 (e.g. the demo's fine-tuned random teacher).
@@ -140,9 +169,10 @@ def export_merged(
     stage2_weights: a run, checkpoint or weights folder (`es3_jax.weights.load`; its config is the
     run's, or `config` + `overrides`). sam3_weights: the base, a sam3.pt-layout file (its tensors
     are kept as read) or es3 weights holding the teacher (its tracker and neck become the base);
-    it must hold the tracker the run's config describes. fmt: "pt", "safetensors" or "auto" (from
-    the output's suffix). An existing output is replaced only with `overwrite`; the base is never
-    written to. Each input is read once.
+    it must hold the tracker the run's config describes (`check_merged`). fmt: "pt", "safetensors"
+    or "auto" (from the output's suffix). An existing output is replaced only with `overwrite`; the
+    base is never written to. Each input is read once. Whether the output can be written is checked
+    before any of the work.
     """
     output_path = Path(output_path)
     if fmt == "auto":
@@ -153,11 +183,13 @@ def export_merged(
         raise ExportError(f"--output_path {output_path} is the base checkpoint; write the merge elsewhere")
     if output_path.exists() and not overwrite:
         raise ExportError(f"{output_path} already exists; choose another --output_path or pass --overwrite")
+    check_writable(output_path)
     stage2 = weights.load(stage2_weights, config, overrides=overrides, parts=(weights.STUDENT,))
     base = weights.load(sam3_weights, stage2.cfg, parts=("tracker",))
     base_sd = base.state_dict if base.state_dict is not None else es3_tracker_state_dict(base)
     merged, summary = merge_state_dict(base_sd, stage2, base.source)
     memory = "student" if stage2.student is not None else "teacher"
+    check_merged(merged, stage2.cfg, memory, base.source)
     record = config_record(
         stage2.cfg, memory, {"stage2_weights": stage2.source, "step": stage2.step, "base": base.source}
     )

@@ -129,6 +129,53 @@ def trunk_kind(sd: Mapping[str, Any]) -> str:
     return "sam3-vit" if known else "foreign"
 
 
+def _shapes(
+    sd: Mapping[str, Any], table: KeyTable, expected: Mapping[str, tuple[int, ...]] | None
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], list[str], Counter[str]]:
+    """(torch shapes found in `table`'s namespaces, the torch shapes wanted, ignored keys, unused
+    keys per group): see `port_state_dict`."""
+    found: dict[str, tuple[int, ...]] = {}
+    ignored: list[str] = []
+    unused: Counter[str] = Counter()
+    for key in sorted(sd):
+        if not table.consumes(key):
+            unused[next((g for p, g in _UNUSED_GROUPS if key.startswith(p)), "other")] += 1
+        elif table.is_ignored(key):
+            ignored.append(key)
+        else:
+            found[key] = tuple(sd[key].shape)
+    want = {}
+    if expected is None:
+        # Each parameter through its canonical key: an alias of the same parameter is unexpected.
+        for key, shape in found.items():
+            hit = table.to_jax(key)
+            if hit is not None and table.to_torch(hit[0])[0] == key:
+                want[key] = shape
+    else:
+        for path, shape in expected.items():
+            hit = table.to_torch(path)
+            if hit is None:
+                raise ValueError(f"the key table has no torch key for es3 parameter {path}")
+            key, transform = hit
+            want[key] = transform.torch_shape(tuple(shape))
+    return found, want, ignored, unused
+
+
+def check_state_dict(
+    sd: Mapping[str, Any],
+    *,
+    table: KeyTable,
+    expected: Mapping[str, tuple[int, ...]],
+    source: str,
+    what: str,
+) -> None:
+    """`port_state_dict`'s strict check alone, converting nothing: ParamMismatchError titled
+    "<source>: <what>" unless the keys of `sd` in `table`'s namespaces are exactly the torch keys
+    of `expected` with their torch shapes."""
+    found, want, _, _ = _shapes(sd, table, expected)
+    check_shapes(found, want, f"{source}: {what}")
+
+
 def port_state_dict(
     sd: Mapping[str, Any],
     *,
@@ -143,31 +190,7 @@ def port_state_dict(
     parameters with the matching torch shapes; without it, every key the table maps is taken as it
     is. Ignored keys are listed, keys outside the namespaces counted as unused.
     """
-    found: dict[str, tuple[int, ...]] = {}
-    ignored: list[str] = []
-    unused: Counter[str] = Counter()
-    for key in sorted(sd):
-        if not table.consumes(key):
-            unused[next((g for p, g in _UNUSED_GROUPS if key.startswith(p)), "other")] += 1
-        elif table.is_ignored(key):
-            ignored.append(key)
-        else:
-            found[key] = tuple(sd[key].shape)
-    if expected is None:
-        # Each parameter through its canonical key: an alias of the same parameter is unexpected.
-        want = {}
-        for key, shape in found.items():
-            hit = table.to_jax(key)
-            if hit is not None and table.to_torch(hit[0])[0] == key:
-                want[key] = shape
-    else:
-        want = {}
-        for path, shape in expected.items():
-            hit = table.to_torch(path)
-            if hit is None:
-                raise ValueError(f"the key table has no torch key for es3 parameter {path}")
-            key, transform = hit
-            want[key] = transform.torch_shape(tuple(shape))
+    found, want, ignored, unused = _shapes(sd, table, expected)
     check_shapes(found, want, f"{source}: {what}")
     flat = {}
     for key in want:

@@ -18,7 +18,8 @@ kept byte for byte. A TRAIN.MODE finetune run's trained tracker modules replace 
 --stage2_weights: a run folder (its latest checkpoint), <run>/ckpt_best, <run>/ckpt_latest,
 <run>/ckpt_step_N, or an es3 weights folder (<run>/weights). The config is the run's
 config.yaml (or --config); a checkpoint that does not fit it is refused, naming each key.
-The output is written to a temporary file beside it and renamed: never half-written.
+The output is written to a temporary file beside it and renamed: never half-written; an output
+location that cannot be written is refused before any of the work.
 
 In PyTorch:
   from porting.torch_student import load_efficient_sam3

@@ -10,7 +10,12 @@ grid; the parameters are SAM3's), written as sam3.pt. The student's 2-D latents 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +28,11 @@ from es3_jax.cli import build_parser, main
 from es3_jax.params import ParamMismatchError, flatten
 from es3_jax.predictor import VideoPredictor
 from tests import upstream
+from tests.train.runs import cli_env
 
 torch = upstream.torch
 
-from porting.checkpoint_file import read_checkpoint, record_of  # noqa: E402
+from porting.checkpoint_file import read_checkpoint, record_of, write_checkpoint  # noqa: E402
 from porting.export import ExportError, export_merged  # noqa: E402
 from porting.keymap import STUDENT_TABLE  # noqa: E402
 from porting.sam3_checkpoint import port_state_dict  # noqa: E402
@@ -318,6 +324,116 @@ def test_refusals_base_without_tracker_and_interrupted_write(base, tmp_path, mon
         plain = tmp_path / "plain"
         _save(plain, cfg, tracker={"neck": {}})
         export_merged(plain, base_path, tmp_path / "plain.pt")
+
+
+def test_base_of_another_model_is_refused_naming_each_key(base, tmp_path, capsys):
+    """A tiny-config run exported into a SAM3-shaped base (`es3 port` of sam3.pt, whose tracker
+    is not checked against the run's config when it is read): refused before anything is written,
+    naming the keys and both shapes, instead of a file `es3 port` then refuses."""
+    seed, _, base_path, _, _ = base
+    sam3 = weights.save(
+        tmp_path / "sam3", weights.load(base_path, _config("efficient_memory"), parts=("tracker",))
+    )
+    tiny = config_lib.load(REPO / "configs" / "tiny.yaml")
+    _save(tmp_path / "run", tiny, student=_student(tiny, seed + 7))
+    out = tmp_path / "merged.pt"
+    argv = [
+        "export",
+        "--stage2_weights",
+        str(tmp_path / "run"),
+        "--sam3_weights",
+        str(sam3),
+        "--output_path",
+        str(out),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    print(f"[refused] {err}")
+    assert f"es3 export: error: {sam3}: the base does not fit the model of the run" in err
+    assert (
+        "detector.backbone.vision_backbone.sam2_convs.2.conv_1x1.weight: shape (256, 1024, 1, 1), "
+        "expected (256, 64, 1, 1)"
+    ) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sam3"]
+
+
+def test_unwritable_output_is_refused_before_the_work(tmp_path, capsys):
+    """The output is checked first: its inputs here do not even exist."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    missing = str(tmp_path / "absent")
+    export = [
+        "export",
+        "--stage2_weights",
+        missing,
+        "--sam3_weights",
+        missing,
+        "--output_path",
+        str(blocker / "m.pt"),
+    ]
+    assert main(export) == 2
+    assert f"es3 export: error: cannot write {blocker / 'm.pt'}: Not a directory" in capsys.readouterr().err
+    assert main(["port", "--sam3_weights", missing, "--output_dir", str(blocker / "ported")]) == 2
+    assert f"es3 port: error: cannot write {blocker / 'ported'}: Not a directory" in capsys.readouterr().err
+
+
+# write_checkpoint where no file may grow past 100 kB: writing past it fails with EFBIG as writing
+# to a full disk fails with ENOSPC (torch's zip writer turns either into a RuntimeError).
+_SMALL_FILES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+import torch
+from es3_jax.errors import Es3Error
+from porting.checkpoint_file import write_checkpoint
+for fmt in ("pt", "safetensors"):
+    try:
+        write_checkpoint(f"{sys.argv[1]}/merged.{fmt}", {"x": torch.zeros(100_000)}, {}, fmt)
+    except Es3Error as e:
+        print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", _SMALL_FILES, str(tmp_path)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    for fmt in ("pt", "safetensors"):
+        assert f"OutputError: cannot write {tmp_path / f'merged.{fmt}'}: File too large" in run.stdout, (
+            run.stdout
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_the_umask_permissions_and_stale_temporaries_go(tmp_path):
+    """Temporaries an interrupted write left (tempfile's names, as before) are removed by the next
+    write of the same target; one still being written (locked), and anything else, are kept."""
+    stale = [tmp_path / ".merged.pt.k2jitgy3.tmp", tmp_path / ".weights.n6nd1jc_"]
+    (stale[1] / "params.orbax-checkpoint-tmp").mkdir(parents=True)
+    (stale[1] / "config.yaml").write_text("")
+    kept = [tmp_path / n for n in (".merged.pt.0a1b2c3d.tmp", ".merged.pt.bak", ".merged.pt.k2jitgy3.tmp.1",
+                                   ".other.pt.k2jitgy3.tmp", ".weights.backup01")]  # fmt: skip
+    (kept[-1]).mkdir()
+    (kept[-1] / "notes.txt").write_text("mine")
+    for path in [stale[0], *kept[:-1]]:
+        path.write_bytes(b"x")
+    live = os.open(kept[0], os.O_RDONLY)  # a write in progress holds its temporary locked
+    fcntl.flock(live, fcntl.LOCK_EX)
+    umask = os.umask(0o027)
+    try:
+        merged = write_checkpoint(tmp_path / "merged.pt", {"x": torch.zeros(2)}, {}, "pt")
+        folder = _save(tmp_path / "weights", _config("efficient_memory"), tracker={"neck": {}})
+    finally:
+        os.umask(umask)
+        os.close(live)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
 
 
 def _readme_block() -> str:
