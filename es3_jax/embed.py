@@ -28,7 +28,7 @@ from jax._src import distributed as jax_distributed
 
 from es3_jax import distributed
 from es3_jax.config import Config, to_dict
-from es3_jax.data.embedding_store import EmbeddingStore, StoreError, VideoWriter, identity
+from es3_jax.data.embedding_store import EmbeddingStore, StoreError, StoreWriteError, VideoWriter, identity
 from es3_jax.data.frames import FrameError, VideoFrames, list_videos, load_frame_uint8, normalize
 from es3_jax.data.seed_embeddings import SeedFrameReader, list_seed_videos, load_seed_frame
 from es3_jax.models.stage1.stage1_trunk import Stage1Trunk
@@ -105,7 +105,9 @@ def embed_videos(
     `features_fn` maps a full batch of `batch_size` resized uint8 frames to features
     `[batch_size, *feature_shape]`; the last batch is padded with zero frames. With
     `on_error="stop"` an unreadable frame raises FrameError naming it (videos already stored stay);
-    with "skip" its video is dropped and reported in `EmbedResult.failed`.
+    with "skip" its video is dropped and reported in `EmbedResult.failed`. A store that cannot be
+    written (a full disk) raises StoreWriteError whatever `on_error` says: the videos already stored
+    stay, the one being written is removed.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -452,7 +454,7 @@ def import_seed_folder(
             result.written.append(video.name)
             result.frames += len(video.stems)
         except StoreError as e:
-            if on_error == "stop":
+            if on_error == "stop" or isinstance(e, StoreWriteError):  # a full disk fails every video
                 raise
             result.failed[video.name] = str(e)
         finally:

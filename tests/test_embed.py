@@ -181,6 +181,43 @@ def _frame(path):
     return load_frame_uint8(path, 224)[0][None]
 
 
+# `es3 embed` where no file may grow past 100 kB: writing past it fails with EFBIG ("File too
+# large") as writing to a full disk fails with ENOSPC, through the same TensorStore error.
+_SMALL_FILES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+from es3_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_full_disk_names_the_video_keeps_the_complete_ones_and_a_rerun_finishes(tmp_path):
+    # float32 features of 112 px frames: 16 kB a frame, so the 2-frame video "a" fits in one file
+    # and the 16-frame shard of "b" does not.
+    for video, frames in (("a", range(2)), ("b", range(2, 18))):
+        (tmp_path / "data" / video).mkdir(parents=True)
+        for i in frames:
+            (tmp_path / "data" / video / f"{i:05d}.jpg").symlink_to((BEDROOM / f"{i:05d}.jpg").resolve())
+    out = tmp_path / "store"
+    args = ["embed", "--config", str(TINY), "--data_dir", str(tmp_path / "data"), "--output_dir", str(out),
+            "--batch_size", "1", "--no_progress", "DATA.EMBEDDING_DTYPE", "float32",
+            "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "56"]  # fmt: skip
+    command = [sys.executable, "-c", _SMALL_FILES, *args]
+    proc = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        f"cannot write video 'b' into the embedding store {out} ({out / 'b'}): File too large" in proc.stderr
+    )
+    assert EmbeddingStore(out).videos() == ["a"] and not (out / "b").exists()
+    kept = (out / "a" / "metadata.json").stat().st_mtime_ns
+
+    assert main(args) == 0  # room again: "b" is written, "a" is kept as it was
+    assert EmbeddingStore(out).videos() == ["a", "b"]
+    assert (out / "a" / "metadata.json").stat().st_mtime_ns == kept
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_import_seed_folder(tmp_path, dtype):
     torch = pytest.importorskip("torch")

@@ -10,7 +10,8 @@ Layout (DESIGN.md D9):
 ```
 A video is complete exactly when its `metadata.json` exists: the array is written (and synced)
 first and the metadata is renamed into place last, so an interrupted writer never leaves a video
-that reads as complete. One writer per video; writes cover whole shards.
+that reads as complete. One writer per video; writes cover whole shards. A write that fails (a full
+disk, say) is a StoreWriteError naming the video, the store and the system's reason.
 
 An int8 store holds round(x / s) with s = max|x| / 127 over each frame's channel (half the bytes
 of bf16); `read` gives back q · s in bfloat16.
@@ -28,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 import tensorstore as ts
 
 from es3_jax.errors import Es3Error
+from es3_jax.outputs import system_error
 
 FORMAT = "es3-embeddings"
 VERSION = 1
@@ -81,6 +83,11 @@ class StoreError(Es3Error):
     """An embedding store that is missing, incomplete or does not match; names the path and values."""
 
 
+class StoreWriteError(StoreError):
+    """A store that cannot be written (a full or read-only disk): names the video or file, the store
+    and the system's reason. Not a problem of one video: every later write would fail too."""
+
+
 def identity(
     trunk: str,
     pixel_mean: Sequence[float],
@@ -120,16 +127,40 @@ def check_identity(found: Mapping[str, Any], expected: Mapping[str, Any], where:
         raise StoreError(f"embedding store {where} was written with different settings:\n" + "\n".join(lines))
 
 
+# What a failed video write means for the store, after the reason.
+_VIDEO_NOT_WRITTEN = (
+    "; the videos already complete are kept and this one is not marked complete: "
+    "run `es3 embed` again once the store can be written to finish it"
+)
+
+
+@contextlib.contextmanager
+def _writing(what: str, after: str = "") -> Iterator[None]:
+    """A failed write inside (an OSError, or TensorStore's error) -> StoreWriteError naming `what`
+    and the system's reason, then `after`."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        failure = system_error(e)
+        if failure is None:
+            raise
+        raise StoreWriteError(f"cannot write {what}: {failure.strerror}{after}") from e
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that readers see the old file, or none, or the whole new one; durable on return."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -407,10 +438,6 @@ class EmbeddingStore:
         if not frame_names:
             raise StoreError(f"video {video!r} has no frames to store")
         folder = self.root / video
-        (folder / METADATA).unlink(missing_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
         shape = [len(frame_names), *(int(s) for s in feature_shape)]
         meta = {
             "format": FORMAT,
@@ -429,16 +456,23 @@ class EmbeddingStore:
         }
         if dtype == "int8":
             meta["scales"] = SCALES
+        with _writing(f"video {video!r} into the embedding store {self.root} ({folder})", _VIDEO_NOT_WRITTEN):
+            (folder / METADATA).unlink(missing_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
         return VideoWriter(folder, meta, shard_frames, clevel)
 
     def write_global_metadata(self, record: Mapping[str, Any]) -> Path:
         path = self.root / GLOBAL_METADATA
-        write_json_atomic(path, {"format": FORMAT, "version": VERSION, **dict(record)})
+        with _writing(str(path), "; the videos written are kept: a re-run of `es3 embed` writes it"):
+            write_json_atomic(path, {"format": FORMAT, "version": VERSION, **dict(record)})
         return path
 
 
 class VideoWriter:
-    """Writes one video's frames in order, whole shards at a time, and its metadata last."""
+    """Writes one video's frames in order, whole shards at a time, and its metadata last. A failed
+    write is a StoreWriteError; the caller `abort`s the video, which was never marked complete."""
 
     def __init__(self, folder: Path, meta: dict, shard_frames: int, clevel: int):
         self.folder, self.meta = folder, meta
@@ -446,18 +480,23 @@ class VideoWriter:
         self.shard = meta["shard_frames"]
         self._dtype = DTYPES[meta["dtype"]]
         context = _context()
-        spec = _array_spec(folder / ARRAY, meta["shape"], meta["dtype"], shard_frames, clevel)
-        self._array = ts.open(spec, create=True, context=context).result()
         self._scales = None
-        if meta["dtype"] == "int8":
-            shape = [meta["shape"][0], meta["shape"][-1]]
-            spec = _array_spec(folder / SCALES, shape, "float32", shard_frames, clevel)
-            self._scales = ts.open(spec, create=True, context=context).result()
+        with self._write_errors():
+            spec = _array_spec(folder / ARRAY, meta["shape"], meta["dtype"], shard_frames, clevel)
+            self._array = ts.open(spec, create=True, context=context).result()
+            if meta["dtype"] == "int8":
+                shape = [meta["shape"][0], meta["shape"][-1]]
+                spec = _array_spec(folder / SCALES, shape, "float32", shard_frames, clevel)
+                self._scales = ts.open(spec, create=True, context=context).result()
         self._pending: list[np.ndarray] = []
         self._pending_scales: list[np.ndarray] = []
         self._buffered = 0
         self._written = 0
         self._futures: list[Any] = []
+
+    def _write_errors(self):
+        where = f"video {self.folder.name!r} into the embedding store {self.folder.parent} ({self.folder})"
+        return _writing(where, _VIDEO_NOT_WRITTEN)
 
     @property
     def frames_received(self) -> int:
@@ -496,7 +535,8 @@ class VideoWriter:
     def _write_block(self, array, pending: list[np.ndarray], lo: int, n: int) -> list[np.ndarray]:
         """Write the first `n` pending frames at `lo`; returns what is left pending."""
         block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        self._futures.append(array[lo : lo + n].write(block[:n]))
+        with self._write_errors():
+            self._futures.append(array[lo : lo + n].write(block[:n]))
         rest = block[n:]
         return [rest] if rest.shape[0] else []
 
@@ -506,11 +546,12 @@ class VideoWriter:
             raise ValueError(
                 f"{self.folder.name}: {self.frames_received} of {self.num_frames} frames written"
             )
-        for f in self._futures:
-            f.result()
-        self._futures = []
         meta = {**self.meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(self.folder / METADATA, meta)
+        with self._write_errors():
+            for f in self._futures:
+                f.result()
+            self._futures = []
+            write_json_atomic(self.folder / METADATA, meta)
         return meta
 
     def abort(self) -> None:
