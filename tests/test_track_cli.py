@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from es3_jax import config as config_lib
 from es3_jax.cli import main
 from es3_jax.data.masks import read_palette_png, write_palette_png
+from es3_jax.predictor.frame_sources import FrameSourceError, open_video
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures"
@@ -63,3 +65,30 @@ def test_track_errors_name_the_problem(tmp_path, capsys):
     rc = main(["track", "--frames", str(frames), "--mask", str(tmp_path / "nope.png"), "--output_dir",
                str(tmp_path / "o"), "--config", TINY])  # fmt: skip
     assert rc == 2 and "nope.png" in capsys.readouterr().err
+
+
+def test_frames_of_another_size_are_refused_before_anything_is_written(tmp_path, capsys):
+    """Masks are written at the video's size (frame 0's) and shown over each frame: a frame of
+    another size is named, with both sizes, before tracking starts."""
+    from PIL import Image
+
+    bedroom = _needs(FIXTURES / "bedroom_frames")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(6):
+        (frames / f"{i:05d}.jpg").symlink_to((bedroom / f"{i:05d}.jpg").resolve())
+    (frames / "00003.jpg").unlink()
+    with Image.open(bedroom / "00003.jpg") as im:
+        im.resize((480, 270)).save(frames / "00003.jpg")
+    ids = np.zeros((540, 960), np.uint8)
+    ids[300:400, 150:270] = 1
+    mask = write_palette_png(tmp_path / "prompt.png", ids)
+    out = tmp_path / "out"
+    rc = main(["track", "--frames", str(frames), "--mask", str(mask), "--output_dir", str(out), "--config", TINY,
+               "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "56"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "00000.jpg is 960x540" in err and "00003.jpg is 480x270" in err, err
+    assert not out.exists()
+    with pytest.raises(FrameSourceError, match=r"00003\.jpg is 480x270"):  # the predictor's own check
+        open_video(frames, config_lib.load(TINY), trunk=None, timed=None)

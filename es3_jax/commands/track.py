@@ -13,7 +13,8 @@ Track the objects of a palette mask PNG (object ids 1..255) through a video of J
 
 --mask is one PNG (prompted on --mask_frame) or a folder of PNGs named like the frames
 (00005.png prompts frame 00005): objects that first appear on later frames join there.
-A mask whose size differs from the frames is resized as upstream does.
+A mask whose size differs from the frames is resized as upstream does. The frames must all have
+one size (the masks are written at it): a frame of another size is refused before tracking.
 
 Writes <output_dir>/masks/<frame>.png (DAVIS palette), <output_dir>/overlay_grid.png and
 <output_dir>/overlay.gif (the result over the frames), and with --save_logits the per-object
@@ -53,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
     from es3_jax.data.masks import logits_to_ids, read_palette_png, write_palette_png
     from es3_jax.predictor import PredictorError as TrackError
     from es3_jax.predictor import VideoPredictor
+    from es3_jax.predictor.frame_sources import frame_size
 
     out = Path(args.output_dir)
+    if args.frames:
+        from es3_jax.data.frames import list_frames
+
+        paths = list_frames(args.frames)
+        frame_size(paths)  # frames of different sizes are refused before the weights load
     predictor = VideoPredictor.from_checkpoint(
         args.checkpoint, config=args.config, overrides=args.overrides, seed=args.seed, memory=args.memory
     )
@@ -63,9 +70,6 @@ def run(args: argparse.Namespace) -> int:
     stems: list[str]
     images = None
     if args.frames:
-        from es3_jax.data.frames import list_frames
-
-        paths = list_frames(args.frames)
         stems = [p.stem for p in paths]
         state = predictor.init_state(args.frames)
         images = paths

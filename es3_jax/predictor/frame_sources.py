@@ -6,18 +6,18 @@ trunk features `[1, g, g, Ct]` at a time, so a video is never held in memory who
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from es3_jax.config import Config
 from es3_jax.data.embedding_store import EmbeddingStore
-from es3_jax.data.frames import list_frames, load_frame_uint8, normalize
+from es3_jax.data.frames import FrameError, list_frames, load_frame_uint8, normalize
 from es3_jax.errors import Es3Error
 
 Video = str | Path | np.ndarray | tuple[EmbeddingStore, str]
@@ -29,6 +29,34 @@ Timed = Callable[..., Any]
 
 class FrameSourceError(Es3Error):
     """A video that cannot be read as given; the message says what was expected."""
+
+
+def frame_size(paths: Sequence[Path]) -> tuple[int, int]:
+    """The (height, width) every frame of a video has, read from the image headers (no decoding).
+
+    Masks come out at one size, the video's (upstream takes it from the frames), and each frame is
+    shown under its mask: a frame of another size is a FrameSourceError naming it and both sizes,
+    raised before anything is tracked or written. FrameError for a frame that is not an image.
+    """
+    sizes = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = (image.height, image.width)
+        except FileNotFoundError as e:
+            raise FrameError(f"frame missing: {path}") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise FrameError(f"frame unreadable: {path}: {e}") from e
+    first = sizes[paths[0]]
+    other = [p for p in paths if sizes[p] != first]
+    if other:
+        listed = ", ".join(f"{p.name} is {sizes[p][1]}x{sizes[p][0]}" for p in other[:3])
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise FrameSourceError(
+            f"{paths[0].parent}: frames of different sizes: {paths[0].name} is {first[1]}x{first[0]} "
+            f"(width x height), {listed}{more}; every frame of a video must have one size (resize them alike)"
+        )
+    return first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +102,7 @@ def open_video(
         source = FrameSource(int(meta["num_frames"]), video_size or default, stored)
     elif isinstance(video, str | Path):
         paths = list_frames(video)
-        _, hw = load_frame_uint8(paths[0], size)
+        hw = frame_size(paths)
         source = from_images(lambda i: load_frame_uint8(paths[i], size)[0], len(paths), video_size or hw)
     else:
         video = np.asarray(video)
