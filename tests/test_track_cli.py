@@ -43,7 +43,7 @@ def test_track_bedroom_single_mask(tmp_path):
     assert (out / "overlay_grid.png").stat().st_size > 0 and (out / "overlay.gif").stat().st_size > 0
 
 
-def test_track_judo_objects_join_later(tmp_path):
+def test_track_judo_objects_join_later(tmp_path, capsys):
     root = _needs(FIXTURES / "cutie_examples")
     out = tmp_path / "out"
     rc = main(["track", "--frames", str(root / "images" / "judo"), "--mask", str(root / "masks" / "judo"),
@@ -58,6 +58,8 @@ def test_track_judo_objects_join_later(tmp_path):
         2 in np.unique(masks["00005"]) and 3 in np.unique(masks["00008"]) and 4 in np.unique(masks["00013"])
     )
     assert not ({2, 3, 4} & set(np.unique(masks["00004"])))
+    # The resize is said, naming the PNG and both sizes.
+    assert "00005.png is 853x480 (width x height) but the frames are 854x480" in capsys.readouterr().err
 
 
 def test_track_errors_name_the_problem(tmp_path, capsys):

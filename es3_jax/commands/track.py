@@ -98,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
     objects = set()
     for frame_idx, png in sorted(prompts):
         ids = read_palette_png(png)
+        if ids.shape != tuple(state.video_size):
+            # Upstream's predictors resize a prompt of another size too; a PNG of another
+            # resolution than the frames is often a mistake, so say so.
+            print(
+                f"es3 track: warning: {png} is {ids.shape[1]}x{ids.shape[0]} (width x height) but the frames "
+                f"are {state.video_size[1]}x{state.video_size[0]}; the mask is resized to them",
+                file=sys.stderr,
+            )
         present = [int(i) for i in np.unique(ids) if i != 0]
         if not present:
             print(f"es3 track: {png} holds no object; skipped", file=sys.stderr)
