@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from es3_jax import checkpoints, distributed, weights
 from es3_jax import config as config_lib
-from es3_jax.data.pipeline import build_pipeline
+from es3_jax.data.pipeline import build_pipeline, problem_report
 from es3_jax.errors import Es3Error
 from es3_jax.eval.metrics import boundary_f_measure, region_similarity
 from es3_jax.models.student import student_from_config
@@ -234,6 +234,12 @@ class Trainer:
         )
         if self.learner.trunk_fingerprint is not None:
             self.log.info(f"trunk features computed on the fly by trunk {self.learner.trunk_fingerprint}")
+        # The videos the index left out (both splits share one index), named before the first step.
+        lines, record = problem_report(self.train_data.problems)
+        for line in lines:
+            self.log.warning(line)
+        if record:
+            self.log.log(self.step, record, prefix="data")
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------------------------------
