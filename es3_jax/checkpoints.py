@@ -26,12 +26,14 @@ a named step or the best one does not.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,8 +123,9 @@ def save(
         checksums=ocp.args.JsonSave({"params": _record(params), "opt_state": _record(opt_state)}),
     )
     try:
-        mgr.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
-        mgr.wait_until_finished()
+        with quiet_orbax():
+            mgr.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+            mgr.wait_until_finished()
     except Exception as e:
         refused = write_error(e)
         if refused is None:
@@ -137,6 +140,19 @@ def save(
             f"{folder}: cannot write the checkpoint of step {step}: {refused} (the earlier "
             "checkpoints are intact)"
         ) from e
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+    """Orbax's background threads log a failed write at ERROR level, with its traceback, before the
+    save raises it: the raised error is what reaches the user (named, or with its own traceback)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def write_error(error: BaseException) -> str | None:

@@ -407,7 +407,9 @@ class Trainer:
                 last = self.step == cfg.MAX_STEPS
                 if metrics_for_ckpt is not None or due(self.step, cfg.SAVE_EVERY, cfg.MAX_STEPS) or last:
                     self.save(metrics_for_ckpt)
-                if self._stop_signal is not None and not last:
+                if self._stop_signal is not None and last:
+                    self.log.warning(f"signal {self._stop_signal} during the last step: the run completes")
+                elif self._stop_signal is not None:
                     self.save(metrics_for_ckpt)
                     self.log.warning(f"signal {self._stop_signal}: saved step {self.step} and stopped")
                     break
@@ -432,6 +434,7 @@ class Trainer:
         folder = Path(folder) if folder is not None else self.output_dir / "weights"
         trained = self.learner.trained_weights(self.step, f"es3 train {self.output_dir}")
         if self.process_index == 0:
-            weights.save(folder, trained)
+            with checkpoints.quiet_orbax():
+                weights.save(folder, trained)
         multihost_utils.sync_global_devices("es3_train_export_weights")
         return folder
