@@ -57,7 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_closed_loop_reports() -> None:
+    """After a failed orbax save (a full disk), tensorstore completes the writes orbax abandoned on
+    the event loop orbax has closed: each one reports "Event loop is closed" as an unraisable
+    exception, a traceback apiece, around the command's own error. Those reports are dropped; every
+    other goes to the hook there was."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _drop_closed_loop_reports()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if unknown := merge_overrides(args, extra):
