@@ -208,11 +208,11 @@ def save(output_dir: str | Path, weights: Weights) -> Path:
         # One process writes the folder: orbax must not wait at barriers for processes that never
         # call this.
         me = jax.process_index()
-        checkpointer = ocp.StandardCheckpointer(
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-        )
-        checkpointer.save(staging / PARAMS_DIR, _string_keys(params))
-        checkpointer.wait_until_finished()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        # Closed on failure too: else its abandoned writes report on a closed event loop at exit.
+        with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
+            checkpointer.save(staging / PARAMS_DIR, _string_keys(params))
+            checkpointer.wait_until_finished()
         config_lib.save(weights.cfg, staging / CONFIG_FILE)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return output_dir
