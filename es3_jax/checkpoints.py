@@ -45,6 +45,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from es3_jax.errors import Es3Error
+from es3_jax.outputs import system_error
 from es3_jax.params import check_shapes, flatten, unflatten
 
 CHECKPOINTS = "checkpoints"
@@ -157,17 +158,11 @@ def quiet_orbax() -> Iterator[None]:
 
 def write_error(error: BaseException) -> str | None:
     """The OS reason (`"No space left on device [ENOSPC]"`) when `error`, or what caused it, is the
-    file system refusing a write (`WRITE_ERRNOS`), else None. Tensorstore reports these as
-    ValueErrors that carry the OS error code in their message."""
-    seen: BaseException | None = error
-    while seen is not None:
-        code = seen.errno if isinstance(seen, OSError) else None
-        if code is None and (m := re.search(r"os_error_code='(\d+)'", str(seen))):
-            code = int(m.group(1))
-        if code in WRITE_ERRNOS:
-            return f"{os.strerror(code)} [{errno.errorcode[code]}]"
-        seen = seen.__cause__ or seen.__context__
-    return None
+    file system refusing a write (`WRITE_ERRNOS`), else None."""
+    failure = system_error(error)
+    if failure is None or failure.errno not in WRITE_ERRNOS:
+        return None
+    return f"{os.strerror(failure.errno)} [{errno.errorcode[failure.errno]}]"
 
 
 # Constants of the element hash (splitmix64's): any change of one element changes the sum.

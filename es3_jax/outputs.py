@@ -38,15 +38,18 @@ _TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 def system_error(error: BaseException) -> OSError | None:
-    """The failed file operation behind `error`: the OSError itself, or one made from the errno in
-    a TensorStore error's message; None when `error` is no such failure."""
-    if isinstance(error, OSError):
-        return error
-    if isinstance(error, ValueError) and not isinstance(error, Es3Error):
-        found = _TENSORSTORE_ERRNO.search(str(error))
+    """The failed file operation behind `error` or what caused it: the OSError itself, or one made
+    from the errno in a TensorStore error's message; None when there is no such failure (or `error`
+    is already an es3 error, which names its cause)."""
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, Es3Error):
+        if isinstance(seen, OSError):
+            return seen
+        found = _TENSORSTORE_ERRNO.search(str(seen)) if isinstance(seen, ValueError) else None
         if found:
             code = int(found.group(1))
             return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

@@ -48,15 +48,17 @@ class MetricsLog:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        if not self.logger.handlers:
-            fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-            file_handler = logging.FileHandler(self.output_dir / "train.log")
-            file_handler.setFormatter(fmt)
-            self.logger.addHandler(file_handler)
-            console = logging.StreamHandler(sys.stderr)
-            console.setFormatter(fmt)
-            console.setLevel(logging.WARNING)
-            self.logger.addHandler(console)
+        # One run logs per process at a time: handlers an earlier, unclosed log left (a run that
+        # failed in this process) would write into that run's train.log.
+        self._remove_handlers()
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        file_handler = logging.FileHandler(self.output_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        self.logger.addHandler(file_handler)
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        console.setLevel(logging.WARNING)
+        self.logger.addHandler(console)
         path = self.output_dir / "metrics.jsonl"
         if resume_step is None:
             path.unlink(missing_ok=True)
@@ -93,6 +95,9 @@ class MetricsLog:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        self._remove_handlers()
+
+    def _remove_handlers(self) -> None:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
