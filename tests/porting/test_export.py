@@ -119,7 +119,9 @@ def _bytes(t) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-@pytest.mark.parametrize("name", ["efficient_memory", "edgetam_like"])
+# The seed's student in every run; the EdgeTAM-like one (another perceiver and pooling) in
+# `make test-slow`, which keeps `make test` within its time.
+@pytest.mark.parametrize("name", ["efficient_memory", pytest.param("edgetam_like", marks=pytest.mark.slow)])
 def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
     """PyTorch (upstream predictor + the exported student) vs JAX (`VideoPredictor` on the run):
     8 frames, 2 objects prompted by masks on frame 0, memory selection on, float32."""
