@@ -210,7 +210,7 @@ def save(output_dir: str | Path, weights: Weights) -> Path:
         me = jax.process_index()
         options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
         # Closed on failure too: else its abandoned writes report on a closed event loop at exit.
-        with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
+        with checkpoints.quiet_orbax(), ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, _string_keys(params))
             checkpointer.wait_until_finished()
         config_lib.save(weights.cfg, staging / CONFIG_FILE)

@@ -434,7 +434,6 @@ class Trainer:
         folder = Path(folder) if folder is not None else self.output_dir / "weights"
         trained = self.learner.trained_weights(self.step, f"es3 train {self.output_dir}")
         if self.process_index == 0:
-            with checkpoints.quiet_orbax():
-                weights.save(folder, trained)
+            weights.save(folder, trained)
         multihost_utils.sync_global_devices("es3_train_export_weights")
         return folder
