@@ -23,6 +23,9 @@ def _bytes_per_device(tree) -> int:
     )
 
 
+# Compiles the micro run's train step on 8 devices (about a minute here): in `make test-slow`, which
+# keeps `make test` within its time.
+@pytest.mark.slow
 def test_plan_accounts_for_every_argument_byte():
     p = argparse.ArgumentParser()
     plan.add_arguments(p)

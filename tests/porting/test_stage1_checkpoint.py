@@ -167,6 +167,9 @@ def test_embed_writes_the_trunks_features_and_a_run_of_another_trunk_refuses_the
     assert rc != 0 and f"trunk_kind: the store has '{KIND}', expected 'sam3_vit'" in err
 
 
+# In `make test-slow` (about a minute here): make test keeps the stage-1 port both ways, its embedding
+# and the seed student's export-and-track parity.
+@pytest.mark.slow
 @pytest.mark.skipif(not BEDROOM.is_dir(), reason="fixtures absent")
 def test_export_keeps_the_trunk_and_the_fully_efficient_model_tracks(stage1, tmp_path):
     path, sd = stage1
