@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from es3_jax import checkpoints, distributed, weights
 from es3_jax import config as config_lib
-from es3_jax.data.pipeline import build_pipeline, problem_report
+from es3_jax.data.pipeline import build_pipeline, index_dataset, open_store, problem_report
 from es3_jax.errors import Es3Error
 from es3_jax.eval.metrics import boundary_f_measure, region_similarity
 from es3_jax.models.student import student_from_config
@@ -192,22 +192,24 @@ class Trainer:
         # A stage-1 teacher checkpoint says which student trunk made (or makes) the features.
         cfg = self.cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", teacher.cfg.MODEL.TRUNK.KIND])
         # The data before the models: a store of another trunk or a missing video fails in seconds,
-        # not after the teacher and student are placed on the mesh.
-        self.train_data = build_pipeline(
-            cfg,
-            split="train",
-            batch_size=local_batch,
-            process_index=self.process_index,
-            process_count=self.process_count,
-        )
-        self.val_data = build_pipeline(
-            cfg,
-            split="val",
-            batch_size=local_batch,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            num_workers=0,
-        )
+        # not after the teacher and student are placed on the mesh. Both splits share one index
+        # (reading every annotation file once).
+        store = open_store(cfg) if cfg.DATA.USE_PRECOMPUTED else None
+        index = index_dataset(cfg, store=store)
+        pipelines = {
+            split: build_pipeline(
+                cfg,
+                split=split,
+                batch_size=local_batch,
+                process_index=self.process_index,
+                process_count=self.process_count,
+                num_workers=0 if split == "val" else None,
+                store=store,
+                index=index,
+            )
+            for split in ("train", "val")
+        }
+        self.train_data, self.val_data = pipelines["train"], pipelines["val"]
         self.learner = Learner(cfg, self.mesh, self.accumulate, teacher)
 
         self._checkpoints: ocp.CheckpointManager | None = None  # created by the first save
