@@ -239,6 +239,40 @@ def tracker_features(tracker: torch.nn.Module, neck: torch.nn.Module, trunk_feat
     return cached
 
 
+def init_tracking(
+    tracker: torch.nn.Module, neck: torch.nn.Module, trunk_features, video_size: tuple[int, int]
+):
+    """An upstream inference state over trunk features `[T, g, g, C]` (outputs at `video_size`)."""
+    with torch.inference_mode():
+        return tracker.init_state(
+            video_height=video_size[0],
+            video_width=video_size[1],
+            num_frames=trunk_features.shape[0],
+            cached_features=tracker_features(tracker, neck, trunk_features),
+            offload_video_to_cpu=True,
+            offload_state_to_cpu=True,
+        )
+
+
+def propagate(
+    tracker: torch.nn.Module, state, *, start_frame_idx: int | None = None, reverse: bool = False
+) -> list:
+    """One upstream `propagate_in_video` (with its preflight) -> `[(frame_idx, obj_ids, logits [O, H, W])]`
+    in processing order, logits at video resolution (float32 numpy)."""
+    results = []
+    with torch.inference_mode():
+        for frame_idx, obj_ids, _, video_res, _ in tracker.propagate_in_video(
+            state,
+            start_frame_idx=start_frame_idx,
+            max_frame_num_to_track=None,
+            reverse=reverse,
+            tqdm_disable=True,
+            propagate_preflight=True,
+        ):
+            results.append((frame_idx, list(obj_ids), video_res[:, 0].float().numpy().copy()))
+    return results
+
+
 def track_with_masks(
     tracker: torch.nn.Module,
     neck: torch.nn.Module,
@@ -251,32 +285,13 @@ def track_with_masks(
 ) -> list:
     """Run the upstream predictor on trunk features `[T, g, g, C]` with mask prompts.
 
-    masks: `{obj_id: (frame_idx, mask [H, W] bool)}`. Returns `[(frame_idx, obj_ids, logits [O, H, W])]`
-    in processing order, logits at video resolution (float32 numpy).
+    masks: `{obj_id: (frame_idx, mask [H, W] bool)}`. Returns `propagate`'s list.
     """
-    cached = tracker_features(tracker, neck, trunk_features)
+    state = init_tracking(tracker, neck, trunk_features, video_size)
     with torch.inference_mode():
-        state = tracker.init_state(
-            video_height=video_size[0],
-            video_width=video_size[1],
-            num_frames=trunk_features.shape[0],
-            cached_features=cached,
-            offload_video_to_cpu=True,
-            offload_state_to_cpu=True,
-        )
         for obj_id, (frame_idx, mask) in masks.items():
             tracker.add_new_mask(state, frame_idx, obj_id, torch.as_tensor(mask))
-        results = []
-        for frame_idx, obj_ids, _, video_res, _ in tracker.propagate_in_video(
-            state,
-            start_frame_idx=start_frame_idx,
-            max_frame_num_to_track=None,
-            reverse=reverse,
-            tqdm_disable=True,
-            propagate_preflight=True,
-        ):
-            results.append((frame_idx, list(obj_ids), video_res[:, 0].float().numpy().copy()))
-    return results
+    return propagate(tracker, state, start_frame_idx=start_frame_idx, reverse=reverse)
 
 
 def trunk_call(trunk: torch.nn.Module, batch: int, image_size: int):

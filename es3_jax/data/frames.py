@@ -118,6 +118,13 @@ def load_frame_uint8(path: str | Path, image_size: int) -> tuple[np.ndarray, tup
         raise FrameError(f"frame unreadable: {path}: {e}") from e
 
 
+def resize_frame(image: np.ndarray, image_size: int) -> np.ndarray:
+    """An RGB uint8 frame `[H, W, 3]` resized to the model's `[image_size, image_size, 3]` (bilinear,
+    as frames read from files are)."""
+    resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
     """uint8 RGB `[..., 3]` -> float32 `(x / 255 - mean) / std`; numpy or jax arrays alike."""
     xp = np if isinstance(images, np.ndarray) else jnp

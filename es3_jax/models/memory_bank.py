@@ -93,3 +93,16 @@ class MemoryBank(NamedTuple):
         frames = jnp.take_along_axis(self.tokens, sel.frame_slot[:, :, None, None], axis=1)
         pointers = jnp.take_along_axis(self.pointers, sel.pointer_slot[:, :, None], axis=1)
         return frames, pointers
+
+    def grown(self, num_objects: int, new_slots: int = 0, at: int = 0) -> MemoryBank:
+        """This bank with zeroed rows up to `num_objects` objects and `new_slots` zeroed slots
+        inserted before slot `at` in both the frame and the pointer slots (a stream's objects that
+        join, its extra conditioning slots); the stored entries keep their values."""
+        rows = num_objects - self.tokens.shape[0]
+
+        def grow(x: jax.Array) -> jax.Array:
+            x = jnp.pad(x, [(0, rows)] + [(0, 0)] * (x.ndim - 1))
+            slots = jnp.zeros((x.shape[0], new_slots, *x.shape[2:]), x.dtype)
+            return jnp.concatenate([x[:, :at], slots, x[:, at:]], axis=1)
+
+        return MemoryBank(grow(self.tokens), self.tokens_pos, grow(self.pointers))

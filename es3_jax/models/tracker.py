@@ -391,6 +391,20 @@ class SAM3Tracker(nnx.Module):
             jnp.max(heads.ious, -1),
         )
 
+    def prompt_masks(self, low_res_masks: jax.Array, prompted: jax.Array) -> jax.Array:
+        """The prompted objects' consolidated low-res logits `[O, 4g, 4g]` up-sampled to the image size
+        `[O, S, S, 1]` (NO_OBJ_SCORE for the objects not prompted on the frame)."""
+        s = self.prompt_encoder.image_size
+        masks = jnp.where(prompted[:, None, None], low_res_masks, NO_OBJ_SCORE)[..., None]
+        return resize_bilinear(masks.astype(jnp.float32), s, s)
+
+    def prompt_top(self, low_res_masks: jax.Array, prompted: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per pixel, the highest prompted logit `[S, S]` and the (first) object holding it `[S, S]`
+        int32: what `prompt_memory` needs to keep objects from overlapping when the objects of a
+        frame are encoded in several batches."""
+        masks = self.prompt_masks(low_res_masks, prompted)[..., 0]
+        return jnp.max(masks, axis=0), jnp.argmax(masks, axis=0).astype(jnp.int32)
+
     def prompt_memory(
         self,
         memory: MemoryPath,
@@ -398,18 +412,21 @@ class SAM3Tracker(nnx.Module):
         low_res_masks: jax.Array,
         object_score_logits: jax.Array,
         prompted: jax.Array,
+        top: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Memories of a prompted frame (upstream `propagate_in_video_preflight`, run_mem_encoder=True).
 
         low_res_masks `[O, 4g, 4g]` (the consolidated prompt outputs), object_score_logits `[O]`,
-        prompted `[O]` bool. The masks are up-sampled to the image size, only the top-scoring
-        prompted object keeps each pixel, and they are binarised before encoding. Returns the
-        compressed (tokens, tokens_pos), each `[O, N, Cm]`.
+        prompted `[O]` bool, top `[S, S]` int32: per pixel, the row of the top-scoring prompted
+        object of the frame (`prompt_top`; another batch's object: any value outside 0..O-1). The
+        masks are up-sampled to the image size, only the top object keeps each pixel (upstream's
+        non-overlap constraint, `keep_top_object`), and they are binarised before encoding.
+        Returns the compressed (tokens, tokens_pos), each `[O, N, Cm]`.
         """
         o = low_res_masks.shape[0]
-        s = self.prompt_encoder.image_size
-        masks = jnp.where(prompted[:, None, None], low_res_masks, NO_OBJ_SCORE)[..., None]
-        masks = keep_top_object(resize_bilinear(masks.astype(jnp.float32), s, s))
+        masks = self.prompt_masks(low_res_masks, prompted)
+        keep = top[None, :, :, None] == jnp.arange(o)[:, None, None, None]
+        masks = jnp.where(keep, masks, jnp.minimum(masks, -10.0))
         features, pos = self.encode_memory(
             frame.expand(o).feat, masks, object_score_logits[:, None], is_mask_from_pts=True
         )

@@ -71,6 +71,10 @@ class BankLayout:
             pointer_reads=cfg.MAX_COND_FRAMES_IN_ATTN + cfg.MAX_OBJ_PTRS_IN_ENCODER - 1,
         )
 
+    def with_cond(self, cond: int) -> BankLayout:
+        """The same layout with `cond` conditioning slots."""
+        return dataclasses.replace(self, cond=cond)
+
     @staticmethod
     def for_clip(cfg: TrackerConfig, num_frames: int) -> BankLayout:
         """A training clip: frame 0 is the one conditioning frame, frames 1..T-1 are tracked; no slot
@@ -115,18 +119,20 @@ def select_closest_cond(frame: int, cond: Sequence[int], max_num: int) -> tuple[
 
 
 class MemorySchedule:
-    """The bank bookkeeping of one propagation pass over `num_frames` frames and `num_objects` objects.
+    """The bank bookkeeping of one propagation pass over `num_frames` frames (None: a stream of
+    frames whose number is not known, tracked forward) and `num_objects` objects.
 
     Use: `condition(obj, frame)` for every prompted frame of every object, then per tracked frame
     `select(frame, reverse, tracked)` -> the step's read tables, and after the step
-    `record(frame, reads, score)`.
+    `record(frame, reads, score)`. A stream adds objects as they join (`add_objects`) and frees
+    the conditioning slots no later frame can read (`forget_cond`).
     """
 
     def __init__(
         self,
         cfg: TrackerConfig,
         layout: BankLayout,
-        num_frames: int,
+        num_frames: int | None,
         num_objects: int,
         *,
         memory_selection: bool,
@@ -139,6 +145,18 @@ class MemorySchedule:
         self.cond_slots: list[dict[int, int]] = [{} for _ in range(num_objects)]  # frame -> slot
         self.entries: list[list[_Entry]] = [[] for _ in range(num_objects)]  # tracking order
 
+    @property
+    def max_pointers(self) -> int:
+        """Upstream's `min(num_frames, max_obj_ptrs_in_encoder)`."""
+        limit = self.cfg.MAX_OBJ_PTRS_IN_ENCODER
+        return limit if self.num_frames is None else min(self.num_frames, limit)
+
+    def add_objects(self, count: int) -> None:
+        """Objects that join a stream: `count` more, with nothing in the bank yet."""
+        self.num_objects += count
+        self.cond_slots += [{} for _ in range(count)]
+        self.entries += [[] for _ in range(count)]
+
     # ------------------------------------------------------------------------------------------
 
     def condition(self, obj: int, frame: int) -> int:
@@ -146,12 +164,32 @@ class MemorySchedule:
         its pointer) and return it."""
         slots = self.cond_slots[obj]
         if frame not in slots:
-            if len(slots) >= self.layout.cond:
+            free = sorted(set(range(self.layout.cond)) - set(slots.values()))
+            if not free:
                 raise ValueError(
                     f"object {obj}: more than {self.layout.cond} prompted frames for this bank layout"
                 )
-            slots[frame] = len(slots)
+            slots[frame] = free[0]
         return slots[frame]
+
+    def forget_cond(self, obj: int, newest: int) -> list[int]:
+        """Free object `obj`'s conditioning slots that no frame after `newest` can read (a stream,
+        tracked forward); returns the frames forgotten.
+
+        A later frame reads the `max_cond_frames_in_attn` most recent conditioning frames, and an
+        older one only as one of its previous frames: at most `max(num_maskmem, max pointers) − 1`
+        frames back.
+        """
+        t = self.cfg
+        if t.MAX_COND_FRAMES_IN_ATTN == -1:
+            return []
+        horizon = max(t.NUM_MASKMEM, self.max_pointers) - 1
+        slots = self.cond_slots[obj]
+        newest_cond = sorted(slots)[-t.MAX_COND_FRAMES_IN_ATTN :]
+        gone = [f for f in slots if f not in newest_cond and f <= newest - horizon]
+        for f in gone:
+            del slots[f]
+        return gone
 
     def select(self, frame: int, reverse: bool, tracked: np.ndarray) -> dict[str, np.ndarray]:
         """The bank entries each tracked object (`tracked` `[O]` bool) reads at `frame`, and where its
@@ -159,7 +197,7 @@ class MemorySchedule:
         t, lay = self.cfg, self.layout
         o, s_reads, p_reads = self.num_objects, lay.spatial_reads, lay.pointer_reads
         sign = -1 if reverse else 1
-        max_ptrs = min(self.num_frames, t.MAX_OBJ_PTRS_IN_ENCODER)
+        max_ptrs = self.max_pointers
         out = {
             "frame_slot": np.zeros((o, s_reads), np.int32),
             "frame_tpos": np.zeros((o, s_reads), np.int32),
@@ -216,7 +254,7 @@ class MemorySchedule:
                     prev = valid[-t_diff]
                 else:
                     prev = frame - sign * t_diff
-                    if prev < 0 or prev >= self.num_frames:
+                    if prev < 0 or (self.num_frames is not None and prev >= self.num_frames):
                         break
                 hit = lookup(prev)
                 if hit is not None:
@@ -248,9 +286,9 @@ class MemorySchedule:
     def _selectable(self, entries: list[_Entry], frame: int, reverse: bool) -> list[int]:
         """Upstream `frame_filter` (memory selection) over one object's retained tracked frames."""
         t = self.cfg
-        if (frame == 0 and not reverse) or (frame == self.num_frames - 1 and reverse):
+        if (frame == 0 and not reverse) or (reverse and frame == self.num_frames - 1):
             return []
-        max_num = min(self.num_frames, t.MAX_OBJ_PTRS_IN_ENCODER)
+        max_num = self.max_pointers
         scored = {e.frame: e.score for e in entries}
         scan = range(frame - 1, 0, -1) if not reverse else range(frame + 1, self.num_frames)
         valid: list[int] = []

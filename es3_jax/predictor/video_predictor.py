@@ -41,6 +41,7 @@ from flax import nnx
 
 from es3_jax import config as config_lib
 from es3_jax import weights
+from es3_jax.data.frames import normalize, resize_frame
 from es3_jax.errors import Es3Error
 from es3_jax.models.memory_bank import MemoryBank, Selection
 from es3_jax.models.sam_heads import NO_OBJ_SCORE
@@ -63,30 +64,137 @@ _MAX_POINTS = 16
 
 @dataclasses.dataclass
 class Prompt:
-    """One object's prompt on one frame and what the SAM heads made of it."""
+    """One object's prompt on one frame and what the SAM heads made of it.
 
-    kind: str  # "mask" or "points"
+    kind "tracked": the object's own output of an earlier pass on a frame that a correction of
+    another object turned into a conditioning frame (upstream consolidates every object's output
+    on a prompted frame into its memory).
+    """
+
+    kind: str  # "mask", "points" or "tracked"
     low_res: np.ndarray  # [4g, 4g] consolidated logits (what the frame's memory is encoded from)
     video_res: np.ndarray | None  # [H, W] logits ±1024 for masks (carved by later masks), else None
-    obj_ptr: jax.Array  # [C]
+    obj_ptr: np.ndarray  # [C]
     object_score: float
     iou: float
     coords: np.ndarray | None = None  # [P, 2] input-image pixels
     labels: np.ndarray | None = None  # [P]
 
 
+Prompts = dict[int, dict[int, Prompt]]  # object index -> frame -> prompt
+
+
+@dataclasses.dataclass
+class FrameOutput:
+    """Every object's result on one frame at the model's mask resolution (O objects)."""
+
+    low_res: np.ndarray  # [O, 4g, 4g] logits (NO_OBJ_SCORE for objects not started)
+    obj_ptr: np.ndarray  # [O, C]
+    object_score: np.ndarray  # [O]
+    iou: np.ndarray  # [O]
+    tracked: np.ndarray  # [O] bool: tracked through memory on this frame (started, not prompted)
+
+
+@dataclasses.dataclass
+class Pass:
+    """A propagation that ran, kept so that it can be replayed up to any frame it tracked: a
+    correction on such a frame starts from the pass's output there, as upstream's does."""
+
+    prompts: Prompts  # as they were when the pass started
+    num_objects: int
+    order: list[int]
+    reverse: bool
+    done: int = 0  # frames of `order` tracked so far
+
+
+@dataclasses.dataclass
+class Memory:
+    """The memory of one pass or stream: the schedule over every object, and one fixed-size bank
+    per batch of `rows` objects (rows None: all objects in one bank, which grows as they join)."""
+
+    schedule: MemorySchedule
+    rows: int | None
+    banks: list[MemoryBank] = dataclasses.field(default_factory=list)
+
+    @property
+    def bank_rows(self) -> int:
+        return self.rows or self.schedule.num_objects
+
+    def batches(self) -> list[range]:
+        """The objects of each bank."""
+        o, rows = self.schedule.num_objects, self.bank_rows
+        return [range(s, min(s + rows, o)) for s in range(0, o, rows)]
+
+    def add_objects(self, count: int) -> None:
+        self.schedule.add_objects(count)
+        if self.rows is None and self.banks:
+            self.banks[0] = self.banks[0].grown(self.schedule.num_objects)
+
+    def bank(self, i: int, tokens_shape: tuple[int, int], dim: int, dtype: Any) -> MemoryBank:
+        """Bank `i`, made (zeroed) on first use."""
+        lay = self.schedule.layout
+        while len(self.banks) <= i:
+            self.banks.append(
+                MemoryBank.empty(self.bank_rows, lay.slots, lay.pointer_slots, tokens_shape, dim, dtype)
+            )
+        return self.banks[i]
+
+    def condition(self, obj: int, frame: int) -> tuple[int, list[int]]:
+        """A conditioning slot for `obj`'s prompt on `frame`, and the frames whose slots a stream
+        forgot to make room. A stream frees the slots no later frame reads; where that is not
+        enough (many prompts within a few frames), every bank gets 4 more conditioning slots."""
+        schedule = self.schedule
+        forgotten = []
+        slots = schedule.cond_slots[obj]
+        if frame not in slots and len(slots) >= schedule.layout.cond:
+            if schedule.num_frames is None:
+                forgotten = schedule.forget_cond(obj, frame)
+            if len(slots) >= schedule.layout.cond:
+                cond = schedule.layout.cond
+                schedule.layout = schedule.layout.with_cond(cond + 4)
+                self.banks = [b.grown(b.tokens.shape[0], 4, at=cond) for b in self.banks]
+        return schedule.condition(obj, frame), forgotten
+
+
+@dataclasses.dataclass
+class FrameStream:
+    """Frames that arrive one at a time (`VideoPredictor.add_frame`): only the newest is kept."""
+
+    size: tuple[int, int] | None  # (H, W) of the masks; None: the first frame's
+    num_frames: int = 0
+    newest: jax.Array | None = None  # [1, g, g, Ct] trunk features of the newest frame
+    frame_shape: tuple[int, ...] | None = None
+    tracked: bool = False  # the newest frame's masks were given
+
+    @property
+    def video_size(self) -> tuple[int, int]:
+        if self.size is None:
+            raise PredictorError("the stream has no frame yet: add_frame first")
+        return self.size
+
+    def features(self, i: int) -> jax.Array:
+        if i != self.num_frames - 1:
+            raise PredictorError(
+                f"frame {i} of a stream: only the newest frame ({self.num_frames - 1}) is kept; "
+                "prompt a frame when it arrives, before track_frame"
+            )
+        return self.newest
+
+
 @dataclasses.dataclass
 class State:
-    """An inference state: the video source, the prompts, and the bounded memory bank."""
+    """An inference state: the video (or stream), the prompts, and the bounded memory."""
 
-    source: FrameSource
+    source: FrameSource | FrameStream
     obj_ids: list[int] = dataclasses.field(default_factory=list)
-    prompts: dict[int, dict[int, Prompt]] = dataclasses.field(
-        default_factory=dict
-    )  # obj idx -> frame -> prompt
-    bank: MemoryBank | None = None
-    schedule: MemorySchedule | None = None
+    prompts: Prompts = dataclasses.field(default_factory=dict)
+    memory: Memory | None = None
     cached: tuple[int, FrameFeatures] | None = None
+    passes: list[Pass] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_stream(self) -> bool:
+        return isinstance(self.source, FrameStream)
 
     @property
     def num_frames(self) -> int:
@@ -102,6 +210,24 @@ class State:
         return len(self.obj_ids)
 
 
+def _copy(prompts: Prompts, num_objects: int | None = None) -> Prompts:
+    """The prompts of the first `num_objects` objects as they are now (later prompts change the
+    dicts and rebind the fields of the prompts on the same frame, never an array in place)."""
+    objects = range(len(prompts) if num_objects is None else num_objects)
+    return {obj: {f: dataclasses.replace(p) for f, p in prompts[obj].items()} for obj in objects}
+
+
+def _started(frames: dict[int, Prompt], frame: int, reverse: bool) -> bool:
+    return any((f >= frame) if reverse else (f <= frame) for f in frames)
+
+
+def _rows(x: np.ndarray, batch: range, rows: int, fill: Any = 0) -> np.ndarray:
+    """Rows `batch` of x, padded with `fill` to `rows` rows (every bank has one shape)."""
+    out = np.full((rows, *x.shape[1:]), fill, x.dtype)
+    out[: len(batch)] = x[batch.start : batch.stop]
+    return out
+
+
 class VideoPredictor:
     """Tracks objects through a video with the SAM3 tracker (teacher) or a distilled student."""
 
@@ -114,9 +240,15 @@ class VideoPredictor:
         trunk_params: Callable[[], dict] | None = None,
         seed: int = 0,
         storage_dtype: Any = jnp.bfloat16,
+        objects_per_batch: int | None = None,
     ):
         """trunk_params: gives the trunk's parameters when frames (not features) are tracked; None
-        draws a random trunk from `seed`."""
+        draws a random trunk from `seed`. objects_per_batch: objects tracked together in one bank
+        and step (None: all of them); many objects then take several steps per frame but device
+        memory of at most this many."""
+        if objects_per_batch is not None and objects_per_batch < 1:
+            raise PredictorError(f"objects_per_batch must be at least 1, got {objects_per_batch}")
+        self.objects_per_batch = objects_per_batch
         self.cfg = cfg
         self.teacher_cfg = cfg.MODEL.TEACHER
         self.seed = seed
@@ -144,6 +276,7 @@ class VideoPredictor:
         overrides: Sequence[str] = (),
         seed: int = 0,
         memory: str = "auto",
+        objects_per_batch: int | None = None,
     ) -> VideoPredictor:
         """A predictor from any weights source `es3_jax.weights.load` reads (a sam3.pt, a merged
         export, an es3 weights folder, an `es3 train` run or checkpoint, ...), or None (random).
@@ -151,6 +284,7 @@ class VideoPredictor:
         config: a Config, a YAML path, or None (the source's own config, else the defaults);
         overrides: `KEY VALUE` pairs. memory: "teacher", "student" or "auto" (the student when
         the weights hold one, or, for random weights, when the config describes one).
+        objects_per_batch: see the constructor.
         """
         loaded = weights.load(path, config, overrides=overrides, seed=seed)
         cfg = loaded.cfg
@@ -167,7 +301,14 @@ class VideoPredictor:
             params = {**params, "memory_attention": _unused_memory_attention(cfg)}
         tracker = build_tracker(cfg.MODEL.TEACHER, params, source=loaded.source)
         student = student_from_config(cfg, loaded.student, seed=seed) if memory == "student" else None
-        return cls(cfg, tracker, student=student, trunk_params=lambda: loaded.trunk_params(seed), seed=seed)
+        return cls(
+            cfg,
+            tracker,
+            student=student,
+            trunk_params=lambda: loaded.trunk_params(seed),
+            seed=seed,
+            objects_per_batch=objects_per_batch,
+        )
 
     # ----------------------------------------------------------------------------------------
     # jit-compiled pieces (one trace per shape; counted in `trace_counts`)
@@ -202,10 +343,14 @@ class VideoPredictor:
                 frame, coords, labels, prev, multimask_output=multimask
             )
 
-        def prompt_memory(tstate, mstate, frame, low_res, scores, prompted):
+        def prompt_top(tstate, low_res, prompted):
+            self._traced("prompt_top")
+            return nnx.merge(tdef, tstate).prompt_top(low_res, prompted)
+
+        def prompt_memory(tstate, mstate, frame, low_res, scores, prompted, top):
             self._traced("prompt_memory")
             tracker, memory = models(tstate, mstate)
-            return tracker.prompt_memory(memory, frame, low_res, scores, prompted)
+            return tracker.prompt_memory(memory, frame, low_res, scores, prompted, top)
 
         def resize(x, height, width, antialias):
             self._traced("resize")
@@ -216,6 +361,7 @@ class VideoPredictor:
             "step": jax.jit(step, donate_argnums=(3,)),
             "mask_prompt": jax.jit(mask_prompt),
             "click_prompt": jax.jit(click_prompt, static_argnums=(5,)),
+            "prompt_top": jax.jit(prompt_top),
             "prompt_memory": jax.jit(prompt_memory),
             "resize": jax.jit(resize, static_argnums=(1, 2, 3)),
         }
@@ -272,12 +418,98 @@ class VideoPredictor:
         del offload_to_disk
         return State(open_video(video, self.cfg, self._run_trunk, self._timed, video_size))
 
+    def init_stream(self, video_size: tuple[int, int] | None = None) -> State:
+        """A new inference state for frames that arrive one at a time (a camera, a pipe).
+
+        ```python
+        state = predictor.init_stream()
+        for image in camera:                       # [H, W, 3] uint8 RGB
+            frame_idx = predictor.add_frame(state, image)
+            if frame_idx == 0:                     # prompts go on the newest frame, any time
+                predictor.add_new_mask(state, frame_idx, obj_id=1, mask=mask)
+            _, obj_ids, logits = predictor.track_frame(state)    # [O, H, W] of that frame
+        ```
+        `track_frame(state, image)` adds the frame and tracks it in one call. The memory is that of
+        `propagate_in_video` tracking forward, and bounded: it does not grow with the stream.
+        video_size: (H, W) of the masks; default: the first frame's size.
+        """
+        return State(FrameStream(None if video_size is None else (int(video_size[0]), int(video_size[1]))))
+
+    def add_frame(self, state: State, frame: np.ndarray) -> int:
+        """The next frame of a stream: `[H, W, 3]` uint8 RGB (every frame of one size), or trunk
+        features `[g, g, Ct]` float. Returns its index; earlier frames are let go."""
+        stream = state.source
+        if not isinstance(stream, FrameStream):
+            raise PredictorError("add_frame takes the frames of a stream (init_stream); this state holds a video")
+        frame = np.asarray(frame)
+        t = self.teacher_cfg
+        if frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] == 3:
+            if stream.frame_shape not in (None, frame.shape):
+                raise PredictorError(
+                    f"frame {stream.num_frames} of the stream is {frame.shape[1]}x{frame.shape[0]} "
+                    f"(width x height), the earlier ones {stream.frame_shape[1]}x{stream.frame_shape[0]}"
+                )
+            data = self.cfg.DATA
+            image = normalize(resize_frame(frame, t.IMAGE_SIZE), data.PIXEL_MEAN, data.PIXEL_STD)[None]
+            features = self._timed("trunk", self._run_trunk, image)
+            size = frame.shape[:2]
+        elif frame.shape == (t.grid, t.grid, t.TRUNK_DIM) and np.issubdtype(frame.dtype, np.floating):
+            features = jnp.asarray(frame[None], jnp.float32)
+            size = (t.IMAGE_SIZE, t.IMAGE_SIZE)
+        else:
+            raise PredictorError(
+                f"a stream frame must be [H, W, 3] uint8 or trunk features [{t.grid}, {t.grid}, "
+                f"{t.TRUNK_DIM}] float, got {frame.dtype} {frame.shape}"
+            )
+        if stream.size is None:
+            stream.size = (int(size[0]), int(size[1]))
+        stream.frame_shape = frame.shape
+        stream.newest, stream.tracked = features, False
+        stream.num_frames += 1
+        state.cached = None
+        return stream.num_frames - 1
+
+    def track_frame(
+        self, state: State, frame: np.ndarray | None = None
+    ) -> tuple[int, list[int], np.ndarray]:
+        """The masks of a stream's newest frame (after adding `frame`, when given): (frame_idx,
+        obj_ids, logits `[O, H, W]` float32 at video resolution; no object yet: `[0, H, W]`).
+
+        Objects prompted on this frame get their prompts' masks and join the memory; the others
+        prompted earlier are tracked. Each frame is tracked once.
+        """
+        stream = state.source
+        if not isinstance(stream, FrameStream):
+            raise PredictorError("track_frame tracks a stream (init_stream); use propagate_in_video on a video")
+        if frame is not None:
+            self.add_frame(state, frame)
+        if stream.num_frames == 0:
+            raise PredictorError("the stream has no frame yet: add_frame first")
+        if stream.tracked:
+            raise PredictorError(f"frame {stream.num_frames - 1} was tracked already: add the next frame")
+        idx = stream.num_frames - 1
+        h, w = state.video_size
+        o = state.num_objects
+        logits = np.zeros((0, h, w), np.float32)
+        if any(state.prompts.values()):
+            t = self.teacher_cfg
+            if state.memory is None:
+                layout = BankLayout.for_video(t, 1)
+                schedule = MemorySchedule(t, layout, None, o, memory_selection=t.USE_MEMORY_SELECTION)
+                state.memory = Memory(schedule, self.objects_per_batch)
+            elif state.memory.schedule.num_objects < o:
+                state.memory.add_objects(o - state.memory.schedule.num_objects)
+            out = self._frame_output(state, state.memory, state.prompts, idx, False, write_prompts=True)
+            logits = self._video_logits(out.low_res, h, w)
+        stream.tracked = True
+        return idx, list(state.obj_ids), logits
+
     def reset_state(self, state: State) -> None:
-        """Forget every object, prompt and memory of the state (the video stays)."""
+        """Forget every object, prompt, memory and earlier pass of the state (the video stays)."""
         state.obj_ids.clear()
         state.prompts.clear()
-        state.bank = None
-        state.schedule = None
+        state.passes.clear()
+        state.memory = None
 
     def _frame(self, state: State, idx: int) -> FrameFeatures:
         if not 0 <= idx < state.num_frames:
@@ -298,19 +530,66 @@ class VideoPredictor:
     # ----------------------------------------------------------------------------------------
     # prompts
 
+    def _check_promptable(self, state: State, frame_idx: int) -> None:
+        if isinstance(state.source, FrameStream):
+            self._frame(state, frame_idx)
+            if state.source.tracked:
+                raise PredictorError(
+                    f"frame {frame_idx} of the stream was tracked already: prompt a frame before track_frame"
+                )
+
+    def _earlier_output(self, state: State, frame_idx: int) -> tuple[Pass, FrameOutput] | None:
+        """The latest pass's output on `frame_idx`, when a pass tracked it and some object it tracked
+        there has no prompt on it now: the pass is replayed up to that frame (the bank keeps no
+        past frame, and its memories are what the pass computed, exactly)."""
+        for p in reversed(state.passes):
+            tracked = p.order[: p.done]
+            if frame_idx not in tracked:
+                continue
+            if all(frame_idx in state.prompts[obj] for obj in range(p.num_objects)):
+                return None
+            order = tracked[: tracked.index(frame_idx) + 1]
+            memory = self._pass_memory(state, p.prompts, p.num_objects)
+            for f, out in self._track_frames(state, memory, p.prompts, order, p.reverse):
+                if f == frame_idx:
+                    return p, out
+        return None
+
+    def _correct(self, state: State, frame_idx: int, obj: int, earlier: tuple[Pass, FrameOutput] | None) -> None:
+        """A prompt added on a frame an earlier pass tracked makes that frame a conditioning frame for
+        every object tracked there: the others keep their output of that pass (as upstream
+        consolidates them)."""
+        if earlier is None:
+            return
+        p, out = earlier
+        for other in range(p.num_objects):
+            if other != obj and out.tracked[other] and frame_idx not in state.prompts[other]:
+                state.prompts[other][frame_idx] = Prompt(
+                    "tracked",
+                    out.low_res[other],
+                    None,
+                    out.obj_ptr[other],
+                    float(out.object_score[other]),
+                    float(out.iou[other]),
+                )
+
     def add_new_mask(
         self, state: State, frame_idx: int, obj_id: int, mask: np.ndarray
     ) -> tuple[int, list[int], np.ndarray]:
         """A mask prompt `[h, w]` (bool or [0, 1]; any size, resized as upstream) for one object.
 
         Returns (frame_idx, obj_ids, logits `[O, H, W]` of that frame at video resolution).
-        Where it overlaps masks given earlier on this frame, the new mask wins.
+        Where it overlaps masks given earlier on this frame, the new mask wins. On a frame that
+        `propagate_in_video` tracked, the other objects tracked there keep that output as their
+        prompt on it (a correction; the next propagation conditions on it).
         """
         mask = np.asarray(mask)
         if mask.ndim != 2:
             raise PredictorError(f"a mask prompt must be [H, W], got shape {mask.shape}")
+        self._check_promptable(state, frame_idx)
         obj = self._obj_idx(state, obj_id)
         frame = self._frame(state, frame_idx)
+        earlier = self._earlier_output(state, frame_idx)
         s = 16 * self.teacher_cfg.grid
         h, w = state.video_size
         m = jnp.asarray(mask, jnp.float32)[None]
@@ -329,10 +608,11 @@ class VideoPredictor:
             "mask",
             self._low_res_of(logits),
             logits,
-            out.obj_ptr[0],
+            np.asarray(out.obj_ptr[0]),
             float(out.object_score_logits[0]),
             float(out.iou_score[0]),
         )
+        self._correct(state, frame_idx, obj, earlier)
         return frame_idx, list(state.obj_ids), self._prompt_frame_logits(state, frame_idx)
 
     def _low_res_of(self, video_res: np.ndarray) -> np.ndarray:
@@ -353,8 +633,11 @@ class VideoPredictor:
         box (x0, y0, x1, y1 video pixels) for one object on one frame.
 
         As upstream: a box goes first as two corner points; new clicks add to the frame's earlier
-        ones unless `clear_old_points`; the object's previous logits on the frame are fed back as
-        a mask prompt; one click (or none) gives the best of 3 masks, more give one mask.
+        ones unless `clear_old_points`; the object's previous logits on the frame (its clicks' or
+        tracked output there) are fed back as a mask prompt; one click (or none) gives the best of
+        3 masks, more give one mask. On a frame that `propagate_in_video` tracked, this is a
+        correction: the tracked output is the previous logits, and the other objects tracked there
+        keep theirs as their prompt on the frame.
         Returns (frame_idx, obj_ids, logits `[O, H, W]` of that frame at video resolution).
         """
         if (points is None) != (labels is None):
@@ -363,6 +646,7 @@ class VideoPredictor:
             raise PredictorError("give points (with labels) or a box")
         if box is not None and not clear_old_points:
             raise PredictorError("a box must come first: use clear_old_points=True with a box")
+        self._check_promptable(state, frame_idx)
         obj = self._obj_idx(state, obj_id)
         h, w = state.video_size
         scale = np.array([self.teacher_cfg.IMAGE_SIZE / w, self.teacher_cfg.IMAGE_SIZE / h], np.float32)
@@ -385,9 +669,12 @@ class VideoPredictor:
             keep = np.r_[0 : _MAX_POINTS // 2, len(coords) - (_MAX_POINTS - _MAX_POINTS // 2) : len(coords)]
             coords, labs = coords[keep], labs[keep]
         frame = self._frame(state, frame_idx)
+        earlier = self._earlier_output(state, frame_idx)
         prev = None
-        if previous is not None and previous.kind == "points":
+        if previous is not None and previous.kind in ("points", "tracked"):
             prev = jnp.asarray(previous.low_res)[None]
+        elif previous is None and earlier is not None and obj < earlier[0].num_objects and earlier[1].tracked[obj]:
+            prev = jnp.asarray(earlier[1].low_res[obj])[None]
         out = self._timed(
             "prompt",
             self._jit["click_prompt"],
@@ -402,12 +689,13 @@ class VideoPredictor:
             "points",
             np.asarray(out.low_res_masks[0]),
             None,
-            out.obj_ptr[0],
+            np.asarray(out.obj_ptr[0]),
             float(out.object_score_logits[0]),
             float(out.iou_score[0]),
             coords,
             labs,
         )
+        self._correct(state, frame_idx, obj, earlier)
         return frame_idx, list(state.obj_ids), self._prompt_frame_logits(state, frame_idx)
 
     def _prompt_frame_logits(self, state: State, frame_idx: int) -> np.ndarray:
@@ -422,53 +710,135 @@ class VideoPredictor:
         return out
 
     # ----------------------------------------------------------------------------------------
-    # propagation
+    # memory: one code path for passes, replays and streams
 
-    def _preflight(self, state: State) -> None:
-        """A fresh bank and schedule holding the memories of every prompted frame."""
-        if not any(state.prompts.values()):
-            raise PredictorError("no prompts: add a mask, points or a box first")
-        o = state.num_objects
+    def _pass_memory(self, state: State, prompts: Prompts, num_objects: int) -> Memory:
+        """A fresh memory holding the memories of every prompted frame (a pass reads the
+        conditioning frames ahead of it too, as upstream's preflight makes them)."""
         t = self.teacher_cfg
-        most = max((len(f) for f in state.prompts.values()), default=1)
+        most = max((len(f) for f in prompts.values()), default=1)
         layout = BankLayout.for_video(t, most)
-        schedule = MemorySchedule(t, layout, state.num_frames, o, memory_selection=t.USE_MEMORY_SELECTION)
-        g, d = t.grid, t.D_MODEL
-        bank = None
-        for f in sorted({f for frames in state.prompts.values() for f in frames}):
-            frame = self._frame(state, f)
-            low = np.full((o, 4 * g, 4 * g), NO_OBJ_SCORE, np.float32)
-            scores = np.zeros((o,), np.float32)
-            prompted = np.zeros((o,), bool)
-            ptrs = jnp.zeros((o, d), jnp.float32)
-            slots = np.zeros((o,), np.int32)
-            for obj in range(o):
-                p = state.prompts[obj].get(f)
-                if p is not None:
-                    low[obj], scores[obj], prompted[obj] = p.low_res, p.object_score, True
-                    ptrs = ptrs.at[obj].set(p.obj_ptr)
-                    slots[obj] = schedule.condition(obj, f)
+        schedule = MemorySchedule(
+            t, layout, state.num_frames, num_objects, memory_selection=t.USE_MEMORY_SELECTION
+        )
+        memory = Memory(schedule, self.objects_per_batch)
+        for f in sorted({f for frames in prompts.values() for f in frames}):
+            self._write_prompts(state, memory, prompts, f)
+        return memory
+
+    def _write_prompts(self, state: State, memory: Memory, prompts: Prompts, f: int) -> None:
+        """The memories of frame `f` for the objects prompted on it, written to their banks."""
+        o = memory.schedule.num_objects
+        prompted = np.array([f in prompts[obj] for obj in range(o)])
+        if not prompted.any():
+            return
+        t = self.teacher_cfg
+        low = np.full((o, 4 * t.grid, 4 * t.grid), NO_OBJ_SCORE, np.float32)
+        scores = np.zeros((o,), np.float32)
+        ptrs = np.zeros((o, t.D_MODEL), np.float32)
+        slots = np.zeros((o,), np.int32)
+        for obj in np.flatnonzero(prompted):
+            p = prompts[obj][f]
+            low[obj], scores[obj], ptrs[obj] = p.low_res, p.object_score, p.obj_ptr
+            slots[obj], forgotten = memory.condition(obj, f)
+            for old in forgotten:
+                prompts[obj].pop(old, None)
+        frame = self._frame(state, f)
+        rows = memory.bank_rows
+        batches = [(i, b) for i, b in enumerate(memory.batches()) if prompted[b.start : b.stop].any()]
+        # Upstream keeps the prompted objects of a frame from overlapping in memory: per pixel the
+        # top object over every batch keeps its mask.
+        best = top = None
+        for _, b in batches:
+            b_best, b_top = self._jit["prompt_top"](
+                self._tracker_state, jnp.asarray(_rows(low, b, rows, NO_OBJ_SCORE)), _rows(prompted, b, rows)
+            )
+            b_top = b_top + b.start
+            if best is None:
+                best, top = b_best, b_top
+            else:
+                ahead = b_best > best
+                best, top = jnp.where(ahead, b_best, best), jnp.where(ahead, b_top, top)
+        for i, b in batches:
             tokens, tokens_pos = self._timed(
                 "prompt_memory",
                 self._jit["prompt_memory"],
                 self._tracker_state,
                 self._memory_state,
                 frame,
-                jnp.asarray(low),
-                jnp.asarray(scores),
-                jnp.asarray(prompted),
+                jnp.asarray(_rows(low, b, rows, NO_OBJ_SCORE)),
+                jnp.asarray(_rows(scores, b, rows)),
+                jnp.asarray(_rows(prompted, b, rows)),
+                top - b.start,
             )
-            if bank is None:
-                bank = MemoryBank.empty(
-                    o, layout.slots, layout.pointer_slots, tokens.shape[1:], d, self.storage_dtype
-                )
-            slots = jnp.asarray(slots)
-            bank = bank.write(tokens, tokens_pos, ptrs, slots, slots, jnp.asarray(prompted))
-        state.bank, state.schedule = bank, schedule
+            bank = memory.bank(i, tokens.shape[1:], t.D_MODEL, self.storage_dtype)
+            slot = jnp.asarray(_rows(slots, b, rows))
+            memory.banks[i] = bank.write(
+                tokens, tokens_pos, jnp.asarray(_rows(ptrs, b, rows)), slot, slot, jnp.asarray(_rows(prompted, b, rows))
+            )
 
-    def _started(self, state: State, obj: int, frame: int, reverse: bool) -> bool:
-        frames = state.prompts[obj]
-        return any((f >= frame) if reverse else (f <= frame) for f in frames)
+    def _frame_output(
+        self, state: State, memory: Memory, prompts: Prompts, f: int, reverse: bool, *, write_prompts: bool
+    ) -> FrameOutput:
+        """Frame `f`: the prompted objects' prompts, the started ones tracked through memory (their
+        memories written), the others NO_OBJ_SCORE. `write_prompts`: also write the prompted
+        objects' memories now (a stream; a pass wrote them all before its first frame)."""
+        t = self.teacher_cfg
+        o = memory.schedule.num_objects
+        low = np.full((o, 4 * t.grid, 4 * t.grid), NO_OBJ_SCORE, np.float32)
+        ptrs = np.zeros((o, t.D_MODEL), np.float32)
+        scores = np.zeros((o,), np.float32)
+        ious = np.zeros((o,), np.float32)
+        prompted = np.array([f in prompts[obj] for obj in range(o)])
+        tracked = np.array([_started(prompts[obj], f, reverse) for obj in range(o)]) & ~prompted
+        for obj in np.flatnonzero(prompted):
+            p = prompts[obj][f]
+            low[obj], ptrs[obj], scores[obj], ious[obj] = p.low_res, p.obj_ptr, p.object_score, p.iou
+        if write_prompts:
+            self._write_prompts(state, memory, prompts, f)
+        if tracked.any():
+            frame = self._frame(state, f)
+            reads = memory.schedule.select(f, reverse, tracked)
+            presence = np.zeros((o,), np.float32)
+            rows = memory.bank_rows
+            for i, b in enumerate(memory.batches()):
+                if not tracked[b.start : b.stop].any():
+                    continue
+                sel = Selection(
+                    **{k: jnp.asarray(v if np.ndim(v) == 0 else _rows(v, b, rows)) for k, v in reads.items()}
+                )
+                out, memory.banks[i] = self._timed(
+                    "track_step", self._jit["step"], self._tracker_state, self._memory_state, frame, memory.banks[i], sel
+                )
+                rows_tracked = np.flatnonzero(tracked[b.start : b.stop])
+                objs = rows_tracked + b.start
+                low[objs] = np.asarray(out.low_res_masks)[rows_tracked]
+                ptrs[objs] = np.asarray(out.obj_ptr)[rows_tracked]
+                scores[objs] = np.asarray(out.object_score_logits)[rows_tracked]
+                ious[objs] = np.asarray(out.iou_score)[rows_tracked]
+                presence[objs] = np.asarray(out.presence)[rows_tracked]
+            # Upstream `cal_mem_score` multiplies a [B, 1] by a [B] tensor before its mean, so the
+            # frame's score is mean(presence) · mean(IoU) over every tracked object, not the mean of
+            # the products; batches of objects share it.
+            score = float(np.mean(presence[tracked]) * np.mean(ious[tracked]))
+            memory.schedule.record(f, reads, score)
+        self.timings["frames"] = self.timings.get("frames", 0) + 1
+        return FrameOutput(low, ptrs, scores, ious, tracked)
+
+    def _track_frames(
+        self, state: State, memory: Memory, prompts: Prompts, order: Sequence[int], reverse: bool
+    ) -> Iterator[tuple[int, FrameOutput]]:
+        for f in order:
+            yield f, self._frame_output(state, memory, prompts, f, reverse, write_prompts=False)
+
+    def _video_logits(self, low_res: np.ndarray, h: int, w: int) -> np.ndarray:
+        start = time.perf_counter()
+        logits = self._resize(low_res, h, w)
+        self.timings["resize"] = self.timings.get("resize", 0.0) + 1000 * (time.perf_counter() - start)
+        return logits
+
+    # ----------------------------------------------------------------------------------------
+    # propagation
 
     def propagate_in_video(
         self,
@@ -483,7 +853,10 @@ class VideoPredictor:
         Yields (frame_idx, obj_ids, logits `[O, H, W]` float32 at video resolution), one frame at a
         time; nothing is kept per frame. Prompted frames yield their prompts.
         """
-        self._preflight(state)
+        if state.is_stream:
+            raise PredictorError("a stream is tracked frame by frame: track_frame")
+        if not any(state.prompts.values()):
+            raise PredictorError("no prompts: add a mask, points or a box first")
         num_frames = state.num_frames
         if start_frame_idx is None:
             start_frame_idx = min(f for frames in state.prompts.values() for f in frames)
@@ -495,42 +868,14 @@ class VideoPredictor:
         else:
             end = min(start_frame_idx + max_frame_num_to_track, num_frames - 1)
             order = range(start_frame_idx, end + 1)
-        o = state.num_objects
+        done = Pass(_copy(state.prompts), state.num_objects, list(order), reverse)
+        state.passes.append(done)
+        state.memory = self._pass_memory(state, done.prompts, done.num_objects)
         h, w = state.video_size
-        low = 4 * self.teacher_cfg.grid
-        for frame_idx in order:
-            prompted = np.array([frame_idx in state.prompts[obj] for obj in range(o)])
-            started = np.array([self._started(state, obj, frame_idx, reverse) for obj in range(o)])
-            tracked = started & ~prompted
-            low_res = np.full((o, low, low), NO_OBJ_SCORE, np.float32)
-            for obj in np.flatnonzero(prompted):
-                low_res[obj] = state.prompts[obj][frame_idx].low_res
-            if tracked.any():
-                frame = self._frame(state, frame_idx)
-                reads = state.schedule.select(frame_idx, reverse, tracked)
-                sel = Selection(**{k: jnp.asarray(v) for k, v in reads.items()})
-                out, state.bank = self._timed(
-                    "track_step",
-                    self._jit["step"],
-                    self._tracker_state,
-                    self._memory_state,
-                    frame,
-                    state.bank,
-                    sel,
-                )
-                step_low = np.asarray(out.low_res_masks)
-                # Upstream `cal_mem_score` multiplies a [B, 1] by a [B] tensor before its mean, so
-                # the frame's score is mean(presence) · mean(IoU), not the mean of the products.
-                score = float(
-                    np.mean(np.asarray(out.presence)[tracked]) * np.mean(np.asarray(out.iou_score)[tracked])
-                )
-                state.schedule.record(frame_idx, reads, score)
-                low_res[tracked] = step_low[tracked]
-            self.timings["frames"] = self.timings.get("frames", 0) + 1
-            start = time.perf_counter()
-            logits = self._resize(low_res, h, w)
-            self.timings["resize"] = self.timings.get("resize", 0.0) + 1000 * (time.perf_counter() - start)
-            yield frame_idx, list(state.obj_ids), logits
+        obj_ids = list(state.obj_ids)
+        for frame_idx, out in self._track_frames(state, state.memory, done.prompts, done.order, reverse):
+            done.done += 1
+            yield frame_idx, obj_ids, self._video_logits(out.low_res, h, w)
 
 
 def _is_student_config(cfg: config_lib.Config) -> bool:

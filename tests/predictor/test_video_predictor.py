@@ -61,7 +61,7 @@ def test_forty_frames_compile_the_step_once(selection):
     assert predictor.trace_counts["track_step"] == 1
     assert predictor.timings["frames"] == 40
     # The bank holds at most the prompted frames plus num_maskmem recent frames, whatever the length.
-    entries = state.schedule.entries
+    entries = state.memory.schedule.entries
     assert all(sum(e.slot is not None for e in obj) <= 7 for obj in entries)
     assert all(len(obj) <= 16 for obj in entries)
 
@@ -76,7 +76,7 @@ def test_reverse_from_a_later_prompt_and_reset():
     frames = [f for f, _, _ in predictor.propagate_in_video(state, reverse=True)]
     assert frames == [4, 3, 2, 1, 0]
     predictor.reset_state(state)
-    assert state.obj_ids == [] and state.bank is None
+    assert state.obj_ids == [] and state.memory is None
     with pytest.raises(Exception, match="no prompts"):
         list(predictor.propagate_in_video(state))
 
