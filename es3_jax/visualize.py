@@ -1,4 +1,5 @@
-"""Pictures of tracking results a person can look at: mask overlays, a grid of frames, an animated GIF."""
+"""Pictures of tracking results a person can look at: mask overlays, a grid of frames (and which
+frames it shows), an animated GIF."""
 
 from __future__ import annotations
 
@@ -51,6 +52,33 @@ def grid(
         r, c = divmod(k, columns)
         canvas[r * cell_h : r * cell_h + cell.shape[0], c * width : (c + 1) * width] = cell
     return canvas
+
+
+class GridSample:
+    """The frames a grid shows from a video of unknown length, seen one at a time: at most `limit`
+    evenly spaced ones (every `stride`-th frame index, the stride doubling as the video goes on), plus
+    the frames `always` names (e.g. the prompted ones)."""
+
+    def __init__(self, limit: int, always: Sequence[int] = ()):
+        self.limit = max(1, limit)
+        self.always = set(always)
+        self.stride = 1
+        self.pictures: dict[int, np.ndarray] = {}
+
+    def offer(self, frame_idx: int, picture: np.ndarray) -> None:
+        """Keep `picture` [H, W, 3] of frame `frame_idx` if the grid shows that frame."""
+        if frame_idx % self.stride and frame_idx not in self.always:
+            return
+        self.pictures[frame_idx] = picture
+        while sum(f not in self.always for f in self.pictures) > self.limit:
+            self.stride *= 2
+            self.pictures = {
+                f: p for f, p in self.pictures.items() if f % self.stride == 0 or f in self.always
+            }
+
+    def frames(self) -> list[int]:
+        """The kept frame indices, in order."""
+        return sorted(self.pictures)
 
 
 def save_gif(path: str | Path, images: Sequence[np.ndarray], fps: float = 8.0, width: int = 480) -> Path:

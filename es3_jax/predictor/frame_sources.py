@@ -1,6 +1,6 @@
-"""Where a video's trunk features come from: a folder of frames, an array of frames, an array of trunk
-features, or a video of the embedding store. Each becomes a `FrameSource` that gives one frame's
-trunk features `[1, g, g, Ct]` at a time, so a video is never held in memory whole.
+"""Where a video's trunk features come from: a folder of frames, a video file, an array of frames, an
+array of trunk features, or a video of the embedding store. Each becomes a `FrameSource` that gives
+one frame's trunk features `[1, g, g, Ct]` at a time, so a video is never held in memory whole.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 from es3_jax.config import Config
 from es3_jax.data.embedding_store import EmbeddingStore
-from es3_jax.data.frames import FrameError, list_frames, load_frame_uint8, normalize
+from es3_jax.data.frames import FrameError, list_frames, load_frame_uint8, normalize, resize_frame
+from es3_jax.data.video_file import VIDEO_EXTS, VideoFile, is_video_file
 from es3_jax.errors import Es3Error
 
-Video = str | Path | np.ndarray | tuple[EmbeddingStore, str]
+Video = str | Path | VideoFile | np.ndarray | tuple[EmbeddingStore, str]
 # Normalised frames `[1, S, S, 3]` float32 -> trunk features `[1, g, g, Ct]`.
 TrunkFn = Callable[[np.ndarray], jax.Array]
 # `timed(name, fn, *args)`: fn(*args), its wall time added to the predictor's timings under `name`.
@@ -60,6 +61,27 @@ def frame_size(paths: Sequence[Path]) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FrameFolder:
+    """A folder's frames in playback order, and the (height, width) they all have."""
+
+    paths: list[Path]
+    size: tuple[int, int]
+
+
+def open_frames(path: str | Path) -> VideoFile | FrameFolder:
+    """A video file, opened (its frames indexed: a truncated file is refused), or a folder's frames,
+    listed and their sizes checked (`frame_size`): what can be checked of a video before tracking."""
+    if is_video_file(path):
+        return VideoFile(path)
+    if Path(path).is_file():
+        raise FrameSourceError(
+            f"{path}: neither a folder of frames nor a video file ({', '.join(VIDEO_EXTS)})"
+        )
+    paths = list_frames(path)
+    return FrameFolder(paths, frame_size(paths))
+
+
+@dataclasses.dataclass(frozen=True)
 class FrameSource:
     """A video: its length, its output size (H, W), and `features(i)` -> `[1, g, g, Ct]` float32."""
 
@@ -84,8 +106,10 @@ def open_video(
     size, data = cfg.MODEL.TEACHER.IMAGE_SIZE, cfg.DATA
 
     def from_images(load: Callable[[int], np.ndarray], num_frames: int, hw: tuple[int, int]) -> FrameSource:
+        """load(i): frame i as the model takes it, `[size, size, 3]` uint8."""
+
         def features(i: int) -> jax.Array:
-            image = normalize(load(i), data.PIXEL_MEAN, data.PIXEL_STD)[None]
+            image = normalize(timed("decode", load, i), data.PIXEL_MEAN, data.PIXEL_STD)[None]
             return timed("trunk", trunk, image)
 
         return FrameSource(num_frames, hw, features)
@@ -100,10 +124,21 @@ def open_video(
             return timed("read", lambda: jnp.asarray(store.read(video_id, [i], dtype=np.float32)))
 
         source = FrameSource(int(meta["num_frames"]), video_size or default, stored)
-    elif isinstance(video, str | Path):
-        paths = list_frames(video)
-        hw = frame_size(paths)
-        source = from_images(lambda i: load_frame_uint8(paths[i], size)[0], len(paths), video_size or hw)
+    elif isinstance(video, str | Path | VideoFile):
+        frames = open_frames(video) if isinstance(video, str | Path) else video
+        if isinstance(frames, VideoFile):
+            # Decoded frames resized as frames given as an array or streamed are: a file tracks as they do.
+            source = from_images(
+                lambda i: resize_frame(frames.frame(i), size),
+                frames.num_frames,
+                video_size or frames.video_size,
+            )
+        else:
+            source = from_images(
+                lambda i: load_frame_uint8(frames.paths[i], size)[0],
+                len(frames.paths),
+                video_size or frames.size,
+            )
     else:
         video = np.asarray(video)
         if video.ndim != 4:
@@ -111,11 +146,9 @@ def open_video(
                 f"video array must be [T, H, W, 3] frames or [T, g, g, C] features, got {video.shape}"
             )
         if video.dtype == np.uint8 and video.shape[-1] == 3:
-
-            def resized(i: int) -> np.ndarray:
-                return np.asarray(Image.fromarray(video[i]).resize((size, size), Image.Resampling.BILINEAR))
-
-            source = from_images(resized, video.shape[0], video_size or video.shape[1:3])
+            source = from_images(
+                lambda i: resize_frame(video[i], size), video.shape[0], video_size or video.shape[1:3]
+            )
         else:
             g, c = cfg.MODEL.TEACHER.grid, cfg.MODEL.TEACHER.TRUNK_DIM
             if video.shape[1:] != (g, g, c):
