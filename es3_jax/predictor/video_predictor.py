@@ -2,7 +2,7 @@
 
 ```python
 predictor = VideoPredictor.from_checkpoint("sam3.pt")
-state = predictor.init_state("video_frames/")            # or frames [T,H,W,3] uint8, or (store, video)
+state = predictor.init_state("video_frames/")            # or "clip.mp4", frames [T,H,W,3] uint8, (store, video)
 predictor.add_new_mask(state, 0, obj_id=1, mask=mask)     # or add_new_points_or_box(...)
 for frame_idx, obj_ids, logits in predictor.propagate_in_video(state):
     ...                                                   # logits [O, H, W] at video resolution
@@ -16,13 +16,20 @@ Differences from upstream's predictor, all about memory and objects:
   still read (`num_maskmem` spatial frames and 16 pointers; with memory selection, the latest
   frames whose score passes the threshold). Outputs are yielded one frame at a time and not kept.
   Each `propagate_in_video` call starts from the prompted frames' memories: a second pass (e.g.
-  reverse after forward) does not read the first pass's tracked frames, as upstream would.
+  reverse after forward) does not read the first pass's tracked frames, as upstream would when a
+  pass starts between prompted frames.
+* Streams: `init_stream`, then `add_frame` / `track_frame` per frame, with the memory of a forward
+  pass; prompts go on the newest frame before it is tracked.
+* Corrections: a prompt on a frame an earlier pass tracked decodes clicks with that pass's logits
+  fed back and makes the frame a conditioning frame for every object tracked there (the others
+  with their output of the pass), as upstream does; the pass is replayed to that frame to get them.
 * Objects may join later (the SA-V / YouTube-VOS protocol). Add every prompt, on whatever frame
   the object first appears, before calling `propagate_in_video` once: an object is tracked from
   its first prompted frame on (in the direction of propagation), and its logits are
   `NO_OBJ_SCORE` before that. A frame is a conditioning frame only for the objects prompted on
   it; the other objects are tracked through it. With every object prompted on the same frames
   this is exactly upstream's batched behaviour.
+* Many objects: `objects_per_batch` bounds how many share one bank and step.
 * Points and boxes are in video pixels (x, y), as SAM2's predictor takes them.
 """
 
