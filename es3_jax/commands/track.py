@@ -183,6 +183,7 @@ def _add_prompt(predictor, state, frame_idx: int, png: Path, ids: np.ndarray) ->
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from es3_jax.predictor import PredictorError as TrackError
     from es3_jax.predictor import VideoPredictor
     from es3_jax.predictor.frame_sources import open_frames
 
@@ -191,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
     video = None
     if args.frames and not _is_stream(args.frames):
         video = open_frames(args.frames)
+    if args.frames == "-" and sys.stdin.isatty():
+        raise TrackError(
+            "--frames - reads a video piped to stdin (e.g. ffmpeg -i INPUT -f nut - | es3 track --frames - ...)"
+        )
     predictor = VideoPredictor.from_checkpoint(
         args.checkpoint, config=args.config, overrides=args.overrides, seed=args.seed, memory=args.memory
     )

@@ -41,11 +41,14 @@ def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
-def _rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
-    """A decoded frame as RGB uint8 `[H, W, 3]` at `size` (H, W): a stream whose resolution changes
-    part-way is scaled to its first frames' size, as ffmpeg does."""
-    h, w = size
-    return frame.to_ndarray(format="rgb24", width=w, height=h)
+def _rgb(frame: av.VideoFrame, coded_size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as RGB uint8 `[H, W, 3]` the way players show it: scaled to the stream's
+    `coded_size` (H, W) where its resolution changes part-way, then turned by its display rotation
+    (a phone's portrait video is stored landscape), as ffmpeg does."""
+    h, w = coded_size
+    image = frame.to_ndarray(format="rgb24", width=w, height=h)
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
 
 
 class VideoFile:
@@ -60,15 +63,24 @@ class VideoFile:
     def __init__(self, path: str | Path, cache_frames: int = 16):
         self.path = Path(path)
         self.name = str(path)
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cache_frames = max(2, cache_frames)
         if not self.path.is_file():
             raise VideoFileError(f"video file not found: {path}")
         try:
             self._container = av.open(str(path), "r")
         except (av.error.FFmpegError, OSError) as e:
             raise VideoFileError(f"{path}: not a readable video (truncated?): {_reason(e)}") from e
-        if not self._container.streams.video:
+        try:
+            self._open()
+        except VideoFileError:
             self._container.close()
-            raise VideoFileError(f"{path}: holds no video stream")
+            raise
+
+    def _open(self) -> None:
+        """Index the opened file's first video stream and decode its first frame."""
+        if not self._container.streams.video:
+            raise VideoFileError(f"{self.name}: holds no video stream")
         self._stream = self._container.streams.video[0]
         self.time_base = self._stream.time_base or fractions.Fraction(1, 1)
         self.pts, self._keyframe = self._index()
@@ -76,15 +88,14 @@ class VideoFile:
         self._index_of = {int(p): i for i, p in enumerate(self.pts.tolist())}
         # Presentation index of the latest keyframe at or before each frame.
         self._keyframe_before = np.maximum.accumulate(np.where(self._keyframe, np.arange(self.num_frames), 0))
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._cache_frames = max(2, cache_frames)
         # The decoder's frames from where it stands, and the latest it produced (-1: none yet).
         self._decoded: Iterator[tuple[int, av.VideoFrame]] | None = None
         self._position = -1
         context = self._stream.codec_context
         if not (context.height and context.width):
-            raise VideoFileError(f"{path}: the video stream records no frame size")
-        self.video_size = (int(context.height), int(context.width))
+            raise VideoFileError(f"{self.name}: the video stream records no frame size")
+        self._coded_size = (int(context.height), int(context.width))
+        self.video_size = self.frame(0).shape[:2]  # turned by the display rotation
 
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         """One demux pass: every frame's pts and keyframe flag, in presentation order. Refuses a file
@@ -125,9 +136,6 @@ class VideoFile:
     def num_frames(self) -> int:
         return len(self.pts)
 
-    def __len__(self) -> int:
-        return self.num_frames
-
     def frame(self, i: int) -> np.ndarray:
         """Frame `i` (presentation order) as RGB uint8 `[H, W, 3]`."""
         if not 0 <= i < self.num_frames:
@@ -140,7 +148,7 @@ class VideoFile:
             self._seek(i)
         for index, frame in self._decoded:
             self._position = index
-            self._remember(index, _rgb(frame, self.video_size))
+            self._remember(index, _rgb(frame, self._coded_size))
             if index >= i:
                 break
         if self._position != i:

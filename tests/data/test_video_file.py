@@ -244,3 +244,29 @@ def test_a_video_file_tracks_as_its_decoded_frames(clip, predictor, tmp_path):
         f"file vs JPEG-folder mask IoU over frames 1-{n - 1}: min {min(ious):.3f}, mean {np.mean(ious):.3f}"
     )
     assert min(ious) > 0.95
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_rotated_video_is_read_as_players_show_it(degrees, tmp_path):
+    """A phone's portrait video is stored landscape with a display rotation (counter-clockwise)."""
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.set_display_rotation(degrees)
+        for t in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(moving_shapes(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = VideoFile(path)
+    stored = decode_all(path)[0][1]
+    shown = np.rot90(stored, degrees // 90)
+    assert video.video_size == shown.shape[:2] == ((W, H) if degrees % 180 else (H, W))
+    assert np.array_equal(video.frame(1), shown)
+
+    # The red box drawn top-left is where a counter-clockwise turn (FFmpeg's convention) puts it.
+    def red(image: np.ndarray) -> np.ndarray:
+        return (image[..., 0] > 150) & (image[..., 1] < 100)
+
+    assert iou(red(video.frame(1)), np.rot90(red(moving_shapes(1)), degrees // 90)) > 0.9
