@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import fractions
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -222,11 +223,12 @@ def stream_frames(source: str | BinaryIO, name: str, format: str | None = None) 
     """The frames of a live stream, one at a time as they arrive, until it ends.
 
     source: a binary file object (a pipe such as `sys.stdin.buffer` carrying a container FFmpeg
-    demuxes without seeking: NUT, Matroska, MPEG-TS, MJPEG, ...) or a capture device path such as
-    `/dev/video0` (read through Video4Linux2 unless `format` names another input format). name: what
+    demuxes without seeking: NUT, Matroska, MPEG-TS, MJPEG, ...) or a path: a capture device
+    `/dev/video*` (or a link to one) is read through Video4Linux2 unless `format` names another
+    input format; another path (a named pipe, /dev/stdin) as FFmpeg finds it. name: what
     errors call the stream. Frames take the first frame's size.
     """
-    if format is None and isinstance(source, str) and source.startswith("/dev/"):
+    if format is None and isinstance(source, str) and os.path.realpath(source).startswith("/dev/video"):
         format = "v4l2"
     try:
         container = av.open(source, "r", format=format)

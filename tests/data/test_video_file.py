@@ -188,7 +188,7 @@ def test_a_stream_from_a_pipe_gives_the_frames_and_times(clip, tmp_path):
     assert np.allclose(starts, times, atol=1e-9)
 
 
-def test_an_absent_device_is_named():
+def test_an_absent_capture_device_is_named():
     with pytest.raises(VideoFileError, match=r"/dev/video99: not a readable video stream"):
         next(stream_frames("/dev/video99", "/dev/video99"))
 
