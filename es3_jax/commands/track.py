@@ -29,9 +29,10 @@ frame); a stream or a device is tracked as its frames arrive, each frame's mask 
 until the stream ends, --max_frames, or Ctrl-C.
 
 Writes <output_dir>/masks/<frame>.png (DAVIS palette), <output_dir>/overlay_grid.png,
-<output_dir>/overlay.mp4 (the result over the frames, H.264; a video file's or a stream's own frame
-times, a folder's at --fps), <output_dir>/overlay.gif for folders and embeddings, and with
---save_logits the per-object mask logits as <output_dir>/logits/<frame>.npz.
+<output_dir>/overlay.mp4 (the result over the frames, H.264, at a video file's or a stream's own
+frame times, a folder's at --fps; none for embeddings, which hold no pictures),
+<output_dir>/overlay.gif for folders and embeddings, and with --save_logits the per-object mask
+logits as <output_dir>/logits/<frame>.npz.
 
 Examples:
   es3 track --checkpoint sam3.pt --frames video/ --mask first_frame.png --output_dir out/
