@@ -173,8 +173,9 @@ class MemorySchedule:
         return slots[frame]
 
     def forget_cond(self, obj: int, newest: int) -> list[int]:
-        """Free object `obj`'s conditioning slots that no frame after `newest` can read (a stream,
-        tracked forward); returns the frames forgotten.
+        """Free object `obj`'s conditioning slots that no frame after `newest` can read, once `newest`
+        is conditioning too (a stream, tracked forward, about to take a prompt on its newest frame);
+        returns the frames forgotten.
 
         A later frame reads the `max_cond_frames_in_attn` most recent conditioning frames, and an
         older one only as one of its previous frames: at most `max(num_maskmem, max pointers) − 1`
@@ -185,8 +186,8 @@ class MemorySchedule:
             return []
         horizon = max(t.NUM_MASKMEM, self.max_pointers) - 1
         slots = self.cond_slots[obj]
-        newest_cond = sorted(slots)[-t.MAX_COND_FRAMES_IN_ATTN :]
-        gone = [f for f in slots if f not in newest_cond and f <= newest - horizon]
+        kept = sorted({*slots, newest})[-t.MAX_COND_FRAMES_IN_ATTN :]
+        gone = [f for f in slots if f not in kept and f <= newest - horizon]
         for f in gone:
             del slots[f]
         return gone

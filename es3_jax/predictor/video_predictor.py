@@ -382,11 +382,13 @@ class VideoPredictor:
     def _resize(
         self, x: np.ndarray | jax.Array, height: int, width: int, antialias: bool = False
     ) -> np.ndarray:
-        """`[O, h, w]` -> `[O, height, width]` float32 (bilinear, half-pixel; antialiased when asked and shrinking)."""
+        """`[O, h, w]` -> `[O, height, width]` float32 on the host (bilinear, half-pixel; antialiased
+        when asked and shrinking). A copy, never a view of a device buffer: what the state keeps
+        (prompts) must not hold device memory."""
         x = jnp.asarray(x, jnp.float32)
-        if x.shape[-2:] == (height, width):
-            return np.asarray(x)
-        return np.asarray(self._jit["resize"](x[..., None], height, width, antialias)[..., 0])
+        if x.shape[-2:] != (height, width):
+            x = self._jit["resize"](x[..., None], height, width, antialias)[..., 0]
+        return np.array(x)
 
     # ----------------------------------------------------------------------------------------
     # inputs
@@ -615,7 +617,7 @@ class VideoPredictor:
             "mask",
             self._low_res_of(logits),
             logits,
-            np.asarray(out.obj_ptr[0]),
+            np.array(out.obj_ptr[0]),
             float(out.object_score_logits[0]),
             float(out.iou_score[0]),
         )
@@ -694,9 +696,9 @@ class VideoPredictor:
         )
         state.prompts[obj][frame_idx] = Prompt(
             "points",
-            np.asarray(out.low_res_masks[0]),
+            np.array(out.low_res_masks[0]),
             None,
-            np.asarray(out.obj_ptr[0]),
+            np.array(out.obj_ptr[0]),
             float(out.object_score_logits[0]),
             float(out.iou_score[0]),
             coords,

@@ -180,3 +180,35 @@ def test_a_config_without_memory_selection_needs_no_score():
     schedule.condition(0, 0)
     schedule.record(1, schedule.select(1, False, np.ones(1, bool)))
     assert [e.frame for e in schedule.entries[0]] == [1]
+
+
+def test_a_stream_forgets_only_conditioning_frames_no_later_frame_reads():
+    """A stream (no known length) prompting its object every 10 frames over 300: with the slots no
+    later frame can read freed before each prompt, the bank keeps 4 conditioning slots, and every
+    frame reads exactly what it reads when nothing is forgotten."""
+    layout = BankLayout.for_video(CFG, 1)
+    stream = Bank(MemorySchedule(CFG, layout, None, 1, memory_selection=False))
+    kept = Bank(MemorySchedule(CFG, layout.with_cond(32), None, 1, memory_selection=False))
+    forgotten = []
+    for frame in range(300):
+        if frame % 10 == 0:
+            forgotten += stream.schedule.forget_cond(0, frame)
+            stream.prompt(0, frame)
+            kept.prompt(0, frame)
+            continue
+        tracked = np.ones(1, bool)
+        assert stream.track(frame, tracked)[1] == kept.track(frame, tracked)[1], frame
+    assert len(stream.schedule.cond_slots[0]) == 4
+    assert forgotten == list(range(0, 260, 10))
+
+
+def test_objects_join_a_stream():
+    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), None, 1, memory_selection=True)
+    schedule.condition(0, 0)
+    schedule.record(1, schedule.select(1, False, np.ones(1, bool)), 0.5)
+    schedule.add_objects(2)
+    schedule.condition(2, 2)
+    reads = schedule.select(2, False, np.array([True, False, False]))
+    assert reads["write"].tolist() == [True, False, False]
+    assert reads["pointer_scale"] == CFG.MAX_OBJ_PTRS_IN_ENCODER - 1
+    assert schedule.cond_slots == [{0: 0}, {}, {2: 0}]

@@ -107,11 +107,18 @@ _PEAK_SCRIPT = textwrap.dedent(
             predictor.add_new_mask(state, 0, 1, (yy - 12) ** 2 + (xx - 15) ** 2 < 49)
         if i == 30:  # an object that joins later
             predictor.add_new_points_or_box(state, 30, 2, points=[[30, 20]], labels=[1])
+        if 5 <= i <= 8 or (i >= early and i % 25 == 0):
+            # Prompts on five frames in a row outgrow the 4 conditioning slots once; then one
+            # every 25 frames, whose old slots are freed as no later frame reads them.
+            predictor.add_new_points_or_box(state, i, 1, points=[[15, 12]], labels=[1])
         predictor.track_frame(state)
         if i + 1 == early:
             at_early = held()
     at_end = held()
-    print(json.dumps({"frames": state.num_frames, "early": at_early, "end": at_end, "traces": predictor.trace_counts}))
+    cond = [len(slots) for slots in state.memory.schedule.cond_slots]
+    print(json.dumps({"frames": state.num_frames, "early": at_early, "end": at_end,
+                      "traces": predictor.trace_counts, "cond_slots": cond,
+                      "prompted_frames": [len(f) for f in state.prompts.values()]}))
     """
 )
 
@@ -150,7 +157,9 @@ def _peak_memory(tmp_path: Path, num_frames: int, early: int) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["frames"] == num_frames and out["traces"]["track_step"] <= 2  # 1 object, then 2
+    # 1 object, then 2; the conditioning slots grow once, from 4 to 8, and no more.
+    assert out["frames"] == num_frames and out["traces"]["track_step"] <= 3
+    assert out["cond_slots"][0] <= 8 and out["prompted_frames"][0] <= 8
     early_held, end = out["early"], out["end"]
     ratio = end["rss_kb"] / early_held["rss_kb"]
     print(
