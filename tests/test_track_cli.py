@@ -53,11 +53,12 @@ def test_track_bedroom_single_mask(tmp_path):
 
 
 def test_track_judo_objects_join_later(tmp_path, capsys):
+    """Four objects in batches of 3 (two banks, the second padded)."""
     root = _needs(FIXTURES / "cutie_examples")
     out = tmp_path / "out"
     rc = main(["track", "--frames", str(root / "images" / "judo"), "--mask", str(root / "masks" / "judo"),
-               "--output_dir", str(out), "--config", TINY, "MODEL.TEACHER.IMAGE_SIZE", "112",
-               "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "56"])  # fmt: skip
+               "--output_dir", str(out), "--objects_per_batch", "3", "--config", TINY,
+               "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "56"])  # fmt: skip
     assert rc == 0
     masks = {p.stem: read_palette_png(p) for p in (out / "masks").glob("*.png")}
     assert len(masks) == 16 and all(m.shape == (480, 854) for m in masks.values())

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max_frames", type=int, default=None, help="stop a stream or a device after this many frames"
     )
+    p.add_argument(
+        "--objects_per_batch",
+        type=int,
+        default=None,
+        help="track the objects in batches of this many, which bounds device memory for many objects (none: all at once)",
+    )
     add_config_args(p)
 
 
@@ -198,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
             "--frames - reads a video piped to stdin (e.g. ffmpeg -i INPUT -f nut - | es3 track --frames - ...)"
         )
     predictor = VideoPredictor.from_checkpoint(
-        args.checkpoint, config=args.config, overrides=args.overrides, seed=args.seed, memory=args.memory
+        args.checkpoint,
+        config=args.config,
+        overrides=args.overrides,
+        seed=args.seed,
+        memory=args.memory,
+        objects_per_batch=args.objects_per_batch,
     )
     if args.checkpoint is None:
         print("es3 track: no --checkpoint: random weights (a smoke run, not a real tracker)", file=sys.stderr)
