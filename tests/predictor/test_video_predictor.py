@@ -279,35 +279,47 @@ def test_a_stream_tracks_as_propagate_in_video(objects_per_batch):
         list(predictor.propagate_in_video(stream))
 
 
-def test_objects_in_batches_track_as_each_object_alone():
-    """Five objects in batches of 2 (the last one padded) equal one batch of five and each object
-    tracked alone (memory selection off: with it, a frame's score is over the objects tracked
-    together, as upstream's)."""
-    features = np.random.default_rng(2).standard_normal((10, 8, 8, 64)).astype(np.float32)
-    discs = [_disk(60, 80, 12, 12 + 14 * k, 5) for k in range(5)]
+def _batches_against_alone(num_objects: int, objects_per_batch: int, num_frames: int) -> None:
+    """`num_objects` discs on a grid, prompted on frames 0 and 2, in batches of `objects_per_batch`
+    (the last one padded) against one batch of them all and against each object tracked alone
+    (memory selection off: with it, a frame's score is over the objects tracked together, as
+    upstream's)."""
+    features = np.random.default_rng(2).standard_normal((num_frames, 8, 8, 64)).astype(np.float32)
+    side = int(np.ceil(np.sqrt(num_objects)))
+    h = w = 14 * side
+    discs = [_disk(h, w, 7 + 14 * (k // side), 7 + 14 * (k % side), 5) for k in range(num_objects)]
 
     def track(predictor, objects):
-        state = predictor.init_state(features, video_size=(60, 80))
+        state = predictor.init_state(features, video_size=(h, w))
         for k in objects:
             predictor.add_new_mask(state, 2 * (k % 2), k + 1, discs[k])
         return np.stack([x for _, _, x in predictor.propagate_in_video(state, start_frame_idx=0)])
 
-    in_batches = _present_objects_predictor(2, selection=False)
-    batched = track(in_batches, range(5))
+    in_batches = _present_objects_predictor(objects_per_batch, selection=False)
+    batched = track(in_batches, range(num_objects))
     assert in_batches.trace_counts["track_step"] == 1
     assert (batched[-1] > 0).any(axis=(1, 2)).all(), "every object has a mask at the end"
     predictor = _present_objects_predictor(None, selection=False)
-    whole = track(predictor, range(5))
-    alone = np.concatenate([track(predictor, [k]) for k in range(5)], axis=1)
+    whole = track(predictor, range(num_objects))
+    alone = np.concatenate([track(predictor, [k]) for k in range(num_objects)], axis=1)
     for name, other in (("one batch", whole), ("each alone", alone)):
-        scale = np.abs(other).max()
-        err = np.abs(batched - other).max() / scale
+        err = np.abs(batched - other).max() / np.abs(other).max()
         iou = min(
             ((batched[:, k] > 0) & (other[:, k] > 0)).sum()
             / max(((batched[:, k] > 0) | (other[:, k] > 0)).sum(), 1)
-            for k in range(5)
+            for k in range(num_objects)
         )
         print(
-            f"[batches] batches of 2 against {name}: max |Δlogit| / max|logit| {err:.2e}, worst IoU {iou:.6f}"
+            f"[batches] {num_objects} objects in batches of {objects_per_batch} against {name}: "
+            f"max |Δlogit| / max|logit| {err:.2e}, worst IoU {iou:.6f}"
         )
         assert err <= 1e-5 and iou >= 0.999, name
+
+
+def test_objects_in_batches_track_as_each_object_alone():
+    _batches_against_alone(5, 2, 10)
+
+
+@pytest.mark.slow
+def test_a_hundred_and_twenty_eight_objects_in_batches_of_32_track_as_each_alone():
+    _batches_against_alone(128, 32, 6)
