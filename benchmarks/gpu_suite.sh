@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one command, sized to finish in about 8 minutes on one
-# H200: trunk frames/s, memory attention teacher vs student, and the seed config's train step at
-# 1, 2 and 4 clips per device with the remat settings that fit, each with its MFU.
+# The GPU figures of docs/benchmarks.md in one command: trunk frames/s, memory attention teacher vs
+# student, and the seed config's train step at 1, 2 and 4 clips per device with the remat settings
+# that fit, each with its MFU (about 8 minutes on one H200), then the tracking loop end to end
+# (`es3 bench track`; up to 10 minutes per framework, not yet measured on a GPU).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]    # JSON-lines records in OUT_DIR (default: gpu_results/)
 #
@@ -21,7 +22,7 @@ bench() {  # bench RECORD_NAME BENCHMARK [ARGS... [KEY VALUE...]]
   shift 2
   echo "== $name: $ES3 bench $benchmark $*" >&2
   # --json and --output go first: trailing KEY VALUE overrides take the rest of the line.
-  if ! timeout 300 "$ES3" bench "$benchmark" --json --output "$OUT/$name.jsonl" "$@"; then
+  if ! timeout "${TIMEOUT:-300}" "$ES3" bench "$benchmark" --json --output "$OUT/$name.jsonl" "$@"; then
     echo "!! $name failed" >&2
     failed=$((failed + 1))
   fi
@@ -40,5 +41,11 @@ for case in "1 none" "2 none" "4 none" "4 frame"; do
 done
 bench plan_gpu plan --devices 0 --modes distill --batch_sizes 4 --remat none frame \
   --dtypes bfloat16 --gpu H200
+# The whole tracking loop at SAM3's size (1008 px, 32-block ViT), 32 frames. One framework per
+# process: JAX takes most of the device (XLA_PYTHON_CLIENT_MEM_FRACTION above), leaving PyTorch none.
+TIMEOUT=600 bench track_jax track --config configs/efficient_memory.yaml --frameworks jax \
+  --objects 1 8 32 128 --objects_per_batch 32 MODEL.COMPUTE_DTYPE bfloat16
+TIMEOUT=600 bench track_pytorch track --config configs/efficient_memory.yaml --frameworks pytorch \
+  --objects 1 8 32
 
 exit "$failed"

@@ -1,0 +1,67 @@
+"""`es3 bench track`: its records, and that the JAX and PyTorch loops of each model track the same
+masks from the same JPEG frames (so the benchmark times the same work in both frameworks)."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import track
+from tests import upstream  # skips the module without torch and sam3
+
+# 112 px (an 8×8 grid), a 1-block ViT, the student's perceiver cut to 32 + 4×4 latents: the loop
+# stays whole (decode, trunk, neck, memory, heads, masks) at a few seconds a case.
+SMALL = [
+    "MODEL.TEACHER.IMAGE_SIZE", "112", "MODEL.TRUNK.DEPTH", "1", "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]",
+    "MODEL.PERCEIVER.NUM_LATENTS", "32", "MODEL.PERCEIVER.NUM_LATENTS_2D", "16", "MODEL.PERCEIVER.WINDOW_SIZE", "2",
+]  # fmt: skip
+NUM_FRAMES, OBJECTS = 6, 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    p = argparse.ArgumentParser()
+    track.add_arguments(p)
+    args = p.parse_args(
+        ["--objects", str(OBJECTS), "--num_frames", str(NUM_FRAMES), "--video_size", "60", "80",
+         "--workdir", str(tmp_path_factory.mktemp("track")), "--seed", str(upstream.fresh_seed()), *SMALL]
+    )  # fmt: skip
+    return track.track(args)
+
+
+def test_records_are_whole_and_consistent(results):
+    records = track.add_speedups([r.record for r in results])
+    assert [(r["model"], r["framework"]) for r in records] == [
+        (m, f) for m in track.MODELS for f in track.FRAMEWORKS
+    ]
+    for r in records:
+        assert r["objects"] == OBJECTS and r["frames"] == NUM_FRAMES
+        assert r["fps"] > 0 and r["ms_per_frame"] == pytest.approx(1e3 / r["fps"])
+        assert 0 < r["trunk_ms_per_frame"] < r["ms_per_frame"]
+        assert r["rest_ms_per_frame"] == pytest.approx(r["ms_per_frame"] - r["trunk_ms_per_frame"])
+        assert r["trunk_share"] == pytest.approx(r["trunk_ms_per_frame"] / r["ms_per_frame"])
+        assert r["ms_per_object"] == pytest.approx(r["ms_per_frame"] / OBJECTS)
+        assert 0 < r["peak_gib"] < 24
+        assert r["recompiled"] == 0  # the warm-up pass compiled everything the timed pass ran
+    ms = {(r["model"], r["framework"]): r["ms_per_frame"] for r in records}
+    student_jax = records[2]
+    assert student_jax["speedup_vs_teacher"] == pytest.approx(ms["teacher", "jax"] / ms["student", "jax"])
+    assert student_jax["speedup_vs_pytorch"] == pytest.approx(ms["student", "pytorch"] / ms["student", "jax"])
+    assert "speedup_vs_pytorch" not in records[1] and "speedup_vs_teacher" not in records[0]
+
+
+@pytest.mark.parametrize("model", track.MODELS)
+def test_jax_and_pytorch_track_the_same_masks(results, model):
+    """The last frame's masks, each object's: the same pixels in both frameworks. The frames are
+    resized by different code (PIL bilinear in es3, PIL's default bicubic upstream), so the
+    logits differ a little; the masks may differ only along their edges."""
+    by_framework = {r.record["framework"]: r.last_logits for r in results if r.record["model"] == model}
+    ours, ref = by_framework["jax"], by_framework["pytorch"]
+    assert ours.shape == ref.shape == (OBJECTS, 60, 80)
+    assert np.abs(ref).max() < 1000  # tracked, not upstream's NO_OBJ_SCORE
+    for k in range(OBJECTS):
+        a, b = ours[k] > 0, ref[k] > 0
+        assert 0 < b.sum() < b.size  # a mask with an edge, not a full or empty frame
+        iou = (a & b).sum() / (a | b).sum()
+        print(f"[bench track] {model} object {k + 1}: JAX vs PyTorch mask IoU {iou:.4f}")
+        assert iou > 0.95
