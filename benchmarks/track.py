@@ -66,14 +66,16 @@ GIB = 2**30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to time")
+    p.add_argument(
+        "--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS), help="frameworks to time"
+    )
     p.add_argument("--objects", nargs="+", type=int, default=[1, 8, 32], help="objects tracked at once")
     p.add_argument(
         "--objects_per_batch",
         type=int,
         default=None,
-        help="the JAX predictor tracks the objects in batches of at most this many (default: all in one)",
+        help="the JAX predictor tracks the objects in batches of at most this many (none: all in one)",
     )
     p.add_argument("--num_frames", type=int, default=32, help="frames of the video (the bank fills after 7)")
     p.add_argument(
@@ -88,11 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup_frames", type=int, default=2, help="frames of the untimed first pass")
     p.add_argument("--seed", type=int, default=0, help="of the random weights")
     p.add_argument(
-        "--workdir", default=None, help="where the weights and frames are written (default: a temp dir)"
+        "--workdir", default=None, help="where the weights and frames are written (none: a temporary folder)"
     )
-    p.add_argument(
-        "--config", default=str(CONFIGS / "tiny.yaml"), help="the geometry (default: configs/tiny.yaml)"
-    )
+    p.add_argument("--config", default=str(CONFIGS / "tiny.yaml"), help="the config giving the geometry")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY VALUE", help="config overrides as KEY VALUE pairs (both models)"
     )
