@@ -193,34 +193,15 @@ def torch_teacher(cfg: config_lib.Config, seed: int):
     """Upstream's `Sam3TrackerPredictor` with SAM3's ViT + dual neck as backbone, at the config's
     geometry, random weights from `seed`, every object scored present."""
     import torch
-    from sam3.model.necks import Sam3DualViTDetNeck
-    from sam3.model.position_encoding import PositionEmbeddingSine
-    from sam3.model.vl_combiner import SAM3VLBackbone
 
-    from porting.upstream import randomize_, tracker_predictor, vit_trunk
+    from porting.torch_student import sam3_backbone
+    from porting.upstream import randomize_, tracker_predictor
 
-    t, tr = cfg.MODEL.TEACHER, cfg.MODEL.TRUNK
-    trunk = vit_trunk(
-        depth=tr.DEPTH,
-        img_size=t.IMAGE_SIZE,
-        global_blocks=tr.GLOBAL_BLOCKS,
-        window_size=tr.WINDOW_SIZE,
-        embed_dim=tr.WIDTH,
-        num_heads=tr.NUM_HEADS,
-        mlp_dim=tr.MLP_DIM,
-        pretrain_img_size=tr.PRETRAIN_IMAGE_SIZE,
-    )
-    neck = Sam3DualViTDetNeck(
-        trunk=trunk,
-        position_encoding=PositionEmbeddingSine(256, normalize=True, precompute_resolution=t.IMAGE_SIZE),
-        d_model=t.D_MODEL,
-        scale_factors=[4.0, 2.0, 1.0, 0.5],
-        add_sam2_neck=True,
-    )
+    t = cfg.MODEL.TEACHER
     model = tracker_predictor(
         image_size=t.IMAGE_SIZE,
         memory_selection=t.USE_MEMORY_SELECTION,
-        backbone=SAM3VLBackbone(visual=neck, text=None, scalp=1),
+        backbone=sam3_backbone(cfg),
         num_maskmem=t.NUM_MASKMEM,
         max_cond_frames_in_attn=t.MAX_COND_FRAMES_IN_ATTN,
         max_obj_ptrs_in_encoder=t.MAX_OBJ_PTRS_IN_ENCODER,

@@ -506,7 +506,7 @@ _PREDICTOR_CLASS = None
 BACKBONE_PREFIX = "detector.backbone.vision_backbone."
 
 
-def _sam3_backbone(cfg: Config) -> nn.Module:
+def sam3_backbone(cfg: Config) -> nn.Module:
     """SAM3's vision backbone (ViT trunk + dual neck) at the recorded geometry, as `build_tracker`'s."""
     from sam3.model.necks import Sam3DualViTDetNeck
     from sam3.model.position_encoding import PositionEmbeddingSine
@@ -563,7 +563,7 @@ def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | tor
     model = tracker_predictor(
         image_size=t.IMAGE_SIZE,
         memory_selection=t.USE_MEMORY_SELECTION,
-        backbone=_sam3_backbone(cfg) if backbone else None,
+        backbone=sam3_backbone(cfg) if backbone else None,
         predictor_class=_predictor_class(),
         student=student,
         num_maskmem=t.NUM_MASKMEM,

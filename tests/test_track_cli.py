@@ -7,7 +7,6 @@ import io
 import re
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from es3_jax.cli import main
 from es3_jax.data.masks import read_palette_png, write_palette_png
 from es3_jax.data.video_file import VideoFile
 from es3_jax.predictor.frame_sources import FrameSourceError, open_video
-from tests.data.test_video_file import prompt_masks, write_clip
+from tests.data.test_video_file import prompt_masks, remux_nut, write_clip
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures"
@@ -116,17 +115,6 @@ def _prompt_png(path: Path) -> Path:
     return write_palette_png(path, ids)
 
 
-def _remux_nut(clip: Path, nut: Path) -> Path:
-    """The clip's packets in a NUT stream (as `ffmpeg -i clip.mp4 -c copy -f nut -` writes), no re-encoding."""
-    with av.open(str(clip)) as src, av.open(str(nut), "w") as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(video=0):
-            if packet.size:
-                packet.stream = stream
-                dst.mux(packet)
-    return nut
-
-
 def test_track_a_video_file_and_the_same_stream_on_stdin(tmp_path, monkeypatch, capsys):
     """A video file: masks named by frame index, and overlay.mp4 with the file's frame times
     (variable frame rate). The same frames streamed on stdin (`--frames -`) give the same masks and
@@ -150,7 +138,7 @@ def test_track_a_video_file_and_the_same_stream_on_stdin(tmp_path, monkeypatch, 
 
     n = 8
     streamed = tmp_path / "stream"
-    with _remux_nut(clip, tmp_path / "clip.nut").open("rb") as stdin:
+    with remux_nut(clip, tmp_path / "clip.nut").open("rb") as stdin:
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(stdin))
         rc = main(["track", "--frames", "-", "--mask", str(prompt), "--output_dir", str(streamed),
                    "--max_frames", str(n), *SMALL])  # fmt: skip

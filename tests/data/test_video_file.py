@@ -75,6 +75,17 @@ def decode_all(path: Path) -> tuple[np.ndarray, list[float]]:
     ]
 
 
+def remux_nut(clip: Path, nut: Path) -> Path:
+    """The clip's packets in a NUT stream (as `ffmpeg -i clip.mp4 -c copy -f nut -` writes), no re-encoding."""
+    with av.open(str(clip)) as src, av.open(str(nut), "w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(video=0):
+            if packet.size:
+                packet.stream = stream
+                dst.mux(packet)
+    return nut
+
+
 def packets(path: Path) -> list[av.Packet]:
     with av.open(str(path)) as container:
         return [p for p in container.demux(video=0) if p.size]
@@ -168,13 +179,7 @@ def test_the_writer_places_frames_without_times_at_its_fps(tmp_path):
 def test_a_stream_from_a_pipe_gives_the_frames_and_times(clip, tmp_path):
     """The clip's packets remuxed (not re-encoded) into NUT and read through an OS pipe, which
     cannot seek, as `es3 track --frames -` reads stdin."""
-    nut = tmp_path / "clip.nut"
-    with av.open(str(clip)) as src, av.open(str(nut), "w") as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(video=0):
-            if packet.size:
-                packet.stream = stream
-                dst.mux(packet)
+    nut = remux_nut(clip, tmp_path / "clip.nut")
     read, write = os.pipe()
     feeder = threading.Thread(target=lambda: (os.write(write, nut.read_bytes()), os.close(write)))
     feeder.start()
