@@ -35,6 +35,7 @@ Differences from upstream's predictor, all about memory and objects:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +113,7 @@ class Pass:
     order: list[int]
     reverse: bool
     done: int = 0  # frames of `order` tracked so far
+    replayed: dict[int, FrameOutput] = dataclasses.field(default_factory=dict)  # frame -> output
 
 
 @dataclasses.dataclass
@@ -217,11 +219,10 @@ class State:
         return len(self.obj_ids)
 
 
-def _copy(prompts: Prompts, num_objects: int | None = None) -> Prompts:
-    """The prompts of the first `num_objects` objects as they are now (later prompts change the
-    dicts and rebind the fields of the prompts on the same frame, never an array in place)."""
-    objects = range(len(prompts) if num_objects is None else num_objects)
-    return {obj: {f: dataclasses.replace(p) for f, p in prompts[obj].items()} for obj in objects}
+def _copy(prompts: Prompts) -> Prompts:
+    """The prompts as they are now (later prompts change the dicts and rebind the fields of the
+    prompts on the same frame, never an array in place)."""
+    return {obj: {f: dataclasses.replace(p) for f, p in frames.items()} for obj, frames in prompts.items()}
 
 
 def _started(frames: dict[int, Prompt], frame: int, reverse: bool) -> bool:
@@ -449,7 +450,9 @@ class VideoPredictor:
         features `[g, g, Ct]` float. Returns its index; earlier frames are let go."""
         stream = state.source
         if not isinstance(stream, FrameStream):
-            raise PredictorError("add_frame takes the frames of a stream (init_stream); this state holds a video")
+            raise PredictorError(
+                "add_frame takes the frames of a stream (init_stream); this state holds a video"
+            )
         frame = np.asarray(frame)
         t = self.teacher_cfg
         if frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] == 3:
@@ -478,9 +481,7 @@ class VideoPredictor:
         state.cached = None
         return stream.num_frames - 1
 
-    def track_frame(
-        self, state: State, frame: np.ndarray | None = None
-    ) -> tuple[int, list[int], np.ndarray]:
+    def track_frame(self, state: State, frame: np.ndarray | None = None) -> tuple[int, list[int], np.ndarray]:
         """The masks of a stream's newest frame (after adding `frame`, when given): (frame_idx,
         obj_ids, logits `[O, H, W]` float32 at video resolution; no object yet: `[0, H, W]`).
 
@@ -489,7 +490,9 @@ class VideoPredictor:
         """
         stream = state.source
         if not isinstance(stream, FrameStream):
-            raise PredictorError("track_frame tracks a stream (init_stream); use propagate_in_video on a video")
+            raise PredictorError(
+                "track_frame tracks a stream (init_stream); use propagate_in_video on a video"
+            )
         if frame is not None:
             self.add_frame(state, frame)
         if stream.num_frames == 0:
@@ -549,22 +552,25 @@ class VideoPredictor:
 
     def _earlier_output(self, state: State, frame_idx: int) -> tuple[Pass, FrameOutput] | None:
         """The latest pass's output on `frame_idx`, when a pass tracked it and some object it tracked
-        there has no prompt on it now: the pass is replayed up to that frame (the bank keeps no
-        past frame, and its memories are what the pass computed, exactly)."""
+        there has no prompt on it now: the pass is replayed up to that frame, once (the bank keeps
+        no past frame, and its memories are what the pass computed, exactly)."""
         for p in reversed(state.passes):
             tracked = p.order[: p.done]
             if frame_idx not in tracked:
                 continue
             if all(frame_idx in state.prompts[obj] for obj in range(p.num_objects)):
                 return None
-            order = tracked[: tracked.index(frame_idx) + 1]
-            memory = self._pass_memory(state, p.prompts, p.num_objects)
-            for f, out in self._track_frames(state, memory, p.prompts, order, p.reverse):
-                if f == frame_idx:
-                    return p, out
+            if frame_idx not in p.replayed:
+                order = tracked[: tracked.index(frame_idx) + 1]
+                memory = self._pass_memory(state, p.prompts, p.num_objects)
+                frames = self._track_frames(state, memory, p.prompts, order, p.reverse)
+                ((_, p.replayed[frame_idx]),) = collections.deque(frames, maxlen=1)  # the last frame only
+            return p, p.replayed[frame_idx]
         return None
 
-    def _correct(self, state: State, frame_idx: int, obj: int, earlier: tuple[Pass, FrameOutput] | None) -> None:
+    def _correct(
+        self, state: State, frame_idx: int, obj: int, earlier: tuple[Pass, FrameOutput] | None
+    ) -> None:
         """A prompt added on a frame an earlier pass tracked makes that frame a conditioning frame for
         every object tracked there: the others keep their output of that pass (as upstream
         consolidates them)."""
@@ -682,7 +688,12 @@ class VideoPredictor:
         prev = None
         if previous is not None and previous.kind in ("points", "tracked"):
             prev = jnp.asarray(previous.low_res)[None]
-        elif previous is None and earlier is not None and obj < earlier[0].num_objects and earlier[1].tracked[obj]:
+        elif (
+            previous is None
+            and earlier is not None
+            and obj < earlier[0].num_objects
+            and earlier[1].tracked[obj]
+        ):
             prev = jnp.asarray(earlier[1].low_res[obj])[None]
         out = self._timed(
             "prompt",
@@ -783,7 +794,12 @@ class VideoPredictor:
             bank = memory.bank(i, tokens.shape[1:], t.D_MODEL, self.storage_dtype)
             slot = jnp.asarray(_rows(slots, b, rows))
             memory.banks[i] = bank.write(
-                tokens, tokens_pos, jnp.asarray(_rows(ptrs, b, rows)), slot, slot, jnp.asarray(_rows(prompted, b, rows))
+                tokens,
+                tokens_pos,
+                jnp.asarray(_rows(ptrs, b, rows)),
+                slot,
+                slot,
+                jnp.asarray(_rows(prompted, b, rows)),
             )
 
     def _frame_output(
@@ -817,7 +833,13 @@ class VideoPredictor:
                     **{k: jnp.asarray(v if np.ndim(v) == 0 else _rows(v, b, rows)) for k, v in reads.items()}
                 )
                 out, memory.banks[i] = self._timed(
-                    "track_step", self._jit["step"], self._tracker_state, self._memory_state, frame, memory.banks[i], sel
+                    "track_step",
+                    self._jit["step"],
+                    self._tracker_state,
+                    self._memory_state,
+                    frame,
+                    memory.banks[i],
+                    sel,
                 )
                 rows_tracked = np.flatnonzero(tracked[b.start : b.stop])
                 objs = rows_tracked + b.start
