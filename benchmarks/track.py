@@ -20,6 +20,9 @@ default; `--config configs/efficient_memory.yaml` for SAM3's 1008 px and 32-bloc
   `MODEL.MEMORY_ATTENTION` over the config's geometry; trailing overrides still apply), exported into
   that sam3.pt with `porting.export.export_merged`; PyTorch loads the merged file with
   `porting.torch_student.load_efficient_sam3`, JAX with `VideoPredictor(memory="student")`.
+- stage1: the fully efficient model, a stage-1 trunk (`--stage1_trunk`, EfficientSAM3's RepViT-M1.1
+  by default) under the student, JAX only (a stage-1 trunk is timm code, not sam3's, so upstream has
+  no PyTorch predictor for it), random weights: the same shapes and work as a trained one.
 
 The score head's bias is raised so that every object stays present (with random weights an object
 declared absent gets constant logits and skews nothing but the masks). Frames are normalised with
@@ -29,8 +32,8 @@ A record: frames/s and ms per frame of the loop; the trunk's ms per frame (JAX: 
 "trunk" timing; PyTorch: hooks around the ViT trunk's forward) and its share; the rest; ms per frame
 per object; the peak memory during the timed pass (CPU: the process's peak RSS, reset before the
 pass; GPU: the device's peak, which for JAX is the process's high-water mark so far). Derived:
-`speedup_vs_teacher` (a student record: the teacher's ms per frame over the student's, same framework
-and objects) and `speedup_vs_pytorch` (a JAX record: PyTorch's ms per frame over JAX's, same model
+`speedup_vs_teacher` (a student or stage-1 record: the teacher's ms per frame over its own, same
+framework and objects) and `speedup_vs_pytorch` (a JAX record: PyTorch's ms per frame over JAX's, same model
 and objects).
 """
 
@@ -58,7 +61,7 @@ from es3_jax.errors import Es3Error
 HELP = "the whole tracking loop (JPEG frames to masks), frames/s: SAM3 teacher vs student, JAX vs PyTorch"
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODELS = ("teacher", "student")
+MODELS = ("teacher", "student", "stage1")
 FRAMEWORKS = ("jax", "pytorch")
 # What upstream's tracker predictor normalises frames with (sam3.model.utils.sam2_utils).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -76,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="the JAX predictor tracks the objects in batches of at most this many (none: all in one)",
+    )
+    p.add_argument(
+        "--stage1_trunk",
+        default="repvit_m1_1",
+        choices=config_lib.STAGE1_TRUNK_KINDS,
+        help="the stage-1 trunk of the stage1 model",
     )
     p.add_argument("--num_frames", type=int, default=32, help="frames of the video (the bank fills after 7)")
     p.add_argument(
@@ -172,8 +181,9 @@ def _video_folder(args: argparse.Namespace, workdir: Path) -> tuple[Path, tuple[
 
 
 def configs(args: argparse.Namespace) -> dict[str, config_lib.Config]:
-    """The teacher's and the student's config: `--config` + overrides, the student's memory path
-    from configs/efficient_memory.yaml, frames normalised as upstream's tracker predictor does."""
+    """The teacher's, the student's and the stage-1 model's config: `--config` + overrides, the
+    student's memory path from configs/efficient_memory.yaml (stage1: and `--stage1_trunk`), frames
+    normalised as upstream's tracker predictor does."""
     base = config_lib.load(args.config, args.overrides)
     seed_student = config_lib.load(CONFIGS / "efficient_memory.yaml")
     student = dataclasses.replace(
@@ -185,7 +195,11 @@ def configs(args: argparse.Namespace) -> dict[str, config_lib.Config]:
     data = {"PIXEL_MEAN": IMAGENET_MEAN, "PIXEL_STD": IMAGENET_STD}
     return {
         name: config_lib.validate(dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, **data)))
-        for name, cfg in (("teacher", base), ("student", student))
+        for name, cfg in (
+            ("teacher", base),
+            ("student", student),
+            ("stage1", config_lib.apply_overrides(student, ["MODEL.TRUNK.KIND", args.stage1_trunk])),
+        )
     }
 
 
@@ -268,12 +282,14 @@ class Loop:
     peak_gib: float
 
 
-def jax_predictor(path: Path, cfg, model: str, objects_per_batch: int | None):
-    """`VideoPredictor` of `model` ("teacher" or "student") from the written weights."""
+def jax_predictor(path: Path | None, cfg, model: str, objects_per_batch: int | None, seed: int):
+    """`VideoPredictor` of `model` from the written weights (stage1: random weights from `seed`)."""
     from es3_jax.predictor import VideoPredictor
 
-    batching = {} if objects_per_batch is None else {"objects_per_batch": objects_per_batch}
-    return VideoPredictor.from_checkpoint(path, config=cfg, memory=model, **batching)
+    memory = "teacher" if model == "teacher" else "student"
+    return VideoPredictor.from_checkpoint(
+        path, config=cfg, memory=memory, seed=seed, objects_per_batch=objects_per_batch
+    )
 
 
 def _jax_loop(predictor, folder: Path, masks, num_frames: int, warmup: int) -> Loop:
@@ -401,16 +417,19 @@ def track(args: argparse.Namespace) -> list[Result]:
         results = []
         for model in args.models:
             torch_model = jax_model = None
-            if "jax" in args.frameworks:
-                jax_model = jax_predictor(paths[model], cfgs[model], model, args.objects_per_batch)
-            if "pytorch" in args.frameworks:
+            frameworks = [f for f in args.frameworks if model != "stage1" or f == "jax"]
+            if "jax" in frameworks:
+                jax_model = jax_predictor(
+                    paths.get(model), cfgs[model], model, args.objects_per_batch, args.seed
+                )
+            if "pytorch" in frameworks:
                 if model == "teacher":
                     torch_model = teacher
                 else:
                     from porting.torch_student import load_efficient_sam3
 
                     torch_model = load_efficient_sam3(paths["student"])
-            for framework in args.frameworks:
+            for framework in frameworks:
                 for objects in args.objects:
                     masks = prompt_masks(objects, h, w)
                     if framework == "jax":
@@ -427,11 +446,11 @@ def track(args: argparse.Namespace) -> list[Result]:
 
 
 def add_speedups(records: list[dict]) -> list[dict]:
-    """`speedup_vs_teacher` on student records, `speedup_vs_pytorch` on JAX records (from this run)."""
+    """`speedup_vs_teacher` on student and stage-1 records, `speedup_vs_pytorch` on JAX records (from this run)."""
     ms = {(r["model"], r["framework"], r["objects"]): r["ms_per_frame"] for r in records}
     for r in records:
         teacher = ms.get(("teacher", r["framework"], r["objects"]))
-        if r["model"] == "student" and teacher is not None:
+        if r["model"] != "teacher" and teacher is not None:
             r["speedup_vs_teacher"] = teacher / r["ms_per_frame"]
         pytorch = ms.get((r["model"], "pytorch", r["objects"]))
         if r["framework"] == "jax" and pytorch is not None:

@@ -46,6 +46,7 @@ class BankLayout:
     cond: int  # conditioning slots (one per prompted frame; spatial and pointer alike)
     recent: int  # spatial slots for tracked frames
     recent_pointers: int  # pointer slots for tracked frames
+    cond_reads: int  # conditioning frames a step reads
     spatial_reads: int  # S: memory frames a step reads
     pointer_reads: int  # P: pointers a step reads
 
@@ -61,14 +62,23 @@ class BankLayout:
     def for_video(cfg: TrackerConfig, most_prompted_frames: int) -> BankLayout:
         """Inference on a video of any length: the sizes do not depend on it, so one compiled step
         serves every video. Conditioning slots come in fours (at least `max_cond_frames_in_attn`)
-        so that adding a prompt rarely changes the shape."""
+        so that adding a prompt rarely changes the bank's shape; a step reads as many
+        conditioning frames as an object has (at most `max_cond_frames_in_attn`), as upstream's
+        attention does: with one prompted frame, no masked entries to attend over."""
         cond = max(cfg.MAX_COND_FRAMES_IN_ATTN, -(-most_prompted_frames // 4) * 4)
-        return BankLayout(
-            cond=cond,
-            recent=cfg.NUM_MASKMEM,
-            recent_pointers=cfg.MAX_OBJ_PTRS_IN_ENCODER,
-            spatial_reads=cfg.MAX_COND_FRAMES_IN_ATTN + cfg.NUM_MASKMEM - 1,
-            pointer_reads=cfg.MAX_COND_FRAMES_IN_ATTN + cfg.MAX_OBJ_PTRS_IN_ENCODER - 1,
+        layout = BankLayout(cond, cfg.NUM_MASKMEM, cfg.MAX_OBJ_PTRS_IN_ENCODER, 0, 0, 0)
+        return layout.reading(cfg, most_prompted_frames)
+
+    def reading(self, cfg: TrackerConfig, prompted_frames: int) -> BankLayout:
+        """This layout with a step's reads sized for objects prompted on up to `prompted_frames` frames."""
+        cond_reads = prompted_frames
+        if cfg.MAX_COND_FRAMES_IN_ATTN != -1:
+            cond_reads = min(cfg.MAX_COND_FRAMES_IN_ATTN, prompted_frames)
+        return dataclasses.replace(
+            self,
+            cond_reads=cond_reads,
+            spatial_reads=cond_reads + cfg.NUM_MASKMEM - 1,
+            pointer_reads=cond_reads + cfg.MAX_OBJ_PTRS_IN_ENCODER - 1,
         )
 
     def with_cond(self, cond: int) -> BankLayout:
@@ -82,6 +92,7 @@ class BankLayout:
         tracked = max(num_frames - 1, 1)
         return BankLayout(
             cond=1,
+            cond_reads=1,
             recent=min(cfg.NUM_MASKMEM, tracked),
             recent_pointers=min(cfg.MAX_OBJ_PTRS_IN_ENCODER, tracked),
             spatial_reads=1 + min(cfg.NUM_MASKMEM - 1, tracked),
@@ -161,7 +172,8 @@ class MemorySchedule:
 
     def condition(self, obj: int, frame: int) -> int:
         """Give object `obj`'s prompted `frame` a conditioning slot (the same index for its memory and
-        its pointer) and return it."""
+        its pointer) and return it; the step's reads grow with the most conditioning frames an object
+        has (a stream's prompts arrive one by one)."""
         slots = self.cond_slots[obj]
         if frame not in slots:
             free = sorted(set(range(self.layout.cond)) - set(slots.values()))
@@ -170,6 +182,8 @@ class MemorySchedule:
                     f"object {obj}: more than {self.layout.cond} prompted frames for this bank layout"
                 )
             slots[frame] = free[0]
+            if len(slots) > self.layout.cond_reads:
+                self.layout = self.layout.reading(self.cfg, len(slots))
         return slots[frame]
 
     def forget_cond(self, obj: int, newest: int) -> list[int]:

@@ -200,6 +200,10 @@ def test_a_stream_forgets_only_conditioning_frames_no_later_frame_reads():
         assert stream.track(frame, tracked)[1] == kept.track(frame, tracked)[1], frame
     assert len(stream.schedule.cond_slots[0]) == 4
     assert forgotten == list(range(0, 260, 10))
+    # One prompted frame: a step reads it and the 6 previous frames, as upstream's does; the reads
+    # grew with the prompts, to the 4 conditioning frames attention takes.
+    assert (layout.spatial_reads, layout.pointer_reads) == (7, 16)
+    assert (stream.schedule.layout.spatial_reads, stream.schedule.layout.pointer_reads) == (10, 19)
 
 
 def test_objects_join_a_stream():
