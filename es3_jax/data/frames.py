@@ -109,9 +109,7 @@ def load_frame_uint8(path: str | Path, image_size: int) -> tuple[np.ndarray, tup
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-            size = (img.height, img.width)
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8), size
+            return resize_frame(np.asarray(img, dtype=np.uint8), image_size), (img.height, img.width)
     except FileNotFoundError as e:
         raise FrameError(f"frame missing: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
