@@ -100,20 +100,28 @@ def list_videos(data_dir: str | Path) -> list[VideoFrames]:
     return videos
 
 
-def load_frame_uint8(path: str | Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image as RGB uint8 `[image_size, image_size, 3]`, and its original `(height, width)`.
+def read_frame(path: str | Path) -> np.ndarray:
+    """One image file as RGB uint8 `[H, W, 3]` at its own size.
 
     FrameError naming the file when it is missing, unreadable or not an image.
     """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            return resize_frame(np.asarray(img, dtype=np.uint8), image_size), (img.height, img.width)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError as e:
         raise FrameError(f"frame missing: {path}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FrameError(f"frame unreadable: {path}: {e}") from e
+
+
+def load_frame_uint8(path: str | Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as RGB uint8 `[image_size, image_size, 3]`, and its original `(height, width)`.
+
+    FrameError naming the file when it is missing, unreadable or not an image.
+    """
+    image = read_frame(path)
+    return resize_frame(image, image_size), image.shape[:2]
 
 
 def resize_frame(image: np.ndarray, image_size: int) -> np.ndarray:
