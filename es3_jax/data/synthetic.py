@@ -1,4 +1,5 @@
-"""Synthetic SA-V-format videos: textured shapes that move, rotate, occlude each other, enter and leave.
+"""Synthetic SA-V-format videos: textured shapes that move, rotate, occlude each other, enter and leave;
+and SA-1B-format images of the same shapes (`make_sa1b`, laid out as `sa1b.py` reads them).
 
 Each video is written as the SA-V extracted-frames layout plus its annotation:
 
@@ -19,7 +20,7 @@ import colorsys
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,24 @@ def _background(rng: np.random.Generator, h: int, w: int, frames: int) -> list[n
     return out
 
 
+def _compose(
+    background: np.ndarray, objects: Sequence[_Object], depth: np.ndarray, t: int
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Paint `objects` over `background` [H, W, 3] float in `depth` order (later covers earlier) at
+    time `t`: the picture [H, W, 3] uint8, each object's full and modal (visible) masks [H, W] bool."""
+    h, w = background.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = background
+    full = [o.mask(t) for o in objects]
+    for k in depth:
+        img = np.where(full[k][..., None], objects[k].paint(xx, yy), img)
+    visible = []
+    for k in range(len(objects)):
+        above = [full[j] for j in depth[list(depth).index(k) + 1 :]]
+        visible.append(full[k] & ~np.any(above, axis=0) if above else full[k])
+    return np.clip(img, 0, 255).astype(np.uint8), full, visible
+
+
 def make_video(
     seed: int,
     index: int,
@@ -230,18 +249,10 @@ def make_video(
         ]
         depth = rng.permutation(n)  # paint order: later covers earlier
         backgrounds = _background(rng, height, width, num_frames)
-        yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
         frames, masks = [], []
         for t in range(num_frames):
-            img = backgrounds[t]
-            full = [o.mask(t) for o in objects]
-            for k in depth:
-                img = np.where(full[k][..., None], objects[k].paint(xx, yy), img)
-            visible = []
-            for k in range(n):
-                above = [full[j] for j in depth[list(depth).index(k) + 1 :]]
-                visible.append(full[k] & ~np.any(above, axis=0) if above else full[k])
-            frames.append(np.clip(img, 0, 255).astype(np.uint8))
+            frame, _, visible = _compose(backgrounds[t], objects, depth, t)
+            frames.append(frame)
             masks.append(visible)
             for o in objects:
                 o.step()
@@ -336,5 +347,209 @@ def make_synthetic(
                 output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style
             )
             names.append(name)
+            bar.update()
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# SA-1B-format images
+
+SA1B_KINDS = ("object", "part", "speck", "background")
+# Predicted IoU and stability ranges per kind of mask: SAM's automatic masks of whole objects score
+# high, parts and specks lower, so the reader's filters have something to tell apart.
+_SCORE_RANGES = {
+    "object": ((0.8, 1.0), (0.85, 1.0)),
+    "part": ((0.7, 0.95), (0.75, 0.97)),
+    "speck": ((0.6, 0.8), (0.6, 0.85)),
+    "background": ((0.75, 0.95), (0.8, 0.98)),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticImage:
+    """One generated SA-1B-style image and its masks, in annotation order.
+
+    `kinds[k]` (one of `SA1B_KINDS`) says what mask k is: an object's modal mask, a part (a half) of
+    an object's modal mask, a speck of a few pixels painted on the background, or the background;
+    `owners[k]` is the object (index into the image's objects) of an object or part mask, else -1.
+    """
+
+    image: np.ndarray  # [H, W, 3] uint8
+    masks: np.ndarray  # [K, H, W] bool
+    kinds: tuple[str, ...]
+    owners: tuple[int, ...]
+    predicted_iou: np.ndarray  # [K] float64
+    stability_score: np.ndarray  # [K] float64
+
+
+def _speck(rng: np.random.Generator, free: np.ndarray) -> np.ndarray | None:
+    """A 2x2 or 3x3 square mask [H, W] bool lying wholly on `free` pixels, or None where none fits."""
+    s = int(rng.integers(2, 4))
+    h, w = free.shape
+    fits = np.ones((h - s + 1, w - s + 1), bool)
+    for dy in range(s):
+        for dx in range(s):
+            fits &= free[dy : dy + h - s + 1, dx : dx + w - s + 1]
+    ys, xs = np.nonzero(fits)
+    if not ys.size:
+        return None
+    j = int(rng.integers(ys.size))
+    mask = np.zeros_like(free)
+    mask[ys[j] : ys[j] + s, xs[j] : xs[j] + s] = True
+    return mask
+
+
+def _half(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """The part of `mask` [H, W] bool on one side of a random line through its centroid."""
+    ys, xs = np.nonzero(mask)
+    theta = rng.uniform(0, 2 * np.pi)
+    side = (xs - xs.mean()) * math.cos(theta) + (ys - ys.mean()) * math.sin(theta) >= 0
+    half = np.zeros_like(mask)
+    half[ys[side], xs[side]] = True
+    return half
+
+
+def make_image(
+    seed: int, index: int, *, height: int = 240, width: int = 320, style: Style = Style()
+) -> SyntheticImage:
+    """Image `index` of an SA-1B-style set: 3-8 of the video generator's shapes on its textured
+    background, annotated like SA-1B with each object's modal mask, a part of 1-2 objects (nested in
+    their wholes), a speck of 4-9 pixels and the background, in a shuffled order.
+
+    Objects of an image of n > 4 shapes are drawn at 4/n of `style`'s areas so that they fit; every
+    object shows at least a quarter of itself. A pure function of (seed, index, style) like
+    `make_video`, from its own random stream.
+    """
+    for attempt in range(100):
+        rng = np.random.default_rng([seed, index, attempt, 1])  # 1: not the videos' stream
+        n = int(rng.integers(3, 9))
+        kinds = rng.choice(len(SHAPES), n, replace=n > len(SHAPES))
+        textures = rng.choice(len(TEXTURES), n, replace=n > len(TEXTURES))
+        hue0 = rng.uniform()
+        shrink = min(1.0, 4 / n)
+        sized = replace(style, min_area=style.min_area * shrink, max_area=style.max_area * shrink)
+        objects = [
+            _Object(
+                rng,
+                SHAPES[k],
+                TEXTURES[x] if style.textured else None,
+                hue0 + i / n,
+                height,
+                width,
+                "stay",
+                sized,
+            )
+            for i, (k, x) in enumerate(zip(kinds, textures, strict=True))
+        ]
+        depth = rng.permutation(n)
+        background = _background(rng, height, width, 1)[0]
+        image, full, visible = _compose(background, objects, depth, 0)
+        shown = np.array([v.sum() for v in visible])
+        if (shown < np.maximum(16, 0.25 * np.array([f.sum() for f in full]))).any():
+            continue
+        free = ~np.any(visible, axis=0)
+        speck = _speck(rng, free)
+        if speck is None:
+            continue
+        image = image.copy()
+        image[speck] = np.clip(_hsv_to_rgb(rng.uniform(), 0.3, 1.0), 0, 255).astype(np.uint8)
+        masks = list(visible)
+        kinds_of = ["object"] * n
+        owners = list(range(n))
+        for k in rng.choice(n, int(rng.integers(1, 3)), replace=False):
+            half = _half(rng, visible[k])
+            if 0 < half.sum() < visible[k].sum():
+                masks.append(half)
+                kinds_of.append("part")
+                owners.append(int(k))
+        masks += [speck, free & ~speck]
+        kinds_of += ["speck", "background"]
+        owners += [-1, -1]
+        iou = np.array([rng.uniform(*_SCORE_RANGES[kind][0]) for kind in kinds_of])
+        stability = np.array([rng.uniform(*_SCORE_RANGES[kind][1]) for kind in kinds_of])
+        order = rng.permutation(len(masks))
+        return SyntheticImage(
+            image=image,
+            masks=np.stack(masks)[order],
+            kinds=tuple(kinds_of[j] for j in order),
+            owners=tuple(owners[j] for j in order),
+            predicted_iou=iou[order],
+            stability_score=stability[order],
+        )
+    raise RuntimeError(f"could not draw a valid synthetic image for seed {seed}, index {index}")
+
+
+def sa1b_json(
+    image_id: int,
+    masks: np.ndarray,
+    predicted_iou: Sequence[float],
+    stability_score: Sequence[float],
+) -> dict:
+    """The `sa_<image_id>.json` record of masks [K, H, W] bool (K > 0, none empty) and their scores."""
+    h, w = masks.shape[1:]
+    annotations = []
+    for k, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        # The prompt point: the mask's pixel nearest its centroid (always inside, unlike the centroid).
+        j = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+        x0, y0 = int(xs.min()), int(ys.min())
+        annotations.append(
+            {
+                "id": image_id * 1000 + k,
+                "segmentation": encode_mask(mask),
+                "area": int(ys.size),
+                "bbox": [float(x0), float(y0), float(xs.max() - x0 + 1), float(ys.max() - y0 + 1)],
+                "predicted_iou": float(predicted_iou[k]),
+                "point_coords": [[float(xs[j]), float(ys[j])]],
+                "crop_box": [0.0, 0.0, float(w), float(h)],
+                "stability_score": float(stability_score[k]),
+            }
+        )
+    image = {"image_id": image_id, "width": int(w), "height": int(h), "file_name": f"sa_{image_id}.jpg"}
+    return {"image": image, "annotations": annotations}
+
+
+def image_name(index: int) -> str:
+    """The SA-1B name of image `index` (0-based): SA-1B numbers its images from 1."""
+    return f"sa_{index + 1}"
+
+
+def write_image(
+    output_dir: str | Path,
+    index: int,
+    *,
+    seed: int = 0,
+    height: int = 240,
+    width: int = 320,
+    style: Style = Style(),
+) -> str:
+    """Generate and write image `index` as `sa_<index + 1>.jpg` and `.json`; returns its name."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = image_name(index)
+    made = make_image(seed, index, height=height, width=width, style=style)
+    Image.fromarray(made.image).save(out / f"{name}.jpg", quality=95)
+    record = sa1b_json(index + 1, made.masks, made.predicted_iou, made.stability_score)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(out / f"{name}.json")  # the annotation appears last, when the image is complete
+    return name
+
+
+def make_sa1b(
+    output_dir: str | Path,
+    images: int,
+    *,
+    seed: int = 0,
+    height: int = 240,
+    width: int = 320,
+    style: Style = Style(),
+    progress: bool = False,
+) -> list[str]:
+    """Write `images` synthetic SA-1B-format images under `output_dir`; returns their names."""
+    names = []
+    with progress_bar(images, "synthetic images", unit="image", enabled=progress) as bar:
+        for i in range(images):
+            names.append(write_image(output_dir, i, seed=seed, height=height, width=width, style=style))
             bar.update()
     return names
