@@ -9,6 +9,7 @@ arguments of `jax.jit`); sequences are tuples.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,50 @@ from es3_jax.errors import Es3Error
 
 class ConfigError(Es3Error):
     """A config key or value the tree does not accept; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training-clip augmentation on frames (DATA.USE_PRECOMPUTED False), SAM 2's video transforms with
+    its MOSE fine-tuning values (es3_jax/data/augment.py); one draw per clip unless marked per frame."""
+
+    ENABLED: bool = False
+    HFLIP_PROB: float = 0.5
+    # Affine about the frame centre: rotation and x-shear uniform in +-DEGREES / +-SHEAR, scale in
+    # SCALE, translation up to TRANSLATE x the frame size; skipped when it pushes an object off frame 0.
+    DEGREES: float = 25.0
+    SHEAR: float = 20.0
+    SCALE: tuple[float, ...] = (1.0, 1.0)
+    TRANSLATE: float = 0.0
+    # Random resized crop: the crop's share of the frame area and its aspect range; (1, 1) is SAM 2's
+    # plain resize to the square.
+    CROP_SCALE: tuple[float, ...] = (1.0, 1.0)
+    CROP_RATIO: tuple[float, ...] = (0.75, 1.3333333333333333)
+    BRIGHTNESS: float = 0.1
+    CONTRAST: float = 0.03
+    SATURATION: float = 0.03
+    GRAYSCALE_PROB: float = 0.05
+    FRAME_BRIGHTNESS: float = 0.1  # per frame, after the clip's jitter
+    FRAME_CONTRAST: float = 0.05
+    FRAME_SATURATION: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Sa1bConfig:
+    """SA-1B images as training pseudo-videos (es3_jax/data/sa1b.py, es3_jax/data/pseudo_video.py)."""
+
+    ROOT: str = ""  # sa_<id>.jpg + sa_<id>.json, in this folder or its direct subfolders
+    # Masks kept (SAM 2's loader keeps any area > 0): area as a fraction of the image, quality scores.
+    MIN_AREA: float = 0.0
+    MAX_AREA: float = 1.0
+    MIN_PREDICTED_IOU: float = 0.0
+    MIN_STABILITY_SCORE: float = 0.0
+    # The smooth motion from the image (frame 0) to the clip's last frame: rotation up to +-DEGREES,
+    # x-shear up to +-SHEAR, scale in SCALE, translation up to TRANSLATE x the image size.
+    DEGREES: float = 10.0
+    SHEAR: float = 5.0
+    SCALE: tuple[float, ...] = (0.85, 1.15)
+    TRANSLATE: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +101,13 @@ class DataConfig:
     # is left out of training and named in train.log and metrics.jsonl; True makes any such video an
     # error instead.
     STRICT: bool = False
+    # Training sources mixed by weight (each source's share of an epoch's clips): any of "sav"
+    # (DATA.SAV_ROOT), "davis" (DATA.DAVIS_ROOT's train split), "sa1b" (DATA.SA1B.ROOT). Empty: the
+    # videos of SAV_ROOT and DAVIS_ROOT as one pool. Validation holds out videos of the first source.
+    SOURCES: tuple[str, ...] = ()
+    SOURCE_WEIGHTS: tuple[float, ...] = ()
+    SA1B: Sa1bConfig = Sa1bConfig()
+    AUG: AugmentConfig = AugmentConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,12 +433,40 @@ def validate(cfg: Config) -> Config:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(getattr(cfg, section), name)}")
+    _validate_data(cfg.DATA)
     if trunk.WIDTH % trunk.NUM_HEADS or (trunk.WIDTH // trunk.NUM_HEADS) % 4:
         raise ConfigError(
             f"MODEL.TRUNK.NUM_HEADS ({trunk.NUM_HEADS}) must divide MODEL.TRUNK.WIDTH ({trunk.WIDTH}) "
             "into heads whose width is a multiple of 4 (2-D RoPE)"
         )
     return cfg
+
+
+SOURCES = ("sav", "davis", "sa1b")
+
+
+def _validate_data(data: DataConfig) -> None:
+    if data.SOURCES or data.SOURCE_WEIGHTS:
+        unknown = [s for s in data.SOURCES if s not in SOURCES]
+        if unknown or len(set(data.SOURCES)) != len(data.SOURCES):
+            raise ConfigError(f"DATA.SOURCES {list(data.SOURCES)}: each of {list(SOURCES)} at most once")
+        if len(data.SOURCE_WEIGHTS) != len(data.SOURCES) or not all(w > 0 for w in data.SOURCE_WEIGHTS):
+            raise ConfigError(
+                f"DATA.SOURCE_WEIGHTS {list(data.SOURCE_WEIGHTS)}: one positive weight per source of "
+                f"DATA.SOURCES {list(data.SOURCES)}"
+            )
+    ranges = {
+        "DATA.AUG.SCALE": (data.AUG.SCALE, 0.0, math.inf),
+        "DATA.AUG.CROP_SCALE": (data.AUG.CROP_SCALE, 0.0, 1.0),
+        "DATA.AUG.CROP_RATIO": (data.AUG.CROP_RATIO, 0.0, math.inf),
+        "DATA.SA1B.SCALE": (data.SA1B.SCALE, 0.0, math.inf),
+    }
+    for key, (pair, lo, hi) in ranges.items():
+        if len(pair) != 2 or not lo < pair[0] <= pair[1] <= hi:
+            raise ConfigError(f"{key} {list(pair)}: expected [low, high] with {lo} < low <= high <= {hi}")
+    for key, p in (("DATA.AUG.HFLIP_PROB", data.AUG.HFLIP_PROB), ("DATA.AUG.GRAYSCALE_PROB", data.AUG.GRAYSCALE_PROB)):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{key}: a probability in [0, 1], got {p}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

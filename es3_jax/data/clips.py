@@ -7,8 +7,14 @@ until the first frame shows an object; drawing the start uniformly among the win
 the same distribution without the retry loop, and it always terminates.
 
 Epoch e visits the videos in the order `epoch_order(seed, e, n)`; slot j of epoch e samples its clip
-with the generator `clip_rng(seed, e, j)`. Nothing depends on the process, the worker or what was
-read before, so any process can rebuild any clip, and a resumed run sees exactly the same clips.
+with the generator `clip_rng(seed, e, j)` and augments it with `augment_rng(seed, e, j)`. Nothing
+depends on the process, the worker or what was read before, so any process can rebuild any clip, and
+a resumed run sees exactly the same clips.
+
+Several sources (SA-V, DAVIS, SA-1B) mix by weight (`mixed_epoch_order`): an epoch gives source s
+exactly its share w_s of the slots (largest remainders), is as long as the first source to run out
+allows without repeating an item (min over s of n_s / w_s slots), and interleaves the sources in a
+random order; each source's items come in a fresh random order every epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from es3_jax.data.videos import VideoEntry
 
 _ORDER_STREAM = 0  # separates the per-epoch permutation stream from the per-clip streams
 _CLIP_STREAM = 1
+_SOURCE_STREAM = 2  # which source each slot of an epoch draws from
+_AUGMENT_STREAM = 3
+_IMAGE_STREAM = 4  # objects and motion of an SA-1B pseudo-video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +57,52 @@ def clip_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([_CLIP_STREAM, seed, epoch, index])
 
 
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of clip slot `index`'s augmentation."""
+    return np.random.default_rng([_AUGMENT_STREAM, seed, epoch, index])
+
+
+def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of an SA-1B pseudo-video's objects and motion in slot `index` (validation: epoch 0,
+    `index` the image's position, so a held-out image always makes the same clip)."""
+    return np.random.default_rng([_IMAGE_STREAM, seed, epoch, index])
+
+
 def epoch_order(seed: int, epoch: int, num_videos: int) -> np.ndarray:
     """Video visited by each slot of `epoch`: a permutation of range(num_videos) [N] int64."""
     return np.random.default_rng([_ORDER_STREAM, seed, epoch]).permutation(num_videos)
+
+
+def source_quotas(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Slots per epoch of each source [S] int64: shares `weights` (normalised) of
+    min(n_s / w_s) slots, rounded by largest remainders so they sum to that length."""
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+    n = np.asarray(sizes, np.float64)
+    length = int(np.floor(np.min(n / w) + 1e-9))
+    exact = w * length
+    quotas = np.floor(exact + 1e-9).astype(np.int64)
+    short = length - int(quotas.sum())
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    return np.minimum(quotas, np.asarray(sizes, np.int64))
+
+
+def mixed_epoch_order(
+    seed: int, epoch: int, sizes: Sequence[int], weights: Sequence[float]
+) -> np.ndarray:
+    """Item visited by each slot of `epoch` [E] int64, indexing the sources' items laid end to end
+    (source 0's n_0 items, then source 1's, ...). One source: `epoch_order`."""
+    if len(sizes) == 1:
+        return epoch_order(seed, epoch, sizes[0])
+    quotas = source_quotas(sizes, weights)
+    which = np.random.default_rng([_SOURCE_STREAM, seed, epoch]).permutation(
+        np.repeat(np.arange(len(sizes)), quotas)
+    )
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = np.empty(len(which), np.int64)
+    for s, (n, q) in enumerate(zip(sizes, quotas, strict=True)):
+        items = np.random.default_rng([_ORDER_STREAM, seed, epoch, s]).permutation(n)[:q]
+        order[which == s] = offsets[s] + items
+    return order
 
 
 def windows(frame_numbers: np.ndarray, num_frames: int, frame_skip: int) -> np.ndarray:
@@ -97,12 +149,15 @@ def sample_clip(entry: VideoEntry, spec: ClipSpec, rng: np.random.Generator, vid
     )
 
 
-def sample_epoch_clip(
-    entries: Sequence[VideoEntry], spec: ClipSpec, seed: int, epoch: int, index: int
-) -> Clip:
-    """The clip of slot `index` (0 <= index < len(entries)) of `epoch`."""
-    video = int(epoch_order(seed, epoch, len(entries))[index])
-    return sample_clip(entries[video], spec, clip_rng(seed, epoch, index), video=video)
+def image_clip(spec: ClipSpec, video: int) -> Clip:
+    """The clip of a still image (an SA-1B pseudo-video): its objects are drawn when it is loaded,
+    from its annotation."""
+    return Clip(
+        video=video,
+        positions=np.zeros(spec.num_frames, np.int64),
+        objects=np.zeros(0, np.int64),
+        reversed=False,
+    )
 
 
 def eval_clip(entry: VideoEntry, spec: ClipSpec, video: int = 0) -> Clip:

@@ -240,6 +240,16 @@ class Trainer:
         lines, record = problem_report(self.train_data.problems)
         for line in lines:
             self.log.warning(line)
+        if len(self.train_data.sources) > 1:
+            mix = self.train_data.mixing()
+            record.update(mix)
+            self.log.info(
+                "data: sources "
+                + ", ".join(
+                    f"{n} (weight {mix[f'weight/{n}']:.3g}, {mix[f'epoch_clips/{n}']:.0f} clips an epoch)"
+                    for n in self.train_data.sources
+                )
+            )
         if record:
             self.log.log(self.step, record, prefix="data")
         self._stop_signal: int | None = None
@@ -364,9 +374,12 @@ class Trainer:
         last_train: dict[str, float] = {}
         last_val: dict[str, float] = {}
         window = {"start": time.perf_counter(), "steps": 0}
+        sources = np.zeros(len(self.train_data.sources), np.int64)  # clips of each source this window
         try:
             while self.micro < total_micro:
-                metrics = self.learner.step(self._global(next(data)))
+                batch = next(data)
+                sources += np.bincount(batch["source"], minlength=len(sources))
+                metrics = self.learner.step(self._global(batch))
                 self.micro += 1
                 finite = bool(metrics["finite"])
                 self.bad_steps = 0 if finite else self.bad_steps + 1
@@ -397,9 +410,16 @@ class Trainer:
                             "lr": float(optim.learning_rate(cfg)(self.step - 1)),
                             "step_time_s": elapsed / max(window["steps"], 1),
                             "clips_per_s": clips / max(elapsed, 1e-9),
+                            # This process's clips; every process draws the same mix.
+                            **{
+                                f"data/share/{n}": float(c / max(sources.sum(), 1))
+                                for n, c in zip(self.train_data.sources, sources, strict=True)
+                                if len(sources) > 1
+                            },
                         },
                     )
                     window = {"start": time.perf_counter(), "steps": 0}
+                    sources[:] = 0
                 metrics_for_ckpt = None
                 if due(self.step, cfg.EVAL_EVERY, cfg.MAX_STEPS):
                     last_val = self.validate()

@@ -85,7 +85,8 @@ def test_pure_function_of_seed_epoch_index():
     spec = clips.ClipSpec(num_frames=8, frame_skip=4, max_objects=2, reverse_prob=0.5)
 
     def draw(seed, epoch, index):
-        c = clips.sample_epoch_clip(entries, spec, seed, epoch, index)
+        video = int(clips.mixed_epoch_order(seed, epoch, [len(entries)], [1.0])[index])
+        c = clips.sample_clip(entries[video], spec, clips.clip_rng(seed, epoch, index), video=video)
         return c.video, tuple(c.positions), tuple(c.objects), c.reversed
 
     a = [draw(0, e, i) for e in range(2) for i in range(7)]
@@ -94,6 +95,22 @@ def test_pure_function_of_seed_epoch_index():
     assert sorted(v for v, *_ in a[:7]) == list(range(7))  # an epoch visits every video once
     assert a[:7] != a[7:] and a != [draw(1, e, i) for e in range(2) for i in range(7)]
     np.testing.assert_array_equal(clips.epoch_order(5, 2, 7), clips.epoch_order(5, 2, 7))
+
+
+@pytest.mark.parametrize("sizes,weights", [((100, 1000), (0.7, 0.3)), ((40, 40, 400), (1, 1, 2)), ((9, 3), (0.5, 0.5))])
+def test_a_mixed_epoch_gives_each_source_its_share_without_repeats(sizes, weights):
+    order = clips.mixed_epoch_order(3, 1, sizes, weights)
+    quotas = clips.source_quotas(sizes, weights)
+    share = np.asarray(weights) / np.sum(weights)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(offsets, order, side="right") - 1
+    assert len(order) == quotas.sum() == len(set(order.tolist()))  # no item twice in an epoch
+    np.testing.assert_array_equal(np.bincount(which, minlength=len(sizes)), quotas)
+    np.testing.assert_allclose(quotas / quotas.sum(), share, atol=1.0 / quotas.sum())
+    # the epoch is as long as the first source to run out allows, which it uses whole
+    assert (quotas == np.asarray(sizes)).any() or min(np.asarray(sizes) - quotas) <= 1
+    assert not np.array_equal(order, clips.mixed_epoch_order(3, 2, sizes, weights))
+    np.testing.assert_array_equal(order, clips.mixed_epoch_order(3, 1, sizes, weights))
 
 
 @pytest.mark.skipif(not FIXTURE.is_file(), reason="fixture sav_example not available")

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax.data import embedding_store, frames, pipeline, sav, synthetic, videos
+from es3_jax.data import embedding_store, frames, pipeline, sa1b, sav, synthetic, videos
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_VIDEOS = 7
@@ -307,3 +307,100 @@ def test_problems_are_reported_and_strict_refuses_skipped_videos(dataset):
     ):
         _build(strict, index=(entries, found))
     _build(strict, index=(entries, found[-1:]))  # a video kept without some objects is no error
+
+
+# -- several sources, SA-1B pseudo-videos and augmentation (frames) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """40 small SA-V videos and 100 SA-1B images, mixed 0.7 / 0.3, frames augmented."""
+    root = tmp_path_factory.mktemp("mixed")
+    synthetic.make_synthetic(root / "sav", 40, seed=4, num_frames=4, height=48, width=64)
+    synthetic.make_sa1b(root / "sa1b", 100, seed=4, height=48, width=64)
+    cfg = config_lib.load(
+        overrides=[
+            *("DATA.USE_PRECOMPUTED", "False", "DATA.SAV_ROOT", str(root / "sav")),
+            *("DATA.SA1B.ROOT", str(root / "sa1b"), "DATA.SOURCES", "[sav, sa1b]"),
+            *("DATA.SOURCE_WEIGHTS", "[0.7, 0.3]", "DATA.AUG.ENABLED", "True"),
+            *("DATA.NUM_FRAMES", "3", "DATA.MAX_OBJECTS", "2", "DATA.MASK_SIZE", "16"),
+            *("DATA.VAL_VIDEOS", "2", "DATA.NUM_WORKERS", "0", "MODEL.TEACHER.IMAGE_SIZE", "28"),
+        ]
+    )
+    return cfg
+
+
+def _with(cfg, **data):
+    return dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, **data))
+
+
+def test_sources_are_mixed_by_weight_over_an_epoch(mixed):
+    pipe = _build(mixed, batch_size=3, num_epochs=1)
+    assert pipe.sources == ("sav", "sa1b") and pipe.steps_per_epoch == 18  # 38 videos / 0.7 -> 54 clips
+    batches = list(pipe)
+    source = np.concatenate([b["source"] for b in batches])
+    share = np.bincount(source, minlength=2) / len(source)
+    np.testing.assert_allclose(share, [0.7, 0.3], atol=0.02)
+    items = np.concatenate([b["video_index"] for b in batches])
+    assert len(set(items.tolist())) == len(items)  # no item twice in an epoch
+    assert pipe.mixing() == {"weight/sav": 0.7, "weight/sa1b": 0.3, "epoch_clips/sav": 38.0, "epoch_clips/sa1b": 16.0}
+    for b in batches:
+        for k in range(3):
+            entry = pipe.loader.entries[b["video_index"][k]]
+            assert pipeline.source_name(entry) == pipe.sources[b["source"][k]]
+    val = _build(mixed, split="val", batch_size=2)
+    assert val.sources == ("sav",) and len(val.videos) == 2  # held out of the first source only
+
+
+def test_an_augmented_mixed_pipeline_resumes_exactly(mixed):
+    it = iter(_build(mixed))
+    _take(it, 3)
+    state = it.get_state()
+    rest = _take(it, 4)
+    resumed = iter(_build(mixed))
+    resumed.set_state(state)
+    _assert_same(rest, _take(resumed, 4))
+    _assert_same(rest, _take(_build(mixed).iterator(start_step=3), 4))
+    plain = _take(iter(_build(_with(mixed, AUG=dataclasses.replace(mixed.DATA.AUG, ENABLED=False)))), 7)[3:]
+    assert not np.array_equal(rest[0]["images"], plain[0]["images"])  # the augmentation did something
+    np.testing.assert_array_equal(rest[0]["video_index"], plain[0]["video_index"])  # and nothing else
+
+
+def test_an_sa1b_clip_starts_on_its_image_with_the_filtered_masks(mixed):
+    cfg = _with(mixed, AUG=dataclasses.replace(mixed.DATA.AUG, ENABLED=False), SA1B=dataclasses.replace(
+        mixed.DATA.SA1B, MIN_AREA=0.05, MAX_AREA=0.5))
+    pipe = _build(cfg, batch_size=1)
+    loader = pipe.loader
+    slot = next(s for s in range(30) if loader.source_of(loader.clip(0, s)[0].video) == 1)
+    clip, _ = loader.clip(0, slot)
+    ex = loader.load(clip, slot=(0, slot))
+    entry = loader.entries[clip.video]
+    annotation = sa1b.read_sa1b_json(entry.json_path)
+    valid = ex["object_valid"]
+    ids = ex["object_ids"][valid]
+    assert 0 < len(ids) <= 2 and set(ids) <= set(annotation.select(loader.sa1b_filter).tolist())
+    area = np.array([annotation.annotations[i]["area"] for i in ids]) / (48 * 64)
+    assert ((area >= 0.05) & (area <= 0.5)).all()
+    np.testing.assert_array_equal(ex["masks"][0, valid], pipeline._resize_masks(annotation.masks(ids), 16))
+    image = frames.normalize(frames.resize_frame(sa1b.load_image(entry, annotation), 28), (0.5,) * 3, (0.5,) * 3)
+    np.testing.assert_array_equal(ex["images"][0], image)
+    assert not np.array_equal(ex["masks"][-1], ex["masks"][0])  # it moves
+    np.testing.assert_array_equal(ex["frame_numbers"], [0, 1, 2])
+    np.testing.assert_array_equal(loader.load(clip, slot=(0, slot))["images"], ex["images"])
+    assert not np.array_equal(loader.load(clip, slot=(1, slot))["images"], ex["images"])
+
+
+def test_sources_and_augmentation_refuse_what_they_cannot_do(mixed, dataset):
+    cfg, _ = dataset
+    with pytest.raises(pipeline.PipelineError, match=r"DATA\.USE_PRECOMPUTED False or DATA\.AUG\.ENABLED False"):
+        _build(_with(cfg, AUG=dataclasses.replace(cfg.DATA.AUG, ENABLED=True)))
+    with pytest.raises(pipeline.PipelineError, match='does not list "sa1b"'):
+        _build(_with(mixed, SOURCES=(), SOURCE_WEIGHTS=()))
+    with pytest.raises(pipeline.PipelineError, match=r"DATA\.DAVIS_ROOT is empty"):
+        _build(_with(mixed, SOURCES=("sav", "davis", "sa1b"), SOURCE_WEIGHTS=(1.0, 1.0, 1.0)))
+    store_cfg = _with(cfg, SA1B=mixed.DATA.SA1B, SOURCES=("sav", "sa1b"), SOURCE_WEIGHTS=(0.5, 0.5))
+    with pytest.raises(pipeline.PipelineError, match="no stored trunk features"):
+        _build(store_cfg)
+    strict = _with(mixed, SA1B=dataclasses.replace(mixed.DATA.SA1B, MIN_PREDICTED_IOU=1.5))
+    with pytest.raises(pipeline.PipelineError, match=r"no mask passes the DATA\.SA1B filters"):
+        _take(iter(_build(strict)), 2)

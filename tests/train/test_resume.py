@@ -97,7 +97,9 @@ def _bare_trainer(output_dir: Path, overrides: list[str], learner: _Learner) -> 
     trainer.cfg = config_lib.load(None, [*overrides, "TRAIN.EVAL_EVERY", "0", "LOG.TENSORBOARD", "False"])
     trainer.output_dir, trainer.learner, trainer.process_index = output_dir, learner, 0
     trainer.accumulate, trainer.mesh = 1, SimpleNamespace(size=1)
-    trainer.train_data = SimpleNamespace(iterator=lambda start_step: itertools.repeat({}))
+    trainer.train_data = SimpleNamespace(
+        iterator=lambda start_step: itertools.repeat({"source": np.zeros(1, np.int32)}), sources=("videos",)
+    )
     trainer._global = lambda batch: batch
     trainer.micro = trainer.step = trainer.bad_steps = 0
     trainer.best = -math.inf
