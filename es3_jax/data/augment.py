@@ -149,8 +149,7 @@ def apply_geometry(
     h, w = frames.shape[1:3]
     matrix = aug.matrix(h, w)
     warped = warp_masks(masks.reshape(-1, h, w), matrix).reshape(masks.shape)
-    first = masks[0].reshape(len(masks[0]), -1).any(axis=1)
-    if (warped[0].reshape(len(first), -1).any(axis=1) < first).any():
+    if (warped[0].any(axis=(1, 2)) < masks[0].any(axis=(1, 2))).any():
         matrix = aug.matrix(h, w, with_affine=False)
         warped = warp_masks(masks.reshape(-1, h, w), matrix).reshape(masks.shape)
     frames = np.stack([warp_frame(f, matrix, FILL) for f in frames])

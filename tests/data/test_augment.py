@@ -58,6 +58,9 @@ def test_flip_mirrors_frames_and_masks_exactly():
     out_frames, out_masks = augment.apply_geometry(aug, frames, masks)
     np.testing.assert_array_equal(out_frames, frames[:, :, ::-1])
     np.testing.assert_array_equal(out_masks, masks[..., ::-1])
+    no_objects = augment.apply_geometry(aug, frames, masks[:, :0])  # a clip without objects
+    np.testing.assert_array_equal(no_objects[0], frames[:, :, ::-1])
+    assert no_objects[1].shape == (T, 0, H, W)
 
 
 @pytest.mark.parametrize("seed", range(6))
