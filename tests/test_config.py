@@ -92,6 +92,14 @@ def test_overrides_parse_each_type():
         (["TRAIN.MEMORY_SOURCE", "gt"], "TRAIN.MEMORY_SOURCE"),
         (["TRAIN.MAX_STEPS"], "TRAIN.MAX_STEPS"),
         (["TRAIN.MAX_STEPS", "-5"], r"TRAIN.MAX_STEPS: must be at least 1, got -5"),
+        (["DATA.SOURCES", "[sav, youtube]", "DATA.SOURCE_WEIGHTS", "[1, 1]"], "DATA.SOURCES"),
+        (["DATA.SOURCES", "[sav, sav]", "DATA.SOURCE_WEIGHTS", "[1, 1]"], "DATA.SOURCES"),
+        (["DATA.SOURCES", "[sav, sa1b]", "DATA.SOURCE_WEIGHTS", "[1]"], "DATA.SOURCE_WEIGHTS"),
+        (["DATA.SOURCES", "[sav, sa1b]", "DATA.SOURCE_WEIGHTS", "[1, 0]"], "DATA.SOURCE_WEIGHTS"),
+        (["DATA.AUG.CROP_SCALE", "[0.5, 1.5]"], "DATA.AUG.CROP_SCALE"),
+        (["DATA.AUG.SCALE", "[1.2, 0.8]"], "DATA.AUG.SCALE"),
+        (["DATA.SA1B.SCALE", "[0.9]"], "DATA.SA1B.SCALE"),
+        (["DATA.AUG.HFLIP_PROB", "2"], "DATA.AUG.HFLIP_PROB"),
     ],
 )
 def test_bad_overrides_name_the_key(pairs, names):
