@@ -1,9 +1,9 @@
 """Input pipeline throughput: clips/s and MB/s with W worker processes, beside one training step's needs.
 
 Reads a given embedding store and SA-V folder (`--config` / overrides: DATA.EMBEDDING_DIR, DATA.SAV_ROOT),
-or (by default when DATA.EMBEDDING_DIR is empty, or with --synthetic) writes synthetic SA-V videos and a store of random trunk features of the config's
-geometry (MODEL.TEACHER.IMAGE_SIZE // BACKBONE_STRIDE squared x TRUNK_DIM). Random features do not
-compress, so disk reads are a worst case. `--from_frames` reads the JPEGs instead (DATA.USE_PRECOMPUTED
+or (by default when the one read is not there, or with --synthetic) writes synthetic SA-V videos and a
+store of random trunk features of the config's geometry (MODEL.TEACHER.IMAGE_SIZE // BACKBONE_STRIDE
+squared x TRUNK_DIM). Random features do not compress, so disk reads are a worst case. `--from_frames` reads the JPEGs instead (DATA.USE_PRECOMPUTED
 False), `--augment` augments them (DATA.AUG), `--sa1b W` mixes in synthetic SA-1B pseudo-videos at
 weight W; `--height/--width` set the synthetic frames' size, where augmentation works. Each record is
 one worker count: the pipeline's sustained rate after warm-up, the bytes one per-process batch
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from es3_jax.commands.common import add_config_args, load_config
+from es3_jax.errors import Es3Error
 
 HELP = "data pipeline: clips/s and MB/s with W workers, against one training step's consumption"
 
@@ -48,14 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
 
 
-def _synthetic(cfg, root: Path, videos: int, frames: int, height: int, width: int):
-    """Synthetic SA-V videos and a store of random features for them; returns the config pointing there."""
+def _synthetic(cfg, root: Path, videos: int, frames: int, height: int, width: int, store: bool = True):
+    """Synthetic SA-V videos and (with `store`) a store of random features for them; returns the config
+    pointing there."""
     from es3_jax.data import embedding_store, synthetic
     from es3_jax.data.videos import numbered_frame_stems
 
     t = cfg.MODEL.TEACHER
     grid = t.IMAGE_SIZE // t.BACKBONE_STRIDE
     synthetic.make_synthetic(root / "frames", videos, num_frames=frames, height=height, width=width)
+    data = dataclasses.replace(cfg.DATA, SAV_ROOT=str(root / "frames"), VAL_VIDEOS=0, VAL_SPLIT=0.0)
+    if not store:
+        return dataclasses.replace(cfg, DATA=data)
     store = embedding_store.EmbeddingStore(root / "store")
     ident = embedding_store.identity("random", cfg.DATA.PIXEL_MEAN, cfg.DATA.PIXEL_STD, t.IMAGE_SIZE)
     rng = np.random.default_rng(0)
@@ -73,14 +78,7 @@ def _synthetic(cfg, root: Path, videos: int, frames: int, height: int, width: in
         for i in range(len(stems)):
             w.write(i, rng.standard_normal((1, grid, grid, t.TRUNK_DIM), np.float32))
         w.commit()
-    data = dataclasses.replace(
-        cfg.DATA,
-        SAV_ROOT=str(root / "frames"),
-        EMBEDDING_DIR=str(root / "store"),
-        VAL_VIDEOS=0,
-        VAL_SPLIT=0.0,
-    )
-    return dataclasses.replace(cfg, DATA=data)
+    return dataclasses.replace(cfg, DATA=dataclasses.replace(data, EMBEDDING_DIR=str(root / "store")))
 
 
 def _measure(cfg, workers: int, batch: int, batches: int, warmup: int) -> dict:
@@ -138,11 +136,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     batch = args.batch or cfg.TRAIN.BATCH_SIZE
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     if not 0 <= args.sa1b < 1:
-        raise ValueError(f"--sa1b {args.sa1b}: a weight in [0, 1)")
+        raise Es3Error(f"--sa1b {args.sa1b}: a weight in [0, 1)")
+    frames = args.from_frames or args.augment or args.sa1b > 0
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        if args.synthetic or not cfg.DATA.EMBEDDING_DIR:
-            cfg = _synthetic(cfg, Path(tmp), args.videos, args.frames, args.height, args.width)
-        if args.from_frames or args.augment or args.sa1b > 0:
+        given = Path(cfg.DATA.SAV_ROOT).is_dir() if frames else bool(cfg.DATA.EMBEDDING_DIR)
+        if args.synthetic or not given:
+            cfg = _synthetic(cfg, Path(tmp), args.videos, args.frames, args.height, args.width, store=not frames)
+        if frames:
             cfg = _frames(cfg, Path(tmp), args)
         t = cfg.MODEL.TEACHER
         grid = t.IMAGE_SIZE // t.BACKBONE_STRIDE

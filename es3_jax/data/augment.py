@@ -5,7 +5,8 @@ resizes to the square), the resize to the model's size, then a colour jitter sha
 grayscale, and a second, smaller jitter drawn for each frame. The geometry applies at the source
 resolution to the frames and the masks alike, before the frames are resized; the colour applies to
 the resized frames. Like SAM 2, the affine is dropped (the clip keeps the flip and the crop) when it
-would leave some object without a pixel on the clip's first frame, the frame its prompts come from.
+would leave some object without a pixel on the clip's first frame, the frame its prompts come from
+(and the crop as well, if that still would).
 
 Everything random is drawn by `sample_augmentation` from one generator, so a clip's augmentation is a
 pure function of that generator's seed: the pipeline seeds it with (seed, epoch, slot), and a resumed
@@ -141,22 +142,31 @@ def sample_augmentation(spec: AugmentSpec, rng: np.random.Generator, num_frames:
     return Augmentation(flip, degrees, shear, scale, translate, crop, clip_jitter, grayscale, frame_jitters)
 
 
+def _crop_box(aug: Augmentation, height: int, width: int) -> tuple[slice, slice]:
+    top, left, h, w = aug.crop
+    y0, x0 = round(top * height), round(left * width)
+    y1, x1 = max(y0 + 1, round((top + h) * height)), max(x0 + 1, round((left + w) * width))
+    return slice(y0, y1), slice(x0, x1)
+
+
 def apply_geometry(
     aug: Augmentation, frames: np.ndarray, masks: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flip, affine and crop of a clip at its source size: frames `[T, H, W, 3]` uint8, masks
-    `[T, O, H, W]` 0/1 -> frames `[T, h, w, 3]`, masks `[T, O, h, w]` uint8 (h, w: the crop's size)."""
+    `[T, O, H, W]` 0/1 -> frames `[T, h, w, 3]`, masks `[T, O, h, w]` uint8 (h, w: the crop's size).
+
+    Every object shown on frame 0 stays shown there: the affine is dropped when it would hide one
+    (SAM 2's rule), and then the crop too if it still would."""
     h, w = frames.shape[1:3]
-    matrix = aug.matrix(h, w)
-    warped = warp_masks(masks.reshape(-1, h, w), matrix).reshape(masks.shape)
-    if (warped[0].any(axis=(1, 2)) < masks[0].any(axis=(1, 2))).any():
-        matrix = aug.matrix(h, w, with_affine=False)
-        warped = warp_masks(masks.reshape(-1, h, w), matrix).reshape(masks.shape)
-    frames = np.stack([warp_frame(f, matrix, FILL) for f in frames])
-    top, left, ch, cw = aug.crop
-    y0, x0 = round(top * h), round(left * w)
-    y1, x1 = max(y0 + 1, round((top + ch) * h)), max(x0 + 1, round((left + cw) * w))
-    return frames[:, y0:y1, x0:x1], warped[..., y0:y1, x0:x1]
+    shown = masks[0].any(axis=(1, 2))
+    full = (slice(None), slice(None))
+    for with_affine, box in ((True, _crop_box(aug, h, w)), (False, _crop_box(aug, h, w)), (False, full)):
+        matrix = aug.matrix(h, w, with_affine=with_affine)
+        warped = warp_masks(masks.reshape(-1, h, w), matrix).reshape(masks.shape)[..., box[0], box[1]]
+        if not (warped[0].any(axis=(1, 2)) < shown).any():
+            break
+    frames = np.stack([warp_frame(f, matrix, FILL)[box] for f in frames])
+    return frames, warped
 
 
 def _apply_jitter(x: np.ndarray, jitter: Jitter) -> np.ndarray:

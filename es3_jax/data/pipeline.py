@@ -261,11 +261,12 @@ class ClipLoader:
     def load(self, clip: Clip, valid: bool = True, slot: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """One example (the batch format without the leading B). `slot` = (epoch, slot) of a training
         clip seeds its augmentation and, for an image, its objects and motion."""
-        entry = self.entries[clip.video]
+        video = clip.video
+        entry = self.entries[video]
         train = self.split == "train" and slot is not None
         if isinstance(entry, Sa1bImage):
-            rng = image_rng(self.seed, *slot) if train else image_rng(self.seed, 0, clip.video)
-            frames, raw, objects = self._image_clip(clip.video, rng)
+            rng = image_rng(self.seed, *slot) if train else image_rng(self.seed, 0, video)
+            video, frames, raw, objects = self._image_clip(video, rng)
             frame_positions = frame_numbers = np.arange(self.spec.num_frames)
         else:
             objects = clip.objects[: self.spec.max_objects]
@@ -273,9 +274,9 @@ class ClipLoader:
             frame_numbers = entry.frame_numbers[clip.positions]
             frames = None if self.store is not None else self._video_frames(entry, clip.positions)
             raw = load_masks(entry, clip.positions, objects) if len(objects) else None  # [T, O', H, W]
-        aug = sample_augmentation(self.augment, augment_rng(self.seed, *slot), self.spec.num_frames) if (
-            train and self.augment is not None
-        ) else None
+        aug = None
+        if train and self.augment is not None:
+            aug = sample_augmentation(self.augment, augment_rng(self.seed, *slot), self.spec.num_frames)
         out: dict[str, np.ndarray] = {}
         if frames is None:
             out["embeddings"] = self.store.read(entry.name, [int(i) for i in frame_positions])
@@ -296,8 +297,8 @@ class ClipLoader:
             masks=masks,
             object_valid=object_ids >= 0,
             object_ids=object_ids,
-            video_index=np.int32(clip.video),
-            source=np.int32(self.source_of(clip.video)),
+            video_index=np.int32(video),
+            source=np.int32(self.source_of(video)),
             frame_indices=frame_positions.astype(np.int32),
             frame_numbers=frame_numbers.astype(np.int32),
             reversed=np.bool_(clip.reversed),
@@ -312,15 +313,17 @@ class ClipLoader:
 
     def _image_clip(
         self, entry_index: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """An SA-1B image as a pseudo-video: frames `[T, H, W, 3]`, masks `[T, O', H, W]`, and the
-        annotation indices of its O' objects (those the filters keep, up to DATA.MAX_OBJECTS)."""
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """An SA-1B image as a pseudo-video: the entry used, frames `[T, H, W, 3]`, masks
+        `[T, O', H, W]`, and the annotation indices of its O' objects (those the filters keep, up to
+        DATA.MAX_OBJECTS)."""
         # An image none of whose masks passes the filters gives its slot to the next image of the
         # source (said in the log): stopping a run over one image of a million helps no one.
         first = int(np.cumsum((0, *self.sizes))[self.source_of(entry_index)])
         count = self.sizes[self.source_of(entry_index)]
         for k in range(min(count, IMAGE_TRIES)):
-            entry = self.entries[first + (entry_index - first + k) % count]
+            used = first + (entry_index - first + k) % count
+            entry = self.entries[used]
             annotation = read_sa1b_json(entry.json_path)
             kept = annotation.select(self.sa1b_filter)
             if len(kept):
@@ -336,7 +339,7 @@ class ClipLoader:
         image = load_image(entry, annotation)
         motion = sample_motion(self.motion, rng, self.spec.num_frames, *image.shape[:2])
         frames, masks = make_clip(image, annotation.masks(objects), motion)
-        return frames, masks, objects
+        return used, frames, masks, objects
 
     def _model_frames(
         self, frames: Sequence[np.ndarray], masks: np.ndarray | None, aug: Augmentation | None

@@ -93,6 +93,23 @@ def test_the_affine_is_dropped_when_it_would_hide_an_object_on_the_first_frame()
     np.testing.assert_array_equal(out_masks, masks[..., ::-1])  # the flip stays, the affine goes
 
 
+def test_a_crop_that_would_cut_an_object_off_the_first_frame_is_dropped_too():
+    frames, masks, _ = _clip()
+    masks[0, 1] = 0
+    masks[0, 1, :3, :3] = 1
+    spec = dataclasses.replace(NONE, crop_scale=(0.2, 0.2), degrees=10.0)
+    dropped = 0
+    for seed in range(20):
+        aug = _draw(spec, seed)
+        out_frames, out_masks = augment.apply_geometry(aug, frames, masks)
+        assert out_masks[0].any(axis=(1, 2)).all()  # both objects still on frame 0
+        if out_frames.shape[1:3] == (H, W):  # the crop went: no affine either
+            np.testing.assert_array_equal(out_masks, masks)
+            np.testing.assert_array_equal(out_frames, frames)
+            dropped += 1
+    assert dropped  # a fifth of the frame rarely holds the corner
+
+
 def test_colour_follows_torchvision_formulas():
     frames, _, _ = _clip()
     aug = dataclasses.replace(

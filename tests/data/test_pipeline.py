@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax.data import embedding_store, frames, pipeline, sa1b, sav, synthetic, videos
+from es3_jax.data import clips, embedding_store, frames, pipeline, sa1b, sav, synthetic, videos
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_VIDEOS = 7
@@ -404,3 +404,19 @@ def test_sources_and_augmentation_refuse_what_they_cannot_do(mixed, dataset):
     strict = _with(mixed, SA1B=dataclasses.replace(mixed.DATA.SA1B, MIN_PREDICTED_IOU=1.5))
     with pytest.raises(pipeline.PipelineError, match=r"no mask passes the DATA\.SA1B filters"):
         _take(iter(_build(strict)), 2)
+
+
+def test_an_image_without_a_kept_mask_gives_its_slot_to_the_next(mixed, tmp_path, caplog):
+    root = tmp_path / "sa1b"
+    synthetic.make_sa1b(root, 3, seed=5, height=48, width=64)
+    first = json.loads((root / "sa_1.json").read_text())
+    for a in first["annotations"]:
+        a["predicted_iou"] = 0.1
+    (root / "sa_1.json").write_text(json.dumps(first))
+    cfg = _with(mixed, SA1B=dataclasses.replace(mixed.DATA.SA1B, ROOT=str(root), MIN_PREDICTED_IOU=0.5))
+    loader = _build(cfg).loader
+    index = next(i for i, e in enumerate(loader.entries) if getattr(e, "name", "") == "sa_1")
+    with caplog.at_level("WARNING"):
+        ex = loader.load(clips.image_clip(loader.spec, index), slot=(0, 0))
+    assert loader.entries[ex["video_index"]].name == "sa_2" and ex["object_valid"].any()
+    assert "sa_1.json: no mask passes the DATA.SA1B filters" in caplog.text
