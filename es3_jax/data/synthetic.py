@@ -300,6 +300,14 @@ def sav_json(video_id: str, masks: Sequence[Sequence[np.ndarray]], fps: float = 
     }
 
 
+def _write_last(path: Path, record: dict) -> None:
+    """Write an annotation JSON in one rename, after the frames or image it describes: a generation
+    cut short never leaves an annotation whose pictures are missing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
+
+
 def video_name(index: int) -> str:
     return f"syn_{index:06d}"
 
@@ -322,9 +330,7 @@ def write_video(
     folder.mkdir(parents=True, exist_ok=True)
     for t, frame in enumerate(frames):
         Image.fromarray(frame).save(folder / f"{ANN_EVERY * t:05d}.jpg", quality=95)
-    tmp = out / f".{name}_manual.json.tmp"
-    tmp.write_text(json.dumps(sav_json(name, masks)))
-    tmp.replace(out / f"{name}_manual.json")  # the annotation appears last, when the frames are complete
+    _write_last(out / f"{name}_manual.json", sav_json(name, masks))
     return name
 
 
@@ -530,9 +536,7 @@ def write_image(
     made = make_image(seed, index, height=height, width=width, style=style)
     Image.fromarray(made.image).save(out / f"{name}.jpg", quality=95)
     record = sa1b_json(index + 1, made.masks, made.predicted_iou, made.stability_score)
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.replace(out / f"{name}.json")  # the annotation appears last, when the image is complete
+    _write_last(out / f"{name}.json", record)
     return name
 
 
