@@ -132,15 +132,8 @@ def resize_frame(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
-    """uint8 RGB `[..., 3]` -> float32 `(x / 255 - mean) / std`; numpy or jax arrays alike."""
+    """RGB `[..., 3]` in [0, 255] (uint8, or float after colour augmentation) -> float32
+    `(x / 255 - mean) / std`; numpy or jax arrays alike."""
     xp = np if isinstance(images, np.ndarray) else jnp
     x = images.astype(xp.float32) / xp.float32(255.0)
     return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
-
-
-def load_frames(
-    paths: Sequence[str | Path], image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
-    """Frames as the trunk takes them: float32 `[N, image_size, image_size, 3]`, normalised."""
-    images = np.stack([load_frame_uint8(p, image_size)[0] for p in paths])
-    return normalize(images, mean, std)

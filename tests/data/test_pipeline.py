@@ -118,7 +118,8 @@ def test_frames_instead_of_embeddings(dataset):
     entry = pipe.loader.entries[batch["video_index"][0]]
     folder = Path(cfg.DATA.SAV_ROOT) / entry.name
     paths = [folder / f"{n:05d}.jpg" for n in batch["frame_numbers"][0]]
-    np.testing.assert_array_equal(batch["images"][0], frames.load_frames(paths, 56, (0.5,) * 3, (0.5,) * 3))
+    expected = frames.normalize(np.stack([frames.load_frame_uint8(p, 56)[0] for p in paths]), (0.5,) * 3, (0.5,) * 3)
+    np.testing.assert_array_equal(batch["images"][0], expected)  # as `es3 embed` and the predictor prepare them
 
 
 def test_same_seed_same_batches_and_epochs_differ(dataset):
