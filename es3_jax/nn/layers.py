@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from es3_jax.interpolation import antialias_weights, linear_taps
 
 Dtype = jnp.dtype | type
 
@@ -245,29 +246,27 @@ def resize_bilinear(x: jax.Array, height: int, width: int, *, antialias: bool = 
     """`F.interpolate(mode='bilinear', align_corners=False)` on `[B, H, W, C]` (half-pixel centres).
 
     `antialias=True` matches torch's antialiased down-sampling (a triangle filter widened by the
-    scale factor, to ~3e-6 relative); for up-sampling it is the same as plain bilinear. Without
-    antialiasing, and for up-sampling, the result equals torch's float32 CPU output.
+    scale factor, to ~3e-7 relative); for up-sampling it is the same as plain bilinear. Without
+    antialiasing, and for up-sampling, the result equals torch's float32 CPU output. The filter
+    tables are `es3_jax.interpolation`'s, which the host-side NumPy resizing uses too.
     """
-    b, h, w, c = x.shape
-    if antialias and (height < h or width < w):
-        return jax.image.resize(x, (b, height, width, c), method="bilinear", antialias=True)
-    # Two-tap interpolation with torch's float32 source coordinates: `jax.image.resize` rounds
-    # them differently, which moves up-sampled 288² mask logits to 1008² by ~2e-5 relative.
-    return _resize_linear_axis(_resize_linear_axis(x, width, axis=2), height, axis=1)
+    x = _resize_axis(x, width, axis=2, antialias=antialias)
+    return _resize_axis(x, height, axis=1, antialias=antialias)
 
 
-def _resize_linear_axis(x: jax.Array, size: int, *, axis: int) -> jax.Array:
+def _resize_axis(x: jax.Array, size: int, *, axis: int, antialias: bool) -> jax.Array:
     n = x.shape[axis]
     if n == size:
         return x
-    f32 = np.float32
-    # Built in NumPy float32, in the order torch's CPU kernel computes it (no fused multiply-add).
-    src = np.maximum(f32(n) / f32(size) * (np.arange(size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int32), n - 1)
-    i1 = i0 + (i0 < n - 1)
-    l1 = np.clip(src - i0.astype(f32), f32(0), f32(1))
+    if antialias and size < n:
+        weights = jnp.asarray(antialias_weights(n, size), x.dtype)
+        out = jnp.tensordot(weights, x, axes=([1], [axis]), precision=jax.lax.Precision.HIGHEST)
+        return jnp.moveaxis(out, 0, axis)
+    # Two-tap interpolation with torch's float32 source coordinates: `jax.image.resize` rounds
+    # them differently, which moves up-sampled 288² mask logits to 1008² by ~2e-5 relative.
+    i0, i1, w0, w1 = linear_taps(n, size)
     shape = [1] * x.ndim
     shape[axis] = size
-    l0 = jnp.asarray((f32(1) - l1).reshape(shape), x.dtype)
-    l1 = jnp.asarray(l1.reshape(shape), x.dtype)
-    return jnp.take(x, i0, axis=axis) * l0 + jnp.take(x, i1, axis=axis) * l1
+    w0 = jnp.asarray(w0.reshape(shape), x.dtype)
+    w1 = jnp.asarray(w1.reshape(shape), x.dtype)
+    return jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
