@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -133,7 +132,7 @@ def resize_frame(image: np.ndarray, image_size: int) -> np.ndarray:
 
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
     """RGB `[..., 3]` in [0, 255] (uint8, or float after colour augmentation) -> float32
-    `(x / 255 - mean) / std`; numpy or jax arrays alike."""
-    xp = np if isinstance(images, np.ndarray) else jnp
-    x = images.astype(xp.float32) / xp.float32(255.0)
-    return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+    `(x / 255 - mean) / std`; numpy or jax arrays alike (numpy operands keep a jax array on its
+    device, and this module free of jax for the ONNX driver)."""
+    x = images.astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

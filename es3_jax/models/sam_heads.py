@@ -20,8 +20,6 @@ from es3_jax.nn.attention import Attention
 from es3_jax.nn.layers import MLP, ConvTranspose2x2, Dtype, conv, gelu, layer_norm, linear
 from es3_jax.nn.position_encoding import random_fourier
 
-# Upstream `NO_OBJ_SCORE`: the mask logit written wherever the object is judged absent.
-NO_OBJ_SCORE = -1024.0
 # Label −1 is padding ("not a point"); 0/1 negative/positive clicks; 2/3 box corners.
 _NUM_POINT_LABELS = 4
 

@@ -23,12 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from es3_jax.config import TrackerConfig
+from es3_jax.logits import NO_OBJ_SCORE
 from es3_jax.models.memory_attention import MemoryAttention
 from es3_jax.models.memory_bank import MemoryBank, Selection
 from es3_jax.models.memory_encoder import MemoryEncoder, keep_top_object
 from es3_jax.models.memory_path import MemoryPath
 from es3_jax.models.neck import TrackerNeck
-from es3_jax.models.sam_heads import NO_OBJ_SCORE, MaskDecoder, PromptEncoder
+from es3_jax.models.sam_heads import MaskDecoder, PromptEncoder
 from es3_jax.nn.layers import MLP, Dtype, conv, linear, resize_bilinear
 from es3_jax.nn.position_encoding import sine_1d
 from es3_jax.params import abstract_shapes, bind

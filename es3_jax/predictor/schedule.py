@@ -110,6 +110,16 @@ class _Entry:
     pointer_slot: int
 
 
+def frame_score(presence: np.ndarray, iou: np.ndarray, tracked: np.ndarray) -> float:
+    """A tracked frame's memory-selection score from its objects' presence and IoU `[O]`.
+
+    Upstream `cal_mem_score` multiplies a [B, 1] by a [B] tensor before its mean, so the score is
+    mean(presence) · mean(IoU) over every tracked object (`tracked` `[O]` bool), not the mean of the
+    products; all objects of a frame share it.
+    """
+    return float(np.mean(presence[tracked]) * np.mean(iou[tracked]))
+
+
 def select_closest_cond(frame: int, cond: Sequence[int], max_num: int) -> tuple[list[int], list[int]]:
     """Upstream `select_closest_cond_frames` -> (selected, unselected) conditioning frames: all of them
     when at most `max_num` (-1: no limit), else the nearest before `frame`, the nearest at or after
@@ -185,6 +195,12 @@ class MemorySchedule:
             if len(slots) > self.layout.cond_reads:
                 self.layout = self.layout.reading(self.cfg, len(slots))
         return slots[frame]
+
+    def needs_slot(self, obj: int, frame: int) -> bool:
+        """Whether a prompt of object `obj` on `frame` needs a conditioning slot the layout has not
+        got free (before `forget_cond`, or a larger layout)."""
+        slots = self.cond_slots[obj]
+        return frame not in slots and len(slots) >= self.layout.cond
 
     def forget_cond(self, obj: int, newest: int) -> list[int]:
         """Free object `obj`'s conditioning slots that no frame after `newest` can read, once `newest`

@@ -50,46 +50,27 @@ from flax import nnx
 from es3_jax import config as config_lib
 from es3_jax import weights
 from es3_jax.data.frames import normalize, resize_frame
-from es3_jax.errors import Es3Error
+from es3_jax.interpolation import resize_bilinear
+from es3_jax.logits import NO_OBJ_SCORE
 from es3_jax.models.memory_bank import MemoryBank, Selection
-from es3_jax.models.sam_heads import NO_OBJ_SCORE
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import FrameFeatures, SAM3Tracker, build_tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
-from es3_jax.nn.layers import resize_bilinear
 from es3_jax.params import unflatten
 from es3_jax.predictor.frame_sources import FrameSource, Video, open_video
-from es3_jax.predictor.schedule import BankLayout, MemorySchedule
-
-
-class PredictorError(Es3Error):
-    """A call the predictor cannot honour (bad prompt, unknown object, missing input); says why."""
-
-
-# Upstream keeps only the first 8 and the last 8 clicks of a long click sequence.
-_MAX_POINTS = 16
-
-
-@dataclasses.dataclass
-class Prompt:
-    """One object's prompt on one frame and what the SAM heads made of it.
-
-    kind "tracked": the object's own output of an earlier pass on a frame that a correction of
-    another object turned into a conditioning frame (upstream consolidates every object's output
-    on a prompted frame into its memory).
-    """
-
-    kind: str  # "mask", "points" or "tracked"
-    low_res: np.ndarray  # [4g, 4g] consolidated logits (what the frame's memory is encoded from)
-    video_res: np.ndarray | None  # [H, W] logits ±1024 for masks (carved by later masks), else None
-    obj_ptr: np.ndarray  # [C]
-    object_score: float
-    iou: float
-    coords: np.ndarray | None = None  # [P, 2] input-image pixels
-    labels: np.ndarray | None = None  # [P]
-
-
-Prompts = dict[int, dict[int, Prompt]]  # object index -> frame -> prompt
+from es3_jax.predictor.prompts import (
+    PredictorError,
+    Prompt,
+    Prompts,
+    carve,
+    click_inputs,
+    copy_prompts,
+    frame_prompt_logits,
+    low_res_of,
+    mask_inputs,
+    started,
+)
+from es3_jax.predictor.schedule import BankLayout, MemorySchedule, frame_score
 
 
 @dataclasses.dataclass
@@ -154,11 +135,10 @@ class Memory:
         enough (many prompts within a few frames), every bank gets 4 more conditioning slots."""
         schedule = self.schedule
         forgotten = []
-        slots = schedule.cond_slots[obj]
-        if frame not in slots and len(slots) >= schedule.layout.cond:
+        if schedule.needs_slot(obj, frame):
             if schedule.num_frames is None:
                 forgotten = schedule.forget_cond(obj, frame)
-            if len(slots) >= schedule.layout.cond:
+            if schedule.needs_slot(obj, frame):
                 cond = schedule.layout.cond
                 schedule.layout = schedule.layout.with_cond(cond + 4)
                 self.banks = [b.grown(b.tokens.shape[0], 4, at=cond) for b in self.banks]
@@ -219,16 +199,6 @@ class State:
         return len(self.obj_ids)
 
 
-def _copy(prompts: Prompts) -> Prompts:
-    """The prompts as they are now (later prompts change the dicts and rebind the fields of the
-    prompts on the same frame, never an array in place)."""
-    return {obj: {f: dataclasses.replace(p) for f, p in frames.items()} for obj, frames in prompts.items()}
-
-
-def _started(frames: dict[int, Prompt], frame: int, reverse: bool) -> bool:
-    return any((f >= frame) if reverse else (f <= frame) for f in frames)
-
-
 def _rows(x: np.ndarray, batch: range, rows: int, fill: Any = 0) -> np.ndarray:
     """Rows `batch` of x, padded with `fill` to `rows` rows (every bank has one shape)."""
     out = np.full((rows, *x.shape[1:]), fill, x.dtype)
@@ -253,7 +223,8 @@ class VideoPredictor:
         """trunk_params: gives the trunk's parameters when frames (not features) are tracked; None
         draws a random trunk from `seed`. objects_per_batch: objects tracked together in one bank
         and step (None: all of them); many objects then take several steps per frame but device
-        memory of at most this many."""
+        memory of at most this many. storage_dtype: of the bank's memory tokens (bfloat16, as
+        upstream stores memories; float32 is what an ONNX export keeps, and matches it to ~1e-6)."""
         if objects_per_batch is not None and objects_per_batch < 1:
             raise PredictorError(f"objects_per_batch must be at least 1, got {objects_per_batch}")
         self.objects_per_batch = objects_per_batch
@@ -285,6 +256,7 @@ class VideoPredictor:
         seed: int = 0,
         memory: str = "auto",
         objects_per_batch: int | None = None,
+        storage_dtype: Any = jnp.bfloat16,
     ) -> VideoPredictor:
         """A predictor from any weights source `es3_jax.weights.load` reads (a sam3.pt, a merged
         export, an es3 weights folder, an `es3 train` run or checkpoint, ...), or None (random).
@@ -292,7 +264,7 @@ class VideoPredictor:
         config: a Config, a YAML path, or None (the source's own config, else the defaults);
         overrides: `KEY VALUE` pairs. memory: "teacher", "student" or "auto" (the student when
         the weights hold one, or, for random weights, when the config describes one).
-        objects_per_batch: see the constructor.
+        objects_per_batch, storage_dtype: see the constructor.
         """
         loaded = weights.load(path, config, overrides=overrides, seed=seed)
         cfg = loaded.cfg
@@ -315,6 +287,7 @@ class VideoPredictor:
             student=student,
             trunk_params=lambda: loaded.trunk_params(seed),
             seed=seed,
+            storage_dtype=storage_dtype,
             objects_per_batch=objects_per_batch,
         )
 
@@ -360,10 +333,6 @@ class VideoPredictor:
             tracker, memory = models(tstate, mstate)
             return tracker.prompt_memory(memory, frame, low_res, scores, prompted, top)
 
-        def resize(x, height, width, antialias):
-            self._traced("resize")
-            return resize_bilinear(x, height, width, antialias=antialias)
-
         return {
             "features": jax.jit(features),
             "step": jax.jit(step, donate_argnums=(3,)),
@@ -371,7 +340,6 @@ class VideoPredictor:
             "click_prompt": jax.jit(click_prompt, static_argnums=(5,)),
             "prompt_top": jax.jit(prompt_top),
             "prompt_memory": jax.jit(prompt_memory),
-            "resize": jax.jit(resize, static_argnums=(1, 2, 3)),
         }
 
     def _timed(self, name: str, fn, *args):
@@ -384,30 +352,49 @@ class VideoPredictor:
         self, x: np.ndarray | jax.Array, height: int, width: int, antialias: bool = False
     ) -> np.ndarray:
         """`[O, h, w]` -> `[O, height, width]` float32 on the host (bilinear, half-pixel; antialiased
-        when asked and shrinking). A copy, never a view of a device buffer: what the state keeps
-        (prompts) must not hold device memory."""
-        x = jnp.asarray(x, jnp.float32)
-        if x.shape[-2:] != (height, width):
-            x = self._jit["resize"](x[..., None], height, width, antialias)[..., 0]
-        return np.array(x)
+        when asked and shrinking; `es3_jax.interpolation`, which the ONNX driver shares). A copy, never
+        a view of a device buffer: what the state keeps (prompts) must not hold device memory."""
+        return resize_bilinear(np.asarray(x, np.float32), height, width, antialias=antialias)
 
     # ----------------------------------------------------------------------------------------
     # inputs
 
+    @property
+    def memory(self) -> str:
+        """Whose memory path the steps run: "teacher" or "student"."""
+        return "teacher" if self._memory_def is None else "student"
+
+    def modules(self) -> tuple[SAM3Tracker, nnx.Module, nnx.Module]:
+        """(tracker, the memory path its steps read: its own or the student, trunk): modules holding
+        the predictor's weights, for an export to trace. The trunk is built here when no frame has
+        needed it yet."""
+        tracker = nnx.merge(self._tracker_def, self._tracker_state)
+        memory = (
+            tracker.memory_path()
+            if self._memory_def is None
+            else nnx.merge(self._memory_def, self._memory_state)
+        )
+        if self._trunk is None:
+            self._build_trunk()
+        _, tdef, tstate = self._trunk
+        return tracker, memory, nnx.merge(tdef, tstate)
+
+    def _build_trunk(self) -> None:
+        params = None if self._trunk_params is None else self._trunk_params()
+        tdef, tstate = nnx.split(trunk_from_config(self.cfg, params, seed=self.seed))
+
+        @jax.jit
+        def run(state, images):
+            self._traced("trunk")
+            return nnx.merge(tdef, state)(images)
+
+        self._trunk = (run, tdef, tstate)
+
     def _run_trunk(self, images: np.ndarray) -> jax.Array:
         """Normalised frames `[1, S, S, 3]` -> trunk features, by the trunk built on first use."""
         if self._trunk is None:
-            params = None if self._trunk_params is None else self._trunk_params()
-            trunk = trunk_from_config(self.cfg, params, seed=self.seed)
-            tdef, tstate = nnx.split(trunk)
-
-            @jax.jit
-            def run(state, images):
-                self._traced("trunk")
-                return nnx.merge(tdef, state)(images)
-
-            self._trunk = (run, tstate)
-        run, state = self._trunk
+            self._build_trunk()
+        run, _, state = self._trunk
         return run(state, jnp.asarray(images))
 
     def init_state(
@@ -598,30 +585,19 @@ class VideoPredictor:
         `propagate_in_video` tracked, the other objects tracked there keep that output as their
         prompt on it (a correction; the next propagation conditions on it).
         """
-        mask = np.asarray(mask)
-        if mask.ndim != 2:
-            raise PredictorError(f"a mask prompt must be [H, W], got shape {mask.shape}")
         self._check_promptable(state, frame_idx)
+        grid = self.teacher_cfg.grid
+        m_in, logits = mask_inputs(mask, grid, state.video_size)
         obj = self._obj_idx(state, obj_id)
         frame = self._frame(state, frame_idx)
         earlier = self._earlier_output(state, frame_idx)
-        s = 16 * self.teacher_cfg.grid
-        h, w = state.video_size
-        m = jnp.asarray(mask, jnp.float32)[None]
-        m_in = self._resize(m, s, s, antialias=True)
-        video_res = self._resize(m, h, w, antialias=True)[0] > 0.5
         out = self._timed(
-            "prompt", self._jit["mask_prompt"], self._tracker_state, frame, jnp.asarray(m_in)[..., None]
+            "prompt", self._jit["mask_prompt"], self._tracker_state, frame, jnp.asarray(m_in)[None, ..., None]
         )
-        logits = np.where(video_res, -NO_OBJ_SCORE, NO_OBJ_SCORE).astype(np.float32)
-        for other, frames in state.prompts.items():
-            p = frames.get(frame_idx)
-            if other != obj and p is not None and p.video_res is not None:
-                p.video_res = np.where(video_res, NO_OBJ_SCORE, p.video_res).astype(np.float32)
-                p.low_res = self._low_res_of(p.video_res)
+        carve(state.prompts, frame_idx, obj, logits, grid)
         state.prompts[obj][frame_idx] = Prompt(
             "mask",
-            self._low_res_of(logits),
+            low_res_of(logits, grid),
             logits,
             np.array(out.obj_ptr[0]),
             float(out.object_score_logits[0]),
@@ -629,10 +605,6 @@ class VideoPredictor:
         )
         self._correct(state, frame_idx, obj, earlier)
         return frame_idx, list(state.obj_ids), self._prompt_frame_logits(state, frame_idx)
-
-    def _low_res_of(self, video_res: np.ndarray) -> np.ndarray:
-        low = 4 * self.teacher_cfg.grid
-        return self._resize(video_res[None], low, low, antialias=True)[0]
 
     def add_new_points_or_box(
         self,
@@ -655,34 +627,18 @@ class VideoPredictor:
         keep theirs as their prompt on the frame.
         Returns (frame_idx, obj_ids, logits `[O, H, W]` of that frame at video resolution).
         """
-        if (points is None) != (labels is None):
-            raise PredictorError("points and labels must be given together")
-        if points is None and box is None:
-            raise PredictorError("give points (with labels) or a box")
-        if box is not None and not clear_old_points:
-            raise PredictorError("a box must come first: use clear_old_points=True with a box")
         self._check_promptable(state, frame_idx)
         obj = self._obj_idx(state, obj_id)
-        h, w = state.video_size
-        scale = np.array([self.teacher_cfg.IMAGE_SIZE / w, self.teacher_cfg.IMAGE_SIZE / h], np.float32)
-        coords = (
-            np.zeros((0, 2), np.float32) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
-        )
-        labs = np.zeros((0,), np.int32) if labels is None else np.asarray(labels, np.int32).reshape(-1)
-        if len(coords) != len(labs):
-            raise PredictorError(f"{len(coords)} points but {len(labs)} labels")
-        coords = coords * scale
-        if box is not None:
-            corners = np.asarray(box, np.float32).reshape(2, 2) * scale
-            coords = np.concatenate([corners, coords])
-            labs = np.concatenate([np.array([2, 3], np.int32), labs])
         previous = state.prompts[obj].get(frame_idx)
-        if not clear_old_points and previous is not None and previous.coords is not None:
-            coords = np.concatenate([previous.coords, coords])
-            labs = np.concatenate([previous.labels, labs])
-        if len(coords) > _MAX_POINTS:
-            keep = np.r_[0 : _MAX_POINTS // 2, len(coords) - (_MAX_POINTS - _MAX_POINTS // 2) : len(coords)]
-            coords, labs = coords[keep], labs[keep]
+        coords, labs = click_inputs(
+            points,
+            labels,
+            box,
+            image_size=self.teacher_cfg.IMAGE_SIZE,
+            video_size=state.video_size,
+            previous=previous,
+            clear_old_points=clear_old_points,
+        )
         frame = self._frame(state, frame_idx)
         earlier = self._earlier_output(state, frame_idx)
         prev = None
@@ -719,15 +675,7 @@ class VideoPredictor:
         return frame_idx, list(state.obj_ids), self._prompt_frame_logits(state, frame_idx)
 
     def _prompt_frame_logits(self, state: State, frame_idx: int) -> np.ndarray:
-        """Every object's prompt on a frame at video resolution (NO_OBJ_SCORE where it has none)."""
-        h, w = state.video_size
-        out = np.full((state.num_objects, h, w), NO_OBJ_SCORE, np.float32)
-        for obj, frames in state.prompts.items():
-            p = frames.get(frame_idx)
-            if p is None:
-                continue
-            out[obj] = p.video_res if p.video_res is not None else self._resize(p.low_res[None], h, w)[0]
-        return out
+        return frame_prompt_logits(state.prompts, frame_idx, state.num_objects, state.video_size)
 
     # ----------------------------------------------------------------------------------------
     # memory: one code path for passes, replays and streams
@@ -815,7 +763,7 @@ class VideoPredictor:
         scores = np.zeros((o,), np.float32)
         ious = np.zeros((o,), np.float32)
         prompted = np.array([f in prompts[obj] for obj in range(o)])
-        tracked = np.array([_started(prompts[obj], f, reverse) for obj in range(o)]) & ~prompted
+        tracked = np.array([started(prompts[obj], f, reverse) for obj in range(o)]) & ~prompted
         for obj in np.flatnonzero(prompted):
             p = prompts[obj][f]
             low[obj], ptrs[obj], scores[obj], ious[obj] = p.low_res, p.obj_ptr, p.object_score, p.iou
@@ -848,11 +796,7 @@ class VideoPredictor:
                 scores[objs] = np.asarray(out.object_score_logits)[rows_tracked]
                 ious[objs] = np.asarray(out.iou_score)[rows_tracked]
                 presence[objs] = np.asarray(out.presence)[rows_tracked]
-            # Upstream `cal_mem_score` multiplies a [B, 1] by a [B] tensor before its mean, so the
-            # frame's score is mean(presence) · mean(IoU) over every tracked object, not the mean of
-            # the products; batches of objects share it.
-            score = float(np.mean(presence[tracked]) * np.mean(ious[tracked]))
-            memory.schedule.record(f, reads, score)
+            memory.schedule.record(f, reads, frame_score(presence, ious, tracked))
         self.timings["frames"] = self.timings.get("frames", 0) + 1
         return FrameOutput(low, ptrs, scores, ious, tracked)
 
@@ -899,7 +843,7 @@ class VideoPredictor:
         else:
             end = min(start_frame_idx + max_frame_num_to_track, num_frames - 1)
             order = range(start_frame_idx, end + 1)
-        done = Pass(_copy(state.prompts), state.num_objects, list(order), reverse)
+        done = Pass(copy_prompts(state.prompts), state.num_objects, list(order), reverse)
         state.passes.append(done)
         state.memory = self._pass_memory(state, done.prompts, done.num_objects)
         h, w = state.video_size
