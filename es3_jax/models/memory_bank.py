@@ -76,16 +76,17 @@ class MemoryBank(NamedTuple):
         write: jax.Array,
     ) -> MemoryBank:
         """Each object's new memory tokens `[O, N, Cm]` (positions `[O, N, Cm]`) and pointer `[O, C]`
-        stored at `slot` / `pointer_slot` `[O]` where `write` `[O]` holds."""
-        idx = jnp.arange(tokens.shape[0])
-        old = self.tokens[idx, slot]
-        new = jnp.where(write[:, None, None], tokens.astype(self.tokens.dtype), old)
-        old_ptr = self.pointers[idx, pointer_slot]
-        new_ptr = jnp.where(write[:, None], obj_ptr.astype(self.pointers.dtype), old_ptr)
+        stored at `slot` / `pointer_slot` `[O]` where `write` `[O]` holds.
+
+        A select over the slots rather than a scatter: the same values, and a graph whose every
+        shape is static when exported (a scatter lowers to ONNX through a data-dependent NonZero).
+        """
+        at = (jnp.arange(self.tokens.shape[1]) == slot[:, None]) & write[:, None]
+        at_ptr = (jnp.arange(self.pointers.shape[1]) == pointer_slot[:, None]) & write[:, None]
         return MemoryBank(
-            self.tokens.at[idx, slot].set(new),
+            jnp.where(at[:, :, None, None], tokens.astype(self.tokens.dtype)[:, None], self.tokens),
             tokens_pos[0].astype(jnp.float32),
-            self.pointers.at[idx, pointer_slot].set(new_ptr),
+            jnp.where(at_ptr[:, :, None], obj_ptr.astype(self.pointers.dtype)[:, None], self.pointers),
         )
 
     def read(self, sel: Selection) -> tuple[jax.Array, jax.Array]:
