@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# jax2onnx's metadata pins an older orbax-checkpoint than es3's; the export needs none of its
+	# dependencies beyond the onnx extra (pyproject.toml).
+	$(BIN)/python -m pip install --quiet --no-deps jax2onnx==0.17.1
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -140,6 +140,14 @@ def _begin(target: Path, *, folder: bool, holds: Collection[str] = ()) -> tuple[
         raise _failed(target, e) from e
 
 
+def open_permissions(path: Path) -> None:
+    """Give a file that a library wrote through `tempfile` (0600) the permissions `open` would have
+    given it (0666 less the umask), as every output here has."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def check_writable(target: str | Path) -> None:
     """OutputError unless `target` could be written now: called before the work whose result goes
     there. Leaves nothing behind (a missing folder is tried by creating and removing it)."""
