@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "train",
     "plan": "plan",
     "track": "track",
+    "onnx": "onnx",
 }
 
 
