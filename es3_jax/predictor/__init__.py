@@ -1,8 +1,10 @@
 """Video tracking for users: `VideoPredictor` (the SAM2/SAM3 predictor API), the frame sources it
-reads, and the memory-bank schedule it shares with training.
+reads, the memory-bank schedule it shares with training, and the prompt handling it shares with the
+ONNX driver.
 
-`VideoPredictor` and its state types load on first use: the schedule is plain host code, and
-training imports it without the predictor's models, weights loading and jax.
+`VideoPredictor` and its state types load on first use: the schedule and the prompts are plain host
+code, which training and the ONNX driver import without the predictor's models, weights loading and
+jax.
 """
 
 __all__ = ["PredictorError", "Prompt", "State", "VideoPredictor"]
