@@ -23,6 +23,7 @@ from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, build_tracker
 from es3_jax.params import flatten, param_dict, unflatten
 from es3_jax.predictor import VideoPredictor
+from tests.train.runs import cli_env
 
 # 112 px -> an 8×8 grid; a 64-wide trunk output stands in for SAM3's 1024.
 SMALL = [
@@ -152,7 +153,7 @@ def _peak_memory(tmp_path: Path, num_frames: int, early: int) -> None:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        env=cli_env(),  # the session's compilation cache and compile speed, one CPU device
         timeout=1800,
     )
     assert run.returncode == 0, run.stderr[-3000:]
