@@ -46,7 +46,7 @@ def antialias_weights(n: int, size: int) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True, dtype=_F32)
 
 
-def resize_axis(x: np.ndarray, size: int, axis: int, *, antialias: bool = False) -> np.ndarray:
+def _resize_axis(x: np.ndarray, size: int, axis: int, *, antialias: bool = False) -> np.ndarray:
     """One axis of `x` resized to `size` samples (antialiased when asked and shrinking)."""
     n = x.shape[axis]
     if n == size:
@@ -63,7 +63,7 @@ def resize_axis(x: np.ndarray, size: int, axis: int, *, antialias: bool = False)
 def resize_bilinear(x: np.ndarray, height: int, width: int, *, antialias: bool = False) -> np.ndarray:
     """`[..., h, w]` -> `[..., height, width]` float32 (a new array, never a view of `x`)."""
     x = np.asarray(x, _F32)
-    out = resize_axis(
-        resize_axis(x, width, x.ndim - 1, antialias=antialias), height, x.ndim - 2, antialias=antialias
+    out = _resize_axis(
+        _resize_axis(x, width, x.ndim - 1, antialias=antialias), height, x.ndim - 2, antialias=antialias
     )
     return np.array(out, _F32, copy=True)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from es3_jax import config as config_lib
 from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, MANIFEST, OUTPUTS, Manifest
@@ -307,8 +306,3 @@ def export_onnx(
         if occupied:
             shutil.rmtree(output_dir)  # the export it replaces goes only once this one is whole
     return ExportResult(output_dir, manifest, infos)
-
-
-def frame_inputs(features: FrameFeatures) -> list[np.ndarray]:
-    """A frame's features as the graphs take them."""
-    return [np.asarray(x, np.float32) for x in (features.feat, features.pos, *features.high_res)]
