@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m slow

@@ -8,9 +8,7 @@ from pathlib import Path
 
 from tests.flags import FAST_COMPILE
 
-# Must precede the first JAX backend use anywhere in the session. XLA:CPU's LLVM optimisation
-# level 0 compiles a train step in two thirds of the time and runs the tests' small programs about
-# as fast; float results do not depend on it.
+# Must precede the first JAX backend use anywhere in the session (FAST_COMPILE: tests/flags.py).
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session and the `es3` processes its tests start: tests build the
@@ -47,6 +45,29 @@ class _GatherWorkerFigures:
 
     def pytest_testnodedown(self, node, error):
         _WORKER_FIGURES.extend(json.loads(node.workeroutput.get("parity_figures", "[]")))
+
+
+# `make test` hands each pytest worker whole files, the next file in collection order to the first
+# worker free (pytest-xdist --dist loadfile --no-loadscope-reorder). These files take a minute or
+# more each (measured on 2 CPU cores), longest first: started first, they leave the short files to
+# even out the workers' ends, instead of one worker running a long file alone at the end.
+LONG_FILES = (
+    "tests/predictor/test_video_predictor.py",
+    "tests/porting/test_export.py",
+    "tests/models/test_tracking.py",
+    "tests/test_demo.py",
+    "tests/test_track_cli.py",
+    "tests/train/test_multiprocess.py",
+    "tests/porting/test_stage1_checkpoint.py",
+    "tests/train/test_step.py",
+    "tests/train/test_amp.py",
+    "tests/deploy/test_onnx.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))
 
 
 def pytest_configure(config):
