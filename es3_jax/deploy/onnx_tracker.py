@@ -48,6 +48,7 @@ from es3_jax.predictor.prompts import (
     started,
 )
 from es3_jax.predictor.schedule import MemorySchedule, frame_score
+from es3_jax.predictor.stream import FrameStream
 
 # The export flag that sets each input's shape, for the error a mismatched input gets (the rest:
 # the number of objects, and for the bank the conditioning slots too).
@@ -66,23 +67,18 @@ class OnnxShapeError(PredictorError):
 
 @dataclasses.dataclass
 class StreamState:
-    """A stream tracked with an export: its prompts, the memory bank, the newest frame."""
+    """A stream tracked with an export: its frames (the newest one's image-encoder outputs), its
+    prompts and the memory bank."""
 
-    size: tuple[int, int] | None  # (H, W) of the masks; None: the first frame's
+    stream: FrameStream
     obj_ids: list[int] = dataclasses.field(default_factory=list)
     prompts: Prompts = dataclasses.field(default_factory=dict)
     schedule: MemorySchedule | None = None
     bank: dict[str, np.ndarray] | None = None  # BANK names -> arrays
-    num_frames: int = 0
-    frame: dict[str, np.ndarray] | None = None  # the newest frame's features (FRAME names)
-    frame_shape: tuple[int, ...] | None = None
-    tracked: bool = False
 
     @property
     def video_size(self) -> tuple[int, int]:
-        if self.size is None:
-            raise PredictorError("the stream has no frame yet: add_frame first")
-        return self.size
+        return self.stream.video_size
 
 
 def read_frames(folder: str | Path) -> Iterator[np.ndarray]:
@@ -164,7 +160,7 @@ class OnnxTracker:
 
     def init_stream(self, video_size: tuple[int, int] | None = None) -> StreamState:
         """A new stream; video_size: (H, W) of the masks, default the first frame's size."""
-        return StreamState(None if video_size is None else (int(video_size[0]), int(video_size[1])))
+        return StreamState(FrameStream.of_size(video_size))
 
     def add_frame(self, state: StreamState, frame: np.ndarray) -> int:
         """The next frame `[H, W, 3]` uint8 RGB (every frame of one size); returns its index. The
@@ -172,36 +168,12 @@ class OnnxTracker:
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
             raise PredictorError(f"a stream frame must be [H, W, 3] uint8, got {frame.dtype} {frame.shape}")
-        if state.frame_shape not in (None, frame.shape):
-            raise PredictorError(
-                f"frame {state.num_frames} of the stream is {frame.shape[1]}x{frame.shape[0]} "
-                f"(width x height), the earlier ones {state.frame_shape[1]}x{state.frame_shape[0]}"
-            )
+        state.stream.check_shape(frame.shape)
         data = self.cfg.DATA
         image = normalize(resize_frame(frame, self.manifest.image_size), data.PIXEL_MEAN, data.PIXEL_STD)[
             None
         ]
-        state.frame = self.run("image_encoder", {"image": image})
-        if state.size is None:
-            state.size = (int(frame.shape[0]), int(frame.shape[1]))
-        state.frame_shape = frame.shape
-        state.tracked = False
-        state.num_frames += 1
-        return state.num_frames - 1
-
-    def _check_promptable(self, state: StreamState, frame_idx: int) -> None:
-        newest = state.num_frames - 1
-        if state.num_frames == 0:
-            raise PredictorError("the stream has no frame yet: add_frame first")
-        if frame_idx != newest:
-            raise PredictorError(
-                f"frame {frame_idx} of a stream: only the newest frame ({newest}) is kept; "
-                "prompt a frame when it arrives, before track_frame"
-            )
-        if state.tracked:
-            raise PredictorError(
-                f"frame {frame_idx} of the stream was tracked already: prompt a frame before track_frame"
-            )
+        return state.stream.push(self.run("image_encoder", {"image": image}), frame.shape, frame.shape[:2])
 
     def _obj_idx(self, state: StreamState, obj_id: int) -> int:
         if obj_id not in state.obj_ids:
@@ -220,11 +192,11 @@ class OnnxTracker:
         """A mask prompt `[h, w]` (bool or [0, 1], any size) for one object on the newest frame ->
         (frame_idx, obj_ids, logits `[O, H, W]` of that frame). Where it overlaps masks given earlier
         on the frame, the new mask wins."""
-        self._check_promptable(state, frame_idx)
+        state.stream.check_promptable(frame_idx)
         g = self.manifest.grid
         m_in, logits = mask_inputs(mask, g, state.video_size)
         obj = self._obj_idx(state, obj_id)
-        out = self.run("mask_prompt", {**state.frame, "mask": m_in[None]})
+        out = self.run("mask_prompt", {**state.stream.newest, "mask": m_in[None]})
         carve(state.prompts, frame_idx, obj, logits, g)
         state.prompts[obj][frame_idx] = Prompt(
             "mask",
@@ -252,7 +224,7 @@ class OnnxTracker:
         """Clicks `[P, 2]` (x, y video pixels) with labels `[P]` (1 positive, 0 negative) and/or a box
         (x0, y0, x1, y1; two of the P points) for one object on the newest frame, as many as the
         export's click graph takes -> (frame_idx, obj_ids, logits `[O, H, W]` of that frame)."""
-        self._check_promptable(state, frame_idx)
+        state.stream.check_promptable(frame_idx)
         coords, labs = click_inputs(
             points,
             labels,
@@ -275,7 +247,7 @@ class OnnxTracker:
                 "logits as a mask input, which the ONNX click graph does not take"
             )
         out = self.run(
-            "click_prompt", {**state.frame, "point_coords": coords[None], "point_labels": labs[None]}
+            "click_prompt", {**state.stream.newest, "point_coords": coords[None], "point_labels": labs[None]}
         )
         state.prompts[obj][frame_idx] = Prompt(
             "points",
@@ -301,11 +273,7 @@ class OnnxTracker:
         on it get their prompts' masks and join the memory; those prompted earlier are tracked."""
         if frame is not None:
             self.add_frame(state, frame)
-        if state.num_frames == 0:
-            raise PredictorError("the stream has no frame yet: add_frame first")
-        if state.tracked:
-            raise PredictorError(f"frame {state.num_frames - 1} was tracked already: add the next frame")
-        idx = state.num_frames - 1
+        idx = state.stream.to_track()
         h, w = state.video_size
         o = len(state.obj_ids)
         logits = np.zeros((0, h, w), np.float32)
@@ -314,7 +282,7 @@ class OnnxTracker:
                 self._new_memory(state)
             low = self._frame_output(state, idx)
             logits = resize_bilinear(low[:o], h, w)
-        state.tracked = True
+        state.stream.tracked = True
         return idx, list(state.obj_ids), logits
 
     def reset_state(self, state: StreamState) -> None:
@@ -373,11 +341,11 @@ class OnnxTracker:
                 "prompted": prompted,
                 "cond_slot": slots,
             }
-            out = self.run("prompt_memory", {**state.frame, **inputs, **state.bank})
-            state.bank = {name: out[f"next_{name}"] for name in BANK}
+            out = self.run("prompt_memory", {**state.stream.newest, **inputs, **state.bank})
+            state.bank = dict(zip(BANK, (out[name] for name in NEXT_BANK), strict=True))
         if tracked.any():
             reads = state.schedule.select(f, False, tracked)
-            out = self.run("track_step", {**state.frame, **state.bank, **reads})
+            out = self.run("track_step", {**state.stream.newest, **state.bank, **reads})
             state.bank = dict(zip(BANK, (out[name] for name in NEXT_BANK), strict=True))
             low[tracked] = out["low_res_masks"][tracked]
             score = frame_score(out["presence"], out["iou_score"], tracked)

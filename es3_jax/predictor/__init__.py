@@ -1,9 +1,9 @@
 """Video tracking for users: `VideoPredictor` (the SAM2/SAM3 predictor API), the frame sources it
-reads, the memory-bank schedule it shares with training, and the prompt handling it shares with the
-ONNX driver.
+reads, the memory-bank schedule it shares with training, and the prompt and stream handling it
+shares with the ONNX driver.
 
-`VideoPredictor` and its state types load on first use: the schedule and the prompts are plain host
-code, which training and the ONNX driver import without the predictor's models, weights loading and
+`VideoPredictor` and its state types load on first use: the schedule, the prompts and the stream are
+plain host code, which training and the ONNX driver import without the predictor's models, weights loading and
 jax.
 """
 

@@ -71,6 +71,7 @@ from es3_jax.predictor.prompts import (
     started,
 )
 from es3_jax.predictor.schedule import BankLayout, MemorySchedule, frame_score
+from es3_jax.predictor.stream import FrameStream
 
 
 @dataclasses.dataclass
@@ -143,31 +144,6 @@ class Memory:
                 schedule.layout = schedule.layout.with_cond(cond + 4)
                 self.banks = [b.grown(b.tokens.shape[0], 4, at=cond) for b in self.banks]
         return schedule.condition(obj, frame), forgotten
-
-
-@dataclasses.dataclass
-class FrameStream:
-    """Frames that arrive one at a time (`VideoPredictor.add_frame`): only the newest is kept."""
-
-    size: tuple[int, int] | None  # (H, W) of the masks; None: the first frame's
-    num_frames: int = 0
-    newest: jax.Array | None = None  # [1, g, g, Ct] trunk features of the newest frame
-    frame_shape: tuple[int, ...] | None = None
-    tracked: bool = False  # the newest frame's masks were given
-
-    @property
-    def video_size(self) -> tuple[int, int]:
-        if self.size is None:
-            raise PredictorError("the stream has no frame yet: add_frame first")
-        return self.size
-
-    def features(self, i: int) -> jax.Array:
-        if i != self.num_frames - 1:
-            raise PredictorError(
-                f"frame {i} of a stream: only the newest frame ({self.num_frames - 1}) is kept; "
-                "prompt a frame when it arrives, before track_frame"
-            )
-        return self.newest
 
 
 @dataclasses.dataclass
@@ -348,14 +324,6 @@ class VideoPredictor:
         self.timings[name] = self.timings.get(name, 0.0) + 1000 * (time.perf_counter() - start)
         return out
 
-    def _resize(
-        self, x: np.ndarray | jax.Array, height: int, width: int, antialias: bool = False
-    ) -> np.ndarray:
-        """`[O, h, w]` -> `[O, height, width]` float32 on the host (bilinear, half-pixel; antialiased
-        when asked and shrinking; `es3_jax.interpolation`, which the ONNX driver shares). A copy, never
-        a view of a device buffer: what the state keeps (prompts) must not hold device memory."""
-        return resize_bilinear(np.asarray(x, np.float32), height, width, antialias=antialias)
-
     # ----------------------------------------------------------------------------------------
     # inputs
 
@@ -430,7 +398,7 @@ class VideoPredictor:
         `propagate_in_video` tracking forward, and bounded: it does not grow with the stream.
         video_size: (H, W) of the masks; default: the first frame's size.
         """
-        return State(FrameStream(None if video_size is None else (int(video_size[0]), int(video_size[1]))))
+        return State(FrameStream.of_size(video_size))
 
     def add_frame(self, state: State, frame: np.ndarray) -> int:
         """The next frame of a stream: `[H, W, 3]` uint8 RGB (every frame of one size), or trunk
@@ -443,11 +411,7 @@ class VideoPredictor:
         frame = np.asarray(frame)
         t = self.teacher_cfg
         if frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] == 3:
-            if stream.frame_shape not in (None, frame.shape):
-                raise PredictorError(
-                    f"frame {stream.num_frames} of the stream is {frame.shape[1]}x{frame.shape[0]} "
-                    f"(width x height), the earlier ones {stream.frame_shape[1]}x{stream.frame_shape[0]}"
-                )
+            stream.check_shape(frame.shape)
             data = self.cfg.DATA
             image = normalize(resize_frame(frame, t.IMAGE_SIZE), data.PIXEL_MEAN, data.PIXEL_STD)[None]
             features = self._timed("trunk", self._run_trunk, image)
@@ -460,13 +424,8 @@ class VideoPredictor:
                 f"a stream frame must be [H, W, 3] uint8 or trunk features [{t.grid}, {t.grid}, "
                 f"{t.TRUNK_DIM}] float, got {frame.dtype} {frame.shape}"
             )
-        if stream.size is None:
-            stream.size = (int(size[0]), int(size[1]))
-        stream.frame_shape = frame.shape
-        stream.newest, stream.tracked = features, False
-        stream.num_frames += 1
         state.cached = None
-        return stream.num_frames - 1
+        return stream.push(features, frame.shape, size)
 
     def track_frame(self, state: State, frame: np.ndarray | None = None) -> tuple[int, list[int], np.ndarray]:
         """The masks of a stream's newest frame (after adding `frame`, when given): (frame_idx,
@@ -482,11 +441,7 @@ class VideoPredictor:
             )
         if frame is not None:
             self.add_frame(state, frame)
-        if stream.num_frames == 0:
-            raise PredictorError("the stream has no frame yet: add_frame first")
-        if stream.tracked:
-            raise PredictorError(f"frame {stream.num_frames - 1} was tracked already: add the next frame")
-        idx = stream.num_frames - 1
+        idx = stream.to_track()
         h, w = state.video_size
         o = state.num_objects
         logits = np.zeros((0, h, w), np.float32)
@@ -531,11 +486,7 @@ class VideoPredictor:
 
     def _check_promptable(self, state: State, frame_idx: int) -> None:
         if isinstance(state.source, FrameStream):
-            self._frame(state, frame_idx)
-            if state.source.tracked:
-                raise PredictorError(
-                    f"frame {frame_idx} of the stream was tracked already: prompt a frame before track_frame"
-                )
+            state.source.check_promptable(frame_idx)
 
     def _earlier_output(self, state: State, frame_idx: int) -> tuple[Pass, FrameOutput] | None:
         """The latest pass's output on `frame_idx`, when a pass tracked it and some object it tracked
@@ -807,8 +758,10 @@ class VideoPredictor:
             yield f, self._frame_output(state, memory, prompts, f, reverse, write_prompts=False)
 
     def _video_logits(self, low_res: np.ndarray, h: int, w: int) -> np.ndarray:
+        """Low-res logits `[O, 4g, 4g]` -> `[O, h, w]` at video resolution, a host array (a copy,
+        never a view of a device buffer)."""
         start = time.perf_counter()
-        logits = self._resize(low_res, h, w)
+        logits = resize_bilinear(low_res, h, w)
         self.timings["resize"] = self.timings.get("resize", 0.0) + 1000 * (time.perf_counter() - start)
         return logits
 
