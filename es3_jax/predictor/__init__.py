@@ -2,9 +2,9 @@
 reads, the memory-bank schedule it shares with training, and the prompt and stream handling it
 shares with the ONNX driver.
 
-`VideoPredictor` and its state types load on first use: the schedule, the prompts and the stream are
-plain host code, which training and the ONNX driver import without the predictor's models, weights loading and
-jax.
+`VideoPredictor` and its state types load on first use: the schedule, the prompts and the stream
+are plain host code, which training and the ONNX driver import without the predictor's models,
+weights loading and jax.
 """
 
 __all__ = ["PredictorError", "Prompt", "State", "VideoPredictor"]
