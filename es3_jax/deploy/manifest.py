@@ -79,6 +79,17 @@ class Manifest:
     source: str  # the weights the graphs were traced from
     graphs: dict[str, str]  # graph -> file name
 
+    @property
+    def bank_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each BANK tensor (float32): tokens `[O, slots, N, Cm]`, their positions
+        `[N, Cm]`, pointers `[O, pointer slots, C]`."""
+        n, cm = self.tokens
+        return {
+            "bank_tokens": (self.objects, self.layout.slots, n, cm),
+            "bank_tokens_pos": (n, cm),
+            "bank_pointers": (self.objects, self.layout.pointer_slots, self.pointer_dim),
+        }
+
     def save(self, folder: Path) -> None:
         record = dataclasses.asdict(self)
         record["format_version"] = FORMAT_VERSION

@@ -1,9 +1,9 @@
 """`es3 export --format onnx`: the tracker as five static-shape ONNX graphs (see `manifest`).
 
-Each graph is one of the predictor's own jitted functions (`SAM3Tracker.frame_features` after the
+Each graph traces, with jax2onnx and the weights as constants, the tracker methods the predictor's
+jitted functions call, on the predictor's own modules (`SAM3Tracker.frame_features` after the
 trunk, `mask_prompt`, `click_prompt`, `prompt_top` + `prompt_memory` + the bank write,
-`track_step`) traced by jax2onnx with the weights as constants, so onnxruntime runs what es3
-runs. Every shape is fixed by the export: the image size, the objects tracked together (the bank's
+`track_step`), so onnxruntime runs what es3 runs. Every shape is fixed by the export: the image size, the objects tracked together (the bank's
 rows), the clicks of a click prompt, and the bank layout (conditioning slots and reads), which is
 what lets a bank that upstream keeps as growing Python lists be a graph input at all.
 
@@ -25,12 +25,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from es3_jax import config as config_lib
 from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, MANIFEST, OUTPUTS, Manifest
 from es3_jax.errors import Es3Error
 from es3_jax.models.memory_bank import MemoryBank, Selection
-from es3_jax.models.tracker import FrameFeatures
+from es3_jax.models.tracker import FrameFeatures, SAM3Tracker
 from es3_jax.outputs import open_permissions, staged_folder
 from es3_jax.predictor.schedule import BankLayout
 from es3_jax.predictor.video_predictor import VideoPredictor
@@ -79,10 +80,10 @@ def _frame(feat: jax.Array, pos: jax.Array, high_res_0: jax.Array, high_res_1: j
     return FrameFeatures(feat, pos, (high_res_0, high_res_1))
 
 
-def _graph_functions(predictor: VideoPredictor, manifest: Manifest) -> dict[str, Callable]:
+def _graph_functions(
+    tracker: SAM3Tracker, memory: nnx.Module, trunk: nnx.Module, points: int
+) -> dict[str, Callable]:
     """The function each graph traces, arguments and results in the manifest's order."""
-    tracker, memory, trunk = predictor.modules()
-    points = manifest.points
 
     def image_encoder(image):
         frame = tracker.frame_features(trunk(image))
@@ -117,23 +118,17 @@ def _graph_functions(predictor: VideoPredictor, manifest: Manifest) -> dict[str,
     }
 
 
-def _input_specs(manifest: Manifest, cfg: config_lib.Config) -> dict[str, list[jax.ShapeDtypeStruct]]:
-    t = cfg.MODEL.TEACHER
-    s, g, o, d = manifest.image_size, manifest.grid, manifest.objects, t.D_MODEL
+def _input_specs(manifest: Manifest, image_encoder: Callable) -> dict[str, list[jax.ShapeDtypeStruct]]:
+    s, g, o, d = manifest.image_size, manifest.grid, manifest.objects, manifest.pointer_dim
     lay = manifest.layout
     f32, i32, b = jnp.float32, jnp.int32, jnp.bool_
 
     def spec(shape, dtype=f32):
         return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
-    frame = [
-        spec((1, g, g, d)),
-        spec((1, g, g, d)),
-        spec((1, 4 * g, 4 * g, d // 8)),
-        spec((1, 2 * g, 2 * g, d // 4)),
-    ]
-    n, cm = manifest.tokens
-    bank = [spec((o, lay.slots, n, cm)), spec((n, cm)), spec((o, lay.pointer_slots, d))]
+    image = spec((1, s, s, 3))
+    frame = list(jax.eval_shape(image_encoder, image))
+    bank = [spec(shape) for shape in manifest.bank_shapes.values()]
     low = spec((o, 4 * g, 4 * g))
     sel = [
         spec((o, lay.spatial_reads), i32),
@@ -148,7 +143,7 @@ def _input_specs(manifest: Manifest, cfg: config_lib.Config) -> dict[str, list[j
         spec((o,), b),
     ]
     return {
-        "image_encoder": [spec((1, s, s, 3))],
+        "image_encoder": [image],
         "mask_prompt": [*frame, spec((1, 16 * g, 16 * g))],
         "click_prompt": [*frame, spec((1, manifest.points, 2)), spec((1, manifest.points), i32)],
         "prompt_memory": [*frame, low, spec((o,)), spec((o, d)), spec((o,), b), spec((o,), i32), *bank],
@@ -156,11 +151,9 @@ def _input_specs(manifest: Manifest, cfg: config_lib.Config) -> dict[str, list[j
     }
 
 
-def _memory_tokens(predictor: VideoPredictor, cfg: config_lib.Config) -> tuple[int, int]:
-    """(N, Cm) of one memory frame as the predictor's memory path stores it."""
-    _, memory, _ = predictor.modules()
-    g, cm = cfg.MODEL.TEACHER.grid, cfg.MODEL.TEACHER.MEM_DIM
-    raw = jax.ShapeDtypeStruct((1, g, g, cm), jnp.float32)
+def _memory_tokens(memory: nnx.Module, t: config_lib.TrackerConfig) -> tuple[int, int]:
+    """(N, Cm) of one memory frame as the memory path `memory` stores it."""
+    raw = jax.ShapeDtypeStruct((1, t.grid, t.grid, t.MEM_DIM), jnp.float32)
     tokens, _ = jax.eval_shape(memory.compress, raw, raw)
     return tokens.shape[1], tokens.shape[2]
 
@@ -264,6 +257,7 @@ def export_onnx(
         )
     cfg = predictor.cfg
     t = cfg.MODEL.TEACHER
+    tracker, memory, trunk = predictor.modules()
     layout = BankLayout.for_video(t, cond_frames)
     layout = layout.reading(t, layout.cond)
     manifest = Manifest(
@@ -274,13 +268,13 @@ def export_onnx(
         points=points,
         opset=opset,
         layout=layout,
-        tokens=_memory_tokens(predictor, cfg),
+        tokens=_memory_tokens(memory, t),
         pointer_dim=t.D_MODEL,
         source=source,
         graphs={name: f"{name}.onnx" for name in graphs},
     )
-    functions = _graph_functions(predictor, manifest)
-    specs = _input_specs(manifest, cfg)
+    functions = _graph_functions(tracker, memory, trunk, points)
+    specs = _input_specs(manifest, functions["image_encoder"])
     infos = []
     holds = {MANIFEST, CONFIG, *manifest.graphs.values(), *(f"{f}.data" for f in manifest.graphs.values())}
     with staged_folder(output_dir, holds) as folder:

@@ -297,12 +297,7 @@ class OnnxTracker:
     def _new_memory(self, state: StreamState) -> None:
         m, t = self.manifest, self.teacher_cfg
         state.schedule = MemorySchedule(t, m.layout, None, m.objects, memory_selection=t.USE_MEMORY_SELECTION)
-        lay, (n, cm) = m.layout, m.tokens
-        state.bank = {
-            "bank_tokens": np.zeros((m.objects, lay.slots, n, cm), np.float32),
-            "bank_tokens_pos": np.zeros((n, cm), np.float32),
-            "bank_pointers": np.zeros((m.objects, lay.pointer_slots, m.pointer_dim), np.float32),
-        }
+        state.bank = {name: np.zeros(shape, np.float32) for name, shape in m.bank_shapes.items()}
 
     def _condition(self, state: StreamState, obj: int, frame: int) -> int:
         """A conditioning slot for `obj`'s prompt on `frame`, freeing those no later frame reads."""
