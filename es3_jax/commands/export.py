@@ -37,10 +37,10 @@ mask prompt, click prompt, prompted frame's memory, tracking step), opset 18, ev
 --image_size, --objects (tracked together), --points (clicks per prompt; a box is 2) and
 --cond_frames (prompted frames per object) fix them. --stage2_weights is then any weights es3
 reads (a sam3.pt, a merged export, a run, an es3 weights folder), with the student's memory path
-where it holds one (--memory). Track with it in numpy + onnxruntime:
-  from es3_jax.deploy.onnx_tracker import OnnxTracker
+where it holds one (--memory). Example:
   es3 export --format onnx --stage2_weights output/efficient_sam3_full.pt --output_path output/onnx \\
-      --objects 3"""
+      --objects 3
+then track in numpy + onnxruntime with es3_jax.deploy.onnx_tracker.OnnxTracker("output/onnx")."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
