@@ -36,7 +36,7 @@ _WORKER_FIGURES: list[dict] = []
 
 
 def _figures() -> list[dict]:
-    module = sys.modules.get("tests.upstream")  # imported by the parity tests only, when torch is there
+    module = sys.modules.get("tests.figures")  # imported by the tests that measure figures
     return getattr(module, "PARITY_FIGURES", []) + _WORKER_FIGURES
 
 

@@ -19,6 +19,14 @@ pytest.importorskip("sam3")
 
 from es3_jax import weights  # noqa: E402
 from porting.upstream import build_neck, build_tracker, randomize_  # noqa: E402, F401
+from tests.figures import (  # noqa: E402, F401  (the parity tests' figures, reached as upstream.report etc.)
+    LOGIT_SCALE,
+    mask_iou,
+    relative_error,
+    report,
+    report_iou,
+    softmax_tolerance,
+)
 
 
 def fresh_seed() -> int:
@@ -63,54 +71,3 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(to_numpy(t).transpose(0, 2, 3, 1))
-
-
-# Logits that can all lie near 0 (an object score whose bias was shifted to split a batch) are
-# measured on the scale of a logit, not their own: below |logit| 1 the sigmoid is near-linear, and
-# max|ref| of two numbers near 0 is no scale for the round-off of the sums that made them.
-LOGIT_SCALE = 1.0
-
-
-def relative_error(ours, ref, floor: float = 0.0) -> float:
-    """max|ours - ref| / max(max|ref|, floor), the parity figure the test suite reports."""
-    ours = np.asarray(ours, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape, f"shape {ours.shape} != upstream {ref.shape}"
-    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), floor, 1e-30))
-
-
-def mask_iou(logits: np.ndarray, ref_logits: np.ndarray, rtol: float) -> float:
-    """IoU of the two binarised masks `[H, W]` over the pixels whose reference logit is farther from 0
-    than `rtol` of its largest magnitude: within that band, logits equal to `rtol` may differ in
-    sign, so a fresh seed now and then flips a pixel or two there."""
-    decided = np.abs(ref_logits) > rtol * np.abs(ref_logits).max()
-    a, b = (logits > 0) & decided, (ref_logits > 0) & decided
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-# Every figure measured in this session: printed at the end of the run by tests/conftest.py, and
-# written where ES3_PARITY_FIGURES says (`tests/parity_sweep.py` collects them over many seeds).
-PARITY_FIGURES: list[dict] = []
-
-
-def _record(name: str, error: float, tolerance: float) -> None:
-    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-    PARITY_FIGURES.append({"test": test, "name": name, "error": error, "tolerance": tolerance})
-
-
-def report(name: str, ours, ref, tol: float, *, floor: float = 0.0) -> float:
-    """Record, print and check one parity figure (`floor`: the smallest scale it is measured on)."""
-    err = relative_error(ours, ref, floor)
-    _record(name, err, tol)
-    print(f"[parity] {name}: relative error {err:.3e} (tolerance {tol:.0e})")
-    assert err <= tol, f"{name}: relative error {err:.3e} exceeds {tol:.0e}"
-    return err
-
-
-def report_iou(name: str, iou: float, minimum: float) -> float:
-    """Record, print and check a binarised-mask IoU against its minimum (recorded as 1 − IoU)."""
-    _record(f"{name} (1 - IoU)", 1.0 - iou, 1.0 - minimum)
-    print(f"[parity] {name}: IoU {iou:.6f} (minimum {minimum})")
-    assert iou >= minimum, f"{name}: IoU {iou:.6f} below {minimum}"
-    return iou

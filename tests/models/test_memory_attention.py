@@ -3,6 +3,7 @@
 import functools
 import math
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 
 from es3_jax.models.memory_attention import MemoryAttention, ProjectedMemory, select_layers
 from es3_jax.models.memory_path import MemoryPath
+from es3_jax.nn import attention
 from es3_jax.nn.rope import axial_angles, grid_positions
 from es3_jax.params import bind
 from tests import upstream
@@ -154,37 +156,83 @@ def test_select_layers_matches_upstream_subset(teacher):
         select_layers(params, (0, 4))
 
 
-def test_padded_bank_masks_exactly(teacher):
-    """A fixed-size bank (unused slots hold garbage, masked out) equals attention over the real keys alone."""
-    _, params = teacher
-    module = _bind(params)
-    grid, slots, ptr_slots = 8, 4, 3
+def _largest_logit(module, *args, **kwargs) -> float:
+    """The largest |logit| over the attended keys of every attention `module` computes, run eagerly."""
+    seen = []
+    attend = attention.attend
+
+    def recording(q, k, v, *, bias=None, mask=None):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            logits = logits + bias
+        if mask is not None:
+            logits = jnp.where(mask, logits, 0.0)
+        seen.append(float(jnp.max(jnp.abs(logits))))
+        return attend(q, k, v, bias=bias, mask=mask)
+
+    with mock.patch.object(attention, "attend", recording):
+        module(*args, **kwargs)
+    return max(seen)
+
+
+def _padded_bank(rng: np.random.Generator, grid: int, slots: int, ptr_slots: int):
+    """(src, src_pos, bank `[2, B=2, Nk, 64]` (memory, positions), key_mask `[2, Nk]`), garbage in unused slots.
+
+    Real memories are standard normal, the scale of the memory encoder's features and of the sine
+    and temporal encodings added to them. Unused slots hold 100x that: masked exactly, they change
+    nothing; leaked, they take over the softmax.
+    """
     nq = grid * grid
-    rng = np.random.default_rng(upstream.fresh_seed())
-    # Per batch element: which frame slots and pointer slots hold real memories.
     valid_frames = [(0, 2), (3,)]
     valid_pointers = [(1,), (0, 1, 2)]
-
     src, src_pos = (jnp.asarray(rng.standard_normal((2, nq, 256)), jnp.float32) for _ in range(2))
-    bank = 100.0 * rng.standard_normal((2, 2, slots * nq + ptr_slots * 4, 64)).astype(np.float32)
     frame_mask = np.zeros((2, slots, nq), bool)
-    ptr_mask = np.zeros((2, ptr_slots, 4), bool)
+    ptr_mask = np.zeros((2, ptr_slots, PTR_TOKENS_PER_POINTER), bool)
     for b in range(2):
         frame_mask[b, valid_frames[b]] = True
         ptr_mask[b, valid_pointers[b]] = True
     key_mask = np.concatenate([frame_mask.reshape(2, -1), ptr_mask.reshape(2, -1)], axis=1)
+    bank = rng.standard_normal((2, 2, key_mask.shape[1], 64)).astype(np.float32)
+    bank[:, ~key_mask] *= 100.0
+    return src, src_pos, bank, key_mask
 
-    padded = _ours(
+
+@pytest.mark.numerics
+def test_padded_bank_masks_exactly(teacher):
+    """A fixed-size bank (unused slots hold garbage, masked out) equals attention over the real keys alone.
+
+    The two sum over different numbers of keys, so they agree to float32 rounding, amplified by the
+    softmax in proportion to the largest logit: the tolerance is derived from that logit
+    (`upstream.softmax_tolerance`). One garbage key left unmasked must break it by orders of magnitude.
+    """
+    _, params = teacher
+    module = _bind(params)
+    grid, slots, ptr_slots = 8, 4, 3
+    src, src_pos, bank, key_mask = _padded_bank(
+        np.random.default_rng(upstream.fresh_seed()), grid, slots, ptr_slots
+    )
+    shape = dict(query_grid=(grid, grid), num_frames=slots, num_ptr_tokens=ptr_slots * PTR_TOKENS_PER_POINTER)
+
+    def padded(mask: np.ndarray) -> jax.Array:
+        return _ours(
+            module, src, src_pos, jnp.asarray(bank[0]), jnp.asarray(bank[1]), jnp.asarray(mask), **shape
+        )
+
+    angles = MemoryPath(module).key_angles(shape["query_grid"], slots, shape["num_ptr_tokens"])
+    largest = _largest_logit(
         module,
         src,
         src_pos,
         jnp.asarray(bank[0]),
         jnp.asarray(bank[1]),
-        jnp.asarray(key_mask),
-        query_grid=(grid, grid),
-        num_frames=slots,
-        num_ptr_tokens=ptr_slots * 4,
+        query_grid=shape["query_grid"],
+        key_angles=angles,
+        key_mask=jnp.asarray(key_mask),
     )
+    tol = upstream.softmax_tolerance(largest, reduction=256, layers=4)
+    print(f"[conditioning] largest logit {largest:.1f} -> tolerance {tol:.1e}")
+
+    out = padded(key_mask)
     for b in range(2):
         real = bank[:, b : b + 1, key_mask[b]]
         alone = _ours(
@@ -193,13 +241,24 @@ def test_padded_bank_masks_exactly(teacher):
             src_pos[b : b + 1],
             jnp.asarray(real[0]),
             jnp.asarray(real[1]),
-            query_grid=(grid, grid),
-            num_frames=len(valid_frames[b]),
-            num_ptr_tokens=len(valid_pointers[b]) * 4,
+            query_grid=shape["query_grid"],
+            num_frames=int(key_mask[b, : slots * grid * grid].sum()) // (grid * grid),
+            num_ptr_tokens=int(key_mask[b, slots * grid * grid :].sum()),
         )
-        upstream.report(f"padded bank vs real keys only, element {b}", padded[b : b + 1], alone, 1e-6)
+        upstream.report(f"padded bank vs real keys only, element {b}", out[b : b + 1], alone, tol)
+
+    leak = key_mask.copy()
+    leak[0, np.flatnonzero(~key_mask[0])[0]] = True  # one garbage key of element 0 attended
+    leaked = upstream.relative_error(padded(leak)[0], out[0])
+    print(
+        f"[planted leak] one garbage key unmasked: relative error {leaked:.1e}, {leaked / tol:.0e} x the tolerance"
+    )
+    assert leaked > 100 * tol, (
+        f"one unmasked garbage key moved the output by only {leaked:.1e} (tolerance {tol:.1e})"
+    )
 
 
+@pytest.mark.numerics
 def test_kv_transform_hook_sees_projected_memory(teacher):
     """The hook's k, v, bias and mask all reach the attention.
 
