@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	# jax2onnx's metadata pins an older orbax-checkpoint than es3's; the export needs none of its
 	# dependencies beyond the onnx extra (pyproject.toml).
 	$(BIN)/python -m pip install --quiet --no-deps jax2onnx==0.17.1
+	# The numerics tests run a second time as an AVX2 processor would (tests/test_cpus.py), under
+	# qemu's user-mode emulator: installed here where make runs as root on Debian or Ubuntu on an
+	# AVX-512 machine; elsewhere that test says why it was skipped.
+	command -v qemu-x86_64 >/dev/null || ! grep -qw avx512f /proc/cpuinfo || [ "$$(id -u)" != 0 ] \
+		|| ! command -v apt-get >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null; } \
+		|| echo "qemu-user could not be installed: tests/test_cpus.py will be skipped"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,10 +36,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check es3_jax porting benchmarks scripts tests
 	$(BIN)/lint-imports
 
-# Every parity test over SEEDS fresh seeds; the worst figure per test against its tolerance.
+# The tests marked MARKER over SEEDS fresh seeds, as this processor (ISA=native) or an emulated AVX2
+# one (ISA=avx2) computes them; the worst figure per test against its tolerance.
 SEEDS ?= 20
+ISA ?= native
+MARKER ?= parity
 parity-sweep: $(STAMP)
-	$(BIN)/python -m tests.parity_sweep --seeds $(SEEDS) --workers $(WORKERS) --output parity_sweep.md
+	$(BIN)/python -m tests.parity_sweep --seeds $(SEEDS) --workers $(WORKERS) --isa $(ISA) -m "$(MARKER)" --output parity_sweep_$(ISA).md
 
 demo: $(STAMP)
 	$(BIN)/es3 demo

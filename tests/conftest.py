@@ -6,10 +6,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.flags import FAST_COMPILE
+from tests.flags import xla_flags
 
-# Must precede the first JAX backend use anywhere in the session (FAST_COMPILE: tests/flags.py).
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+# Must precede the first JAX backend use anywhere in the session (tests/flags.py).
+os.environ["XLA_FLAGS"] = xla_flags(devices=8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session and the `es3` processes its tests start: tests build the
 # same programs again and again (a fresh jit per test, per command run), and on a 2-core CPU
@@ -52,6 +52,7 @@ class _GatherWorkerFigures:
 # more each (measured on 2 CPU cores), longest first: started first, they leave the short files to
 # even out the workers' ends, instead of one worker running a long file alone at the end.
 LONG_FILES = (
+    "tests/test_cpus.py",
     "tests/predictor/test_video_predictor.py",
     "tests/porting/test_export.py",
     "tests/models/test_tracking.py",

@@ -2,6 +2,10 @@
 tolerance: a tolerance that holds for every seed is the only kind a test suite can rely on.
 
     python -m tests.parity_sweep --seeds 20 --workers 2 --output sweep.md   # or: make parity-sweep
+    python -m tests.parity_sweep --seeds 20 --isa avx2 -m numerics          # or: make parity-sweep ISA=avx2
+
+`--isa avx2` runs each pytest process as an AVX2 processor without AVX-512 would (emulated:
+`tests/emulated_cpu.py`), where XLA's kernels sum in other orders than on this one.
 
 Each run is a separate pytest process (`-m parity`, weights and inputs drawn fresh), writing the
 figures it measured to a JSON-lines file (`ES3_PARITY_FIGURES`); after the first, runs select
@@ -23,32 +27,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests import emulated_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_once(index: int, folder: Path, selection: list[str], workers: int) -> dict:
-    """One pytest run of the parity tests -> {"returncode", "seeds", "figures", "seconds", "tail"},
-    also kept as `folder/run_<index>.json`."""
+def run_once(
+    index: int, folder: Path, selection: list[str], workers: int, marker: str, isa: str = "native"
+) -> dict:
+    """One pytest run of the tests marked `marker` -> {"returncode", "seeds", "figures", "seconds",
+    "tail"}, also kept as `folder/run_<index>.json`; `isa` other than "native" runs it emulated."""
     figures = folder / f"run_{index}.jsonl"
     # Every run compiles the same programs (fresh weights, same shapes): one cache serves them all.
-    env = {**os.environ, "ES3_PARITY_FIGURES": str(figures), "JAX_COMPILATION_CACHE_DIR": str(folder / "xla")}
+    env = {**os.environ} if isa == "native" else emulated_cpu.environment(isa, folder / "xla")
+    env.update({"ES3_PARITY_FIGURES": str(figures), "JAX_COMPILATION_CACHE_DIR": str(folder / "xla")})
     env.pop("ES3_TEST_SEED", None)
     parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-m", marker, "-p", "no:cacheprovider"]
+    argv += [*parallel, *selection]
     start = time.perf_counter()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-s",
-            "-m",
-            "parity",
-            "-p",
-            "no:cacheprovider",
-            *parallel,
-            *selection,
-        ],
+        argv if isa == "native" else emulated_cpu.command(isa, argv),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -91,10 +90,11 @@ def worst_per_test(runs: list[dict]) -> list[dict]:
     return [worst[t] for t in sorted(worst)]
 
 
-def table(rows: list[dict], runs: list[dict]) -> str:
+def table(rows: list[dict], runs: list[dict], marker: str = "parity", isa: str = "native") -> str:
     failed = [r for r in runs if r["returncode"] != 0]
+    where = "this processor" if isa == "native" else f"an emulated {emulated_cpu.MODELS[isa]} ({isa})"
     lines = [
-        f"{len(runs)} runs of `pytest -m parity`, fresh seeds; {len(failed)} failed; "
+        f"{len(runs)} runs of `pytest -m {marker}` on {where}, fresh seeds; {len(failed)} failed; "
         f"{sum(r['seconds'] for r in runs) / 60:.0f} min in all.",
         "",
         "| test | worst figure | worst error | tolerance | error / tolerance |",
@@ -121,8 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep each run here; a sweep into the same folder goes on from its last run",
     )
+    p.add_argument("-m", dest="marker", default="parity", help="the tests to sweep, by pytest marker")
+    p.add_argument(
+        "--isa",
+        default="native",
+        choices=["native", *emulated_cpu.MODELS],
+        help="run as this processor, or as an emulated one with only this instruction set",
+    )
     p.add_argument("pytest_args", nargs="*", help="pytest's selection, e.g. a test path")
     args = p.parse_args(argv)
+    if args.isa != "native" and (reason := emulated_cpu.unavailable(args.isa)):
+        p.error(reason)
     with contextlib.ExitStack() as stack:
         folder = Path(args.folder or stack.enter_context(tempfile.TemporaryDirectory()))
         folder.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             if runs:
                 # Later runs need only the tests that measure figures (the others draw no seed).
                 selection = sorted({f["test"] for f in runs[0]["figures"]}) or selection
-            runs.append(run_once(i, folder, selection, args.workers))
+            runs.append(run_once(i, folder, selection, args.workers, args.marker, args.isa))
             run = runs[-1]
             status = "ok" if run["returncode"] == 0 else f"FAILED ({run['returncode']})"
             print(
@@ -141,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.output:
                 # Rewritten after every run, so an interrupted sweep still leaves its table.
-                Path(args.output).write_text(table(worst_per_test(runs), runs) + "\n")
-    print(table(worst_per_test(runs), runs))
+                Path(args.output).write_text(table(worst_per_test(runs), runs, args.marker, args.isa) + "\n")
+    print(table(worst_per_test(runs), runs, args.marker, args.isa))
     return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 

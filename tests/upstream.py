@@ -21,6 +21,7 @@ from es3_jax import weights  # noqa: E402
 from porting.upstream import build_neck, build_tracker, randomize_  # noqa: E402, F401
 from tests.figures import (  # noqa: E402, F401  (the parity tests' figures, reached as upstream.report etc.)
     LOGIT_SCALE,
+    REORDERED,
     mask_iou,
     relative_error,
     report,

@@ -102,6 +102,7 @@ def test_edgetam_parity(tmp_path, hf_perceiver):
     assert np.abs(np.asarray(tokens_pos[:, 256:])).max() <= 1.0
 
 
+@pytest.mark.numerics
 def test_batch_and_resize_against_torch_twin(tmp_path, hf_perceiver):
     """Batch 3 on SAM3's 72×72 memory (resized to 64×64): equal to the PyTorch twin, and per element."""
     twin = TorchPerceiverResampler().eval()
@@ -129,7 +130,7 @@ def test_batch_and_resize_against_torch_twin(tmp_path, hf_perceiver):
     )
     upstream.report("perceiver positions, B=3, vs torch twin", tokens_pos, upstream.to_numpy(ref_pos), 1e-5)
     single, _ = _ours(module, features[1:2], pos[1:2])
-    upstream.report("perceiver B=3 element 1 vs B=1", tokens[1:2], single, 1e-5)
+    upstream.report("perceiver B=3 element 1 vs B=1", tokens[1:2], single, upstream.REORDERED)
 
 
 def test_2d_latents_see_only_their_window():

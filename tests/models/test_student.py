@@ -135,6 +135,7 @@ def test_student_without_compression_is_the_teacher(tmp_path):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
+@pytest.mark.numerics
 def test_eq5_pooling_is_attention_over_repeated_pooled_keys():
     """Property test over random layouts: Eq. 5 (pooled keys + log p² logits) equals plain attention
     over every pooled key/value repeated p² times; pooled tokens are the cell means."""
@@ -183,7 +184,7 @@ def test_eq5_pooling_is_attention_over_repeated_pooled_keys():
         rk, rv, rm = (np.repeat(np.asarray(t), counts, axis=1) for t in (pooled.k, pooled.v, pooled.mask))
         full = attend(jnp.asarray(q), jnp.asarray(rk), jnp.asarray(rv), mask=jnp.asarray(rm)[:, None, None])
         err = upstream.report(
-            f"Eq. 5 vs repeated keys (p={p}, grid={gh}x{gw}, prefix={prefix})", eq5, full, 1e-5
+            f"Eq. 5 vs repeated keys (p={p}, grid={gh}x{gw}, prefix={prefix})", eq5, full, upstream.REORDERED
         )
     print(f"[parity] Eq. 5 pooled attention vs p²-repeated keys: last relative error {err:.2e}")
 

@@ -23,6 +23,7 @@ from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, build_tracker
 from es3_jax.params import flatten, param_dict, unflatten
 from es3_jax.predictor import VideoPredictor
+from tests.figures import REORDERED
 from tests.train.runs import cli_env
 
 # 112 px -> an 8×8 grid; a 64-wide trunk output stands in for SAM3's 1024.
@@ -32,6 +33,10 @@ SMALL = [
     "MODEL.TRUNK.GLOBAL_BLOCKS", "[0]", "MODEL.TRUNK.WINDOW_SIZE", "8", "MODEL.TRUNK.PRETRAIN_IMAGE_SIZE", "112",
 ]  # fmt: skip
 REPO = Path(__file__).resolve().parents[2]
+# A stream's bank grows as objects join (batches of 1, 2, then 3 rows where the offline pass has 3
+# throughout) and tracking feeds each frame's rounding into the next: logits agree to this share of
+# their scale, not to REORDERED.
+STREAM_TOLERANCE = 1e-3
 
 
 def _predictor(selection: bool = True):
@@ -228,6 +233,7 @@ def _moving_video(num_frames: int, h: int = 30, w: int = 40) -> np.ndarray:
     return frames
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("objects_per_batch", [None, 1], ids=["one_batch", "batches_of_1"])
 def test_a_stream_tracks_as_propagate_in_video(objects_per_batch):
     """24 frames, prompts on two frames (a mask on frame 0; on frame 9 clicks for a second object and
@@ -261,14 +267,15 @@ def test_a_stream_tracks_as_propagate_in_video(objects_per_batch):
         if objects_per_batch == 1:  # the same computation, batch for batch
             np.testing.assert_array_equal(full, logits, err_msg=f"frame {frame_idx}")
         real = np.abs(logits[np.abs(logits) < -NO_OBJ_SCORE])
-        worst = max(worst, float(np.abs(full - logits).max() / max(real.max(initial=0.0), 1.0)))
-        flips += int(((full > 0) != (logits > 0)).sum())
-    # One bank that grows as objects join computes in batches of 1, 2 then 3 rows where the pass
-    # uses 3 throughout: the same sums, rounded alike only up to float32.
+        scale = max(real.max(initial=0.0), 1.0)
+        worst = max(worst, float(np.abs(full - logits).max() / scale))
+        # A pixel whose logit lies within the tolerance of 0 may take either sign.
+        decided = np.abs(logits) > STREAM_TOLERANCE * scale
+        flips += int(((full > 0) != (logits > 0))[decided].sum())
     print(
-        f"[stream] {objects_per_batch=}: max |Δ logit| / max |logit| {worst:.2e}, mask pixels that differ: {flips}"
+        f"[stream] {objects_per_batch=}: max |Δ logit| / max |logit| {worst:.2e}, decided mask pixels that differ: {flips}"
     )
-    assert worst <= 1e-3 and flips == 0
+    assert worst <= STREAM_TOLERANCE and flips == 0
     assert got_ids == [1, 2, 4]
     assert (expected[-1][2] > 0).any(axis=(1, 2)).all(), "every object has a mask at the end"
     # Prompts go on the newest frame, before it is tracked; earlier frames are gone.
@@ -314,9 +321,10 @@ def _batches_against_alone(num_objects: int, objects_per_batch: int, num_frames:
             f"[batches] {num_objects} objects in batches of {objects_per_batch} against {name}: "
             f"max |Δlogit| / max|logit| {err:.2e}, worst IoU {iou:.6f}"
         )
-        assert err <= 1e-5 and iou >= 0.999, name
+        assert err <= REORDERED and iou >= 0.999, name
 
 
+@pytest.mark.numerics
 def test_objects_in_batches_track_as_each_object_alone():
     _batches_against_alone(5, 2, 10)
 

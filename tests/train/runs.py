@@ -8,7 +8,7 @@ from pathlib import Path
 from es3_jax import config as config_lib
 from es3_jax import embed, weights
 from es3_jax.data.synthetic import make_synthetic
-from tests.flags import FAST_COMPILE
+from tests.flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,4 +53,4 @@ def cli_env(**extra: str) -> dict[str, str]:
     `extra`."""
     keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": str(REPO), **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), "PYTHONPATH": str(REPO), **extra}

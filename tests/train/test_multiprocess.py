@@ -15,7 +15,8 @@ import pytest
 
 from es3_jax import weights
 from es3_jax.params import flatten
-from tests.flags import FAST_COMPILE
+from tests.figures import REORDERED
+from tests.flags import xla_flags
 from tests.train.runs import LIGHT, MICRO, cli_env, synthetic_store
 
 # 8 devices × 1 clip: 8 training videos make one global batch, 2 more are held out. FSDP 2 with no
@@ -42,8 +43,7 @@ def _free_port() -> int:
 
 def _train(out: Path, overrides, *, processes: int, devices: int) -> None:
     """`es3 train` as `processes` processes of `devices` CPU devices each; waits for all of them."""
-    flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-    env = cli_env(XLA_FLAGS=flags)
+    env = cli_env(XLA_FLAGS=xla_flags(devices))
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
     cmd = [sys.executable, "-m", "es3_jax.cli", "train", "--output_dir", str(out), *overrides]
@@ -86,7 +86,7 @@ def test_two_processes_equal_one(dataset, tmp_path, variant):
     assert [(r["split"], r["step"]) for r in log_two] == rows
     for a, b in zip(log_one, log_two, strict=True):
         for k in a.keys() - {"split"}:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), f"{a['split']} step {a['step']} {k}"
+            assert b[k] == pytest.approx(a[k], rel=REORDERED, abs=1e-6), f"{a['split']} step {a['step']} {k}"
     # A key-projection bias has an exactly zero gradient (softmax ignores a per-query constant), so
     # Adam turns reduction-order round-off into steps of ±LR there (see test_step); those carry no signal.
     assert params_one.keys() == params_two.keys()
@@ -99,7 +99,7 @@ def test_two_processes_equal_one(dataset, tmp_path, variant):
     print(
         f"[multiprocess] {variant}: 2 processes x 4 devices vs 1 x 8, max |params diff| {diffs[worst]:.2e} ({worst})"
     )
-    assert diffs[worst] <= 1e-5
+    assert diffs[worst] <= REORDERED
     # Only process 0 wrote: one config, one log, one checkpoint tree.
     assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
     assert not any((tmp_path / "two").glob(".weights.*"))

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
+from tests import figures
 from tests.train.gradients import loss_and_gradients
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     ("mode", "remat"),
     [
@@ -21,6 +23,8 @@ def test_remat_gradients_equal_plain_gradients(mode, remat):
     scale = max(np.abs(g).max() for g in plain.values())
     assert scale > 0, "the plain gradients are all zero: the test would prove nothing"
     worst = max(plain, key=lambda k: np.abs(plain[k] - checkpointed[k]).max())
-    err = np.abs(plain[worst] - checkpointed[worst]).max() / scale
-    print(f"TRAIN.REMAT {remat} ({mode}): gradient error {err:.2e} of the largest gradient, at {worst}")
-    assert err <= 1e-6, f"TRAIN.REMAT {remat} ({mode}): {worst} differs by {err:.2e} of the largest gradient"
+    err = float(np.abs(plain[worst] - checkpointed[worst]).max() / scale)
+    # The recomputed forward is fused anew inside the backward pass: the same sums, other orders.
+    figures.check(
+        f"TRAIN.REMAT {remat} ({mode}) gradients, of the largest, at {worst}", err, figures.REORDERED
+    )

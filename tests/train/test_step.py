@@ -16,6 +16,7 @@ from es3_jax.params import ModuleTemplate, flatten, param_dict
 from es3_jax.train import optim, sharding
 from es3_jax.train.step import TRUNK, Templates, batch_loss, make_train_step, split_trainable, trunk_features
 from es3_jax.train.trainer import Trainer, frozen_trunk
+from tests import figures
 from tests.train.runs import LIGHT, synthetic_store
 from tests.train.runs import MICRO as RUN
 
@@ -71,6 +72,7 @@ def _batch(cfg, seed: int, batch: int = 8, frames: int = 3, objects: int = 2):
     }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", [pytest.param("finetune", marks=pytest.mark.slow), "distill"])
 def test_eight_devices_data4_fsdp2_equal_one_device(mode):
     assert jax.device_count() >= 8, "conftest fakes 8 CPU devices"
@@ -102,15 +104,18 @@ def test_eight_devices_data4_fsdp2_equal_one_device(mode):
             losses.append(float(metrics["total"]))
         runs[name] = (flatten(jax.tree.map(np.asarray, trainable)), losses)
     (one, loss_one), (eight, loss_eight) = runs["one"], runs["eight"]
-    np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5, err_msg=f"{mode}: losses differ")
+    figures.check(
+        f"{mode} losses, 8 devices against 1", figures.relative_error(loss_eight, loss_one), figures.REORDERED
+    )
     assert loss_one[2] < loss_one[0], f"{mode}: the loss did not fall over 3 steps: {loss_one}"
     diffs = {k: float(np.max(np.abs(eight[k] - one[k]))) for k in one}
     worst_key = max(diffs, key=diffs.get)
-    worst = diffs[worst_key]
-    print(
-        f"[sharding] {mode}: max |params(8 devices) - params(1 device)| = {worst:.2e} after 3 steps ({worst_key})"
+    # Parameters are measured absolutely: Adam moves each by about the learning rate a step, whatever its size.
+    figures.check(
+        f"{mode} params after 3 steps, 8 devices against 1 (absolute, at {worst_key})",
+        diffs[worst_key],
+        figures.REORDERED,
     )
-    assert worst <= 1e-5, f"{mode}: {worst_key} differs by {worst:.2e} between 8 devices and 1"
 
 
 # ---- DATA.USE_PRECOMPUTED False: the trunk inside the step ------------------------------------------
