@@ -39,8 +39,12 @@ def run_once(
     "tail"}, also kept as `folder/run_<index>.json`; `isa` other than "native" runs it emulated."""
     figures = folder / f"run_{index}.jsonl"
     # Every run compiles the same programs (fresh weights, same shapes): one cache serves them all.
-    env = {**os.environ} if isa == "native" else emulated_cpu.environment(isa, folder / "xla")
-    env.update({"ES3_PARITY_FIGURES": str(figures), "JAX_COMPILATION_CACHE_DIR": str(folder / "xla")})
+    cache = folder / "xla"
+    if isa == "native":
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    else:
+        env = emulated_cpu.environment(isa, cache)
+    env["ES3_PARITY_FIGURES"] = str(figures)
     env.pop("ES3_TEST_SEED", None)
     parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
     argv = [sys.executable, "-m", "pytest", "-q", "-s", "-m", marker, "-p", "no:cacheprovider"]
