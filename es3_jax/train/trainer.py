@@ -86,6 +86,11 @@ def templates(cfg: config_lib.Config, trunk: ModuleTemplate | None = None) -> Te
     return Templates(teacher, student, trunk)
 
 
+def _abstract(tree, shardings):
+    """`jax.ShapeDtypeStruct`s of `tree`'s arrays, placed by `shardings` (same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
 class Learner:
     """A run's models on its mesh: the frozen teacher (and trunk), what the optimiser updates (a fresh
     student when distilling, the `TRAIN.FINETUNE_MODULES` of the tracker when fine-tuning), and the
@@ -95,7 +100,18 @@ class Learner:
     `MESH.PARAM_RULES`, the frozen ones replicated; `step` updates them in place.
     """
 
-    def __init__(self, cfg: config_lib.Config, mesh: Mesh, accumulate: int, teacher: weights.Weights):
+    def __init__(
+        self,
+        cfg: config_lib.Config,
+        mesh: Mesh,
+        accumulate: int,
+        teacher: weights.Weights,
+        *,
+        abstract: bool = False,
+    ):
+        """abstract: hold the parameters and optimiser state as `jax.ShapeDtypeStruct`s on `mesh`
+        instead of arrays: the steps can then be lowered and compiled, not run, and `mesh` may be of
+        devices that are not here (`es3 bench plan --target`)."""
         self.cfg, self.mesh, self.teacher = cfg, mesh, teacher
         student = None
         if cfg.TRAIN.MODE == "distill":
@@ -109,12 +125,19 @@ class Learner:
             trunk, frozen[TRUNK], self.trunk_fingerprint = frozen_trunk(cfg, teacher)
         self.templates = templates(cfg, trunk)
         self.param_shardings = sharding.param_shardings(trainable, mesh, cfg.MESH)
-        self.frozen = jax.device_put(frozen, sharding.replicated(mesh))
-        self.trainable = jax.device_put(trainable, self.param_shardings)
         optimizer = optim.make_optimizer(cfg.TRAIN, accumulate)
-        self.opt_state, opt_shardings = sharding.init_optimizer(
-            optimizer, self.trainable, self.param_shardings, mesh
-        )
+        frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+        if abstract:
+            opt_shardings = sharding.optimizer_shardings(optimizer, trainable, self.param_shardings, mesh)
+            self.frozen = _abstract(frozen, frozen_shardings)
+            self.trainable = _abstract(trainable, self.param_shardings)
+            self.opt_state = _abstract(jax.eval_shape(optimizer.init, trainable), opt_shardings)
+        else:
+            self.frozen = jax.device_put(frozen, frozen_shardings)
+            self.trainable = jax.device_put(trainable, self.param_shardings)
+            self.opt_state, opt_shardings = sharding.init_optimizer(
+                optimizer, self.trainable, self.param_shardings, mesh
+            )
         self.train_step = make_train_step(
             self.templates, optimizer, cfg, mesh, self.param_shardings, opt_shardings
         )
@@ -134,6 +157,10 @@ class Learner:
     def lower(self, batch) -> jax.stages.Lowered:
         """The train step lowered for a batch of arrays or ShapeDtypeStructs (ahead-of-time planning)."""
         return self.train_step.lower(self.trainable, self.opt_state, self.frozen, batch)
+
+    def lower_eval(self, batch) -> jax.stages.Lowered:
+        """The evaluation step lowered, as `lower`."""
+        return self.eval_step.lower(self.trainable, self.frozen, batch)
 
     def trained_weights(self, step: int, source: str) -> weights.Weights:
         """The weights the run produced, as numpy arrays: the tracker (fine-tuned parts merged in), the
