@@ -29,14 +29,17 @@ def attend(
     bias: additive logits broadcastable to `[B, H, Nq, Nk]`; mask: boolean, same broadcast, True = attend.
     The scale is `1/sqrt(Dh)`, as in torch's `scaled_dot_product_attention`.
     """
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    # The scope names this core's operations in compiled programs (benchmarks/gpu_program.py reads
+    # how each attention was compiled by it).
+    with jax.named_scope("attend"):
+        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class Attention(nnx.Module):
