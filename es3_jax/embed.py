@@ -268,14 +268,12 @@ def publish_global(store: EmbeddingStore, record: dict) -> bool:
 # ---- the command -----------------------------------------------------------------------------------
 
 
-def make_features_fn(
-    trunk: ViTTrunk | Stage1Trunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
-) -> FeaturesFn:
-    """uint8 frames -> stored-dtype features, jit-compiled, the batch split over `devices`."""
+def features_program(
+    trunk: ViTTrunk | Stage1Trunk, mean: Sequence[float], std: Sequence[float], store_dtype: str
+) -> tuple[Callable, nnx.State]:
+    """(`features(state, images)`: uint8 frames `[B, S, S, 3]` -> stored-dtype features
+    `[B, h, w, C]`, jit-compiled; the trunk's state it takes)."""
     graphdef, state = nnx.split(trunk)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     # An int8 store quantizes on the host (VideoWriter), from float32 features.
     out_dtype = jnp.dtype(jnp.float32 if store_dtype == "int8" else store_dtype)
 
@@ -284,6 +282,17 @@ def make_features_fn(
         model = nnx.merge(graphdef, state)
         return model(normalize(images, mean, std)).astype(out_dtype)
 
+    return features, state
+
+
+def make_features_fn(
+    trunk: ViTTrunk | Stage1Trunk, mean: Sequence[float], std: Sequence[float], store_dtype: str, devices
+) -> FeaturesFn:
+    """uint8 frames -> stored-dtype features, jit-compiled, the batch split over `devices`."""
+    features, state = features_program(trunk, mean, std, store_dtype)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return lambda images: features(state, jax.device_put(images, batch_sharding))
 
 

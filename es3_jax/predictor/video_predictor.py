@@ -217,7 +217,9 @@ class VideoPredictor:
             self._memory_def, self._memory_state = None, None
         else:
             self._memory_def, self._memory_state = nnx.split(student)
-        self._jit = self._compile()
+        # The jit-compiled operations every frame runs (name -> function); tools that compile them
+        # ahead of time for another device read and wrap them here (benchmarks/gpu_compile.py).
+        self.operations = self._compile()
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -471,7 +473,7 @@ class VideoPredictor:
         if state.cached is not None and state.cached[0] == idx:
             return state.cached[1]
         trunk = state.source.features(idx)
-        frame = self._timed("neck", self._jit["features"], self._tracker_state, trunk)
+        frame = self._timed("neck", self.operations["features"], self._tracker_state, trunk)
         state.cached = (idx, frame)
         return frame
 
@@ -543,7 +545,7 @@ class VideoPredictor:
         frame = self._frame(state, frame_idx)
         earlier = self._earlier_output(state, frame_idx)
         out = self._timed(
-            "prompt", self._jit["mask_prompt"], self._tracker_state, frame, jnp.asarray(m_in)[None, ..., None]
+            "prompt", self.operations["mask_prompt"], self._tracker_state, frame, jnp.asarray(m_in)[None, ..., None]
         )
         carve(state.prompts, frame_idx, obj, logits, grid)
         state.prompts[obj][frame_idx] = Prompt(
@@ -604,7 +606,7 @@ class VideoPredictor:
             prev = jnp.asarray(earlier[1].low_res[obj])[None]
         out = self._timed(
             "prompt",
-            self._jit["click_prompt"],
+            self.operations["click_prompt"],
             self._tracker_state,
             frame,
             jnp.asarray(coords)[None],
@@ -669,7 +671,7 @@ class VideoPredictor:
         # top object over every batch keeps its mask.
         best = top = None
         for _, b in batches:
-            b_best, b_top = self._jit["prompt_top"](
+            b_best, b_top = self.operations["prompt_top"](
                 self._tracker_state, jnp.asarray(_rows(low, b, rows, NO_OBJ_SCORE)), _rows(prompted, b, rows)
             )
             b_top = b_top + b.start
@@ -681,7 +683,7 @@ class VideoPredictor:
         for i, b in batches:
             tokens, tokens_pos = self._timed(
                 "prompt_memory",
-                self._jit["prompt_memory"],
+                self.operations["prompt_memory"],
                 self._tracker_state,
                 self._memory_state,
                 frame,
@@ -733,7 +735,7 @@ class VideoPredictor:
                 )
                 out, memory.banks[i] = self._timed(
                     "track_step",
-                    self._jit["step"],
+                    self.operations["step"],
                     self._tracker_state,
                     self._memory_state,
                     frame,
