@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -75,8 +77,20 @@ def _drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
+def _cpu_without_nvidia_driver() -> None:
+    """Where JAX's CUDA plugin is installed (the `cuda12` extra; the tests install it to compile for
+    GPUs that are not there) on a machine without an NVIDIA driver, JAX would try CUDA first and
+    print a traceback before falling back to the CPU. Unless JAX_PLATFORMS says otherwise, such a
+    machine runs on its CPU."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        return
+    if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _drop_closed_loop_reports()
+    _cpu_without_nvidia_driver()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if unknown := merge_overrides(args, extra):
