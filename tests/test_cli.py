@@ -1,6 +1,7 @@
 """The `es3` command's help describes its commands and their options; options may follow the
 `KEY VALUE` overrides; an interrupted `es3 train` exits with 128 + the signal's number."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 
+from es3_jax import cli
 from es3_jax.cli import main
 from es3_jax.train import trainer
 
@@ -76,3 +78,21 @@ def test_options_may_follow_the_overrides(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["train", "--output_dir", str(tmp_path), "TRAIN.LR", "0.5", "--resum_from", "x"])
     assert refused.value.code == 2 and "unrecognized arguments: --resum_from" in capsys.readouterr().err
+
+
+def test_without_an_nvidia_driver_es3_runs_on_the_cpu_where_the_cuda_plugin_is_installed(monkeypatch):
+    """JAX would probe CUDA first and print a traceback; es3 asks for the CPU unless told otherwise."""
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(cli.os.path, "exists", lambda path: False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    cli._cpu_without_nvidia_driver()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # the user's choice stands
+    cli._cpu_without_nvidia_driver()
+    assert os.environ["JAX_PLATFORMS"] == "cuda"
+
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(cli.os.path, "exists", lambda path: path == "/dev/nvidiactl")  # a GPU host
+    cli._cpu_without_nvidia_driver()
+    assert "JAX_PLATFORMS" not in os.environ
