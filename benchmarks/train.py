@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.gpu_targets import TARGETS
 from benchmarks.harness import block, time_call
 from es3_jax import config as config_lib
 
@@ -28,9 +29,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Dense peak FLOP/s by device kind (substring of `device_kind`), for bf16 compute and for float32
 # compute (TF32 tensor cores, XLA's default precision for float32 matmuls on these GPUs).
 PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    **{t.name.upper(): t.peak_flops for t in TARGETS.values()},
     "L40S": {"bfloat16": 362e12, "float32": 183e12},
 }
 
