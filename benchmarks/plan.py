@@ -2,16 +2,19 @@
 
 For a config, mode and mesh, the exact step `es3 train` jits (`trainer.Learner`: the teacher's
 rollout, the student beside it when distilling, the losses, the AdamW update) is lowered on
-abstract batches of `TRAIN.BATCH_SIZE` clips per device and compiled. XLA's memory analysis gives
-the per-device argument, output, donated (aliased) and temporary bytes; the peak is
-arguments + outputs − aliased + temporaries. XLA's FLOP count stands beside the memory path's
-(`es3_jax.models.flops`, forward and backward); the predicted GPU step time is the latter at a
-given dense peak and MFU.
+abstract parameters and batches of `TRAIN.BATCH_SIZE` clips per device and compiled. The compiler's
+memory analysis gives the per-device argument, output, donated (aliased) and temporary bytes; the
+peak is arguments + outputs − aliased + temporaries.
 
-`--devices N` plans on N fake CPU devices (set before JAX starts), so an 8-GPU host, or a pod of
-several hosts (the same per-device program: `--devices 16` for 2 hosts × 8), is planned on a laptop.
-The figures are the CPU compiler's; docs/benchmarks.md says how a GPU's differ and what margin
-to keep (`--margin`).
+`--target h100|h200|a100` compiles with XLA:GPU for a deviceless topology of that GPU
+(`benchmarks/gpu_targets.py`; needs the CUDA plugin, no GPU): the GPU compiler's own plan, the
+FLOPs and bytes of its kernels with their roofline time at the target's peaks, and how each
+attention was compiled (`benchmarks/gpu_program.py`). `--devices N --hosts H` is the pod's mesh.
+
+Without `--target`, `--devices N` plans on N fake CPU devices (set before JAX starts) with XLA:CPU,
+whose buffer assignment differs from the GPU's (`--margin` keeps headroom for that); XLA's FLOP
+count stands beside the memory path's (`es3_jax.models.flops`), and the predicted GPU step time is
+the latter at a given dense peak and MFU.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from pathlib import Path
 
+from benchmarks.gpu_targets import TARGETS
 from benchmarks.train import PEAK_FLOPS, config_for, flops_per_clip
 from es3_jax import config as config_lib
 from es3_jax.config import ConfigError
@@ -28,7 +33,7 @@ HELP = "train-step plan: per-device memory, FLOPs and predicted GPU step time, c
 
 GIB = 2**30
 # Memory of one GPU as its driver reports it (nvidia-smi's total), in GiB.
-GPU_MEMORY_GIB = {"H100": 79.6, "H200": 140.4}
+GPU_MEMORY_GIB = {t.name.upper(): t.memory_gib for t in TARGETS.values()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +44,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--modes", nargs="+", choices=["distill", "finetune"], default=["distill"])
     p.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default=None,
+        help="compile with XLA:GPU for this GPU (deviceless; needs the CUDA plugin) instead of XLA:CPU",
+    )
+    p.add_argument(
         "--devices",
         type=int,
         default=8,
-        help="plan on this many fake CPU devices (0: the machine's own devices, e.g. its GPUs)",
+        help="devices of the mesh: GPUs of --target, else fake CPU devices (0: the machine's own, e.g. its GPUs)",
+    )
+    p.add_argument("--hosts", type=int, default=1, help="with --target: hosts the devices are spread over")
+    p.add_argument(
+        "--save_hlo",
+        default=None,
+        metavar="DIR",
+        help="with --target: write each compiled step's optimised HLO to DIR (its fusions and kernels)",
     )
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[4], help="clips per device")
     p.add_argument(
@@ -71,8 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--margin",
         type=float,
-        default=0.15,
-        help="headroom kept over the CPU compiler's peak when judging what fits a GPU",
+        default=None,
+        help="headroom kept over the peak when judging what fits a GPU (default: 0.15 over the CPU "
+        "compiler's peak, none over XLA:GPU's own)",
     )
     p.add_argument(
         "overrides",
@@ -125,11 +144,40 @@ def abstract_batch(cfg, clips: int, mesh) -> dict:
     return batch
 
 
-def compiled_plan(learner, cfg, mesh) -> dict:
-    """Compile `learner`'s train step for `cfg`'s batch on `mesh`; its memory and FLOP figures per device."""
+def compiled_plan(learner, cfg, mesh, target=None, save_hlo: str | None = None) -> dict:
+    """Compile `learner`'s train step for `cfg`'s batch on `mesh`: its memory and FLOP figures per
+    device; with a GPU `target`, XLA:GPU's, with the roofline and the attention report."""
+    from benchmarks.gpu_program import attention_report, compile_program
+
     clips = cfg.TRAIN.BATCH_SIZE * mesh.size
+    batch = abstract_batch(cfg, clips, mesh)
+    if target is not None:
+        program = compile_program(
+            f"{cfg.TRAIN.MODE} step", lambda: learner.lower(batch), target, cfg.MODEL.COMPUTE_DTYPE
+        )
+        roofline = program.roofline()
+        if save_hlo:
+            name = f"{cfg.TRAIN.MODE}_{cfg.MODEL.COMPUTE_DTYPE}_{cfg.TRAIN.REMAT}_b{cfg.TRAIN.BATCH_SIZE}"
+            Path(save_hlo).mkdir(parents=True, exist_ok=True)
+            (Path(save_hlo) / f"{name}.{target.name}.hlo.txt").write_text(program.compiled.as_text())
+        return {
+            **program.memory,
+            "xla_tflop": roofline["tflop"],
+            "gib_moved": roofline["gib_moved"],
+            "roofline_s": roofline["roofline_ms"] / 1e3,
+            "compute_bound": roofline["compute_bound_share"],
+            "attention_time": roofline["attention_share"],
+            "top_kernels": "; ".join(
+                f"{k['kind']} {k['shape']} ×{k['runs']} {k['share']:.0%}" for k in roofline["top"]
+            ),
+            "attention": "; ".join(
+                f"{a['implementation']} {a['array']} ×{a['runs']}"
+                for a in attention_report(program.kernels())
+            ),
+            "compile_s": program.compile_s,
+        }
     start = time.perf_counter()
-    compiled = learner.lower(abstract_batch(cfg, clips, mesh)).compile()
+    compiled = learner.lower(batch).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -155,12 +203,21 @@ def record(args: argparse.Namespace, cfg, mesh, learner, batch_size: int) -> dic
     """The plan of `learner`'s step at `batch_size` clips per device, with its GPU prediction."""
 
     cfg = config_lib.override(cfg, "TRAIN.BATCH_SIZE", str(batch_size))
-    plan = compiled_plan(learner, cfg, mesh)
+    target = TARGETS[args.target] if args.target else None
+    plan = compiled_plan(learner, cfg, mesh, target, args.save_hlo)
     dtype = cfg.MODEL.COMPUTE_DTYPE
     flops = batch_size * flops_per_clip(cfg)
-    step_s = flops / (PEAK_FLOPS[args.gpu][dtype] * args.mfu)
+    gpu = target.name.upper() if target else args.gpu
+    step_s = flops / (PEAK_FLOPS[gpu][dtype] * args.mfu)
+    margin = args.margin if args.margin is not None else (0.0 if target else 0.15)
+    fits = {
+        f"fits_{name}": plan["peak_gib"] * (1 + margin) <= gib * args.mem_fraction
+        for name, gib in GPU_MEMORY_GIB.items()
+        if target is None or name == gpu
+    }
     return {
         "config": args.config,
+        "compiler": f"XLA:GPU {target.name}" if target else "XLA:CPU",
         "mode": cfg.TRAIN.MODE,
         "mesh": "×".join(str(n) for n in mesh.devices.shape),
         "clips_per_device": batch_size,
@@ -168,17 +225,19 @@ def record(args: argparse.Namespace, cfg, mesh, learner, batch_size: int) -> dic
         "remat": cfg.TRAIN.REMAT,
         **plan,
         "memory_path_tflop": flops / 1e12,
-        **{
-            f"fits_{gpu}": plan["peak_gib"] * (1 + args.margin) <= gib * args.mem_fraction
-            for gpu, gib in GPU_MEMORY_GIB.items()
-        },
-        f"{args.gpu}_step_s": step_s,
-        f"{args.gpu}_clips_per_s": batch_size * mesh.size / step_s,
+        **fits,
+        f"{gpu}_step_s": step_s,
+        f"{gpu}_clips_per_s": batch_size * mesh.size / step_s,
     }
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    if args.devices > 0:
+    devices = None
+    if args.target:
+        from benchmarks.gpu_targets import topology
+
+        devices = topology(TARGETS[args.target], args.devices or 8, args.hosts)
+    elif args.devices > 0:
         use_fake_devices(args.devices)
     from es3_jax import weights
     from es3_jax.train import sharding
@@ -189,7 +248,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         overrides = [*args.overrides, "MODEL.COMPUTE_DTYPE", dtype]
         overrides += ["TRAIN.REMAT", remat] if remat else []
         cfg = config_for(args.config, mode, overrides, on_the_fly=args.on_the_fly)
-        mesh = sharding.make_mesh(cfg.MESH)
-        learner = Learner(cfg, mesh, 1, weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED))
+        mesh = sharding.make_mesh(cfg.MESH, devices)
+        teacher = weights.teacher(cfg, trunk=not cfg.DATA.USE_PRECOMPUTED)
+        learner = Learner(cfg, mesh, 1, teacher, abstract=True)
         records += [record(args, cfg, mesh, learner, b) for b in args.batch_sizes]
     return records
