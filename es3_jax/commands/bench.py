@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "memory-attention": "memory_attention",
     "train": "train",
     "plan": "plan",
+    "gpu-compile": "gpu_compile",
     "track": "track",
     "onnx": "onnx",
 }

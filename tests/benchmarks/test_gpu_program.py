@@ -1,0 +1,95 @@
+"""XLA:GPU programs compiled here for an H100 that is not here: what the compiler reports of them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks.gpu_program import GpuCompileError, attention_report, compile_program
+from benchmarks.gpu_targets import TARGETS, topology
+from es3_jax.nn.attention import attend
+
+H100 = TARGETS["h100"]
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    return topology(H100, 2)
+
+
+def _on(device, *shapes, dtype=jnp.bfloat16):
+    one = jax.sharding.SingleDeviceSharding(device)
+    return [jax.ShapeDtypeStruct(s, dtype, sharding=one) for s in shapes]
+
+
+def test_the_topology_is_of_the_described_gpu(gpus):
+    assert len(gpus) == 2
+    assert {d.device_kind for d in gpus} == {"NVIDIA H100 80GB HBM3"}
+    assert {d.platform for d in gpus} == {"gpu"}
+
+
+def test_a_matmul_counts_its_flops_and_bytes(gpus):
+    m, k, n = 512, 1024, 768
+    a, b = _on(gpus[0], (m, k), (k, n))
+    program = compile_program("matmul", lambda: jax.jit(jnp.matmul).lower(a, b), H100)
+    roofline = program.roofline()
+    assert roofline["tflop"] * 1e12 == pytest.approx(2 * m * k * n, rel=1e-6)
+    # It reads both operands and writes the product at least once (bf16).
+    assert roofline["gib_moved"] * 2**30 >= 2 * (m * k + k * n + m * n)
+    assert program.memory["argument_gib"] * 2**30 == 2 * (m * k + k * n)
+    assert program.memory["output_gib"] * 2**30 == 2 * m * n
+
+
+def test_a_loop_counts_its_body_as_often_as_it_runs(gpus):
+    (a,) = _on(gpus[0], (256, 256))
+
+    def repeated(x):
+        return jax.lax.fori_loop(0, 5, lambda _, y: jnp.tanh(y @ x), x)
+
+    program = compile_program("loop", lambda: jax.jit(repeated).lower(a), H100)
+    assert program.roofline()["tflop"] * 1e12 == pytest.approx(5 * 2 * 256**3, rel=1e-6)
+
+
+def test_the_attention_core_is_found_with_the_logits_it_materialises(gpus):
+    b, nq, nk, h, d = 2, 256, 384, 4, 32
+    mesh = jax.sharding.Mesh(np.array(gpus[:1]), ("data",))
+    spec = NamedSharding(mesh, PartitionSpec())
+    q = jax.ShapeDtypeStruct((b, nq, h, d), jnp.bfloat16, sharding=spec)
+    k = jax.ShapeDtypeStruct((b, nk, h, d), jnp.bfloat16, sharding=spec)
+    program = compile_program("attention", lambda: jax.jit(attend).lower(q, k, k), H100)
+    report = attention_report(program.kernels())
+    assert report, "no kernel of the attention core was found in the compiled program"
+    assert report[0]["implementation"] == "materialised"
+    # The largest array the core writes is the [B, H, Nq, Nk] logits (float32) or their softmax,
+    # as XLA lays them out (B and H may be merged into one axis).
+    dtype, dims = report[0]["array"].rstrip("]").split("[")
+    dims = [int(n) for n in dims.split(",")]
+    assert dtype in ("f32", "bf16") and dims[-2:] == [nq, nk] and np.prod(dims) == b * h * nq * nk, report
+
+
+def test_a_program_with_no_gpu_implementation_fails_naming_it(gpus):
+    (x,) = _on(gpus[0], (8,), dtype=jnp.float32)
+
+    def cpu_only(x):
+        # A foreign function registered for no platform: XLA:GPU has no kernel for it.
+        return jax.ffi.ffi_call("es3_test_cpu_only_kernel", jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+    with pytest.raises(GpuCompileError, match=r"^cpu_only_op: does not compile for h100"):
+        compile_program("cpu_only_op", lambda: jax.jit(cpu_only).lower(x), H100)
+
+
+def test_a_fused_attention_is_found_and_counted(gpus):
+    """jax.nn.dot_product_attention's cuDNN path compiles to one fused kernel, with no logits in
+    device memory; its FLOPs are QKᵀ and PV."""
+    b, nq, nk, h, d = 2, 512, 768, 4, 64
+    q, k = _on(gpus[0], (b, nq, h, d), (b, nk, h, d))
+
+    def fused(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+    program = compile_program("fused attention", lambda: jax.jit(fused).lower(q, k, k), H100)
+    report = attention_report(program.kernels())
+    assert report[0]["implementation"] == "cudnn fused" and report[0]["runs"] == 1, report
+    assert program.roofline()["tflop"] * 1e12 == pytest.approx(4 * b * h * nq * nk * d, rel=1e-6)
+    assert program.memory["temp_gib"] * 2**30 < b * h * nq * nk  # not even one byte per logit
