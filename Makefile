@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	# jax2onnx's metadata pins an older orbax-checkpoint than es3's; the export needs none of its
 	# dependencies beyond the onnx extra (pyproject.toml).
 	$(BIN)/python -m pip install --quiet --no-deps jax2onnx==0.17.1
+	# JAX's CUDA plugin, with which the tests compile es3's programs for GPUs that are not here
+	# (benchmarks/gpu_targets.py). Kept apart from the venv's packages, in a folder only the tests
+	# put on their path: in the venv, JAX would probe for CUDA at every start of every command.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-plugin \
+		jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
 	# The numerics tests run a second time as an AVX2 processor would (tests/test_cpus.py), under
 	# qemu's user-mode emulator: installed here where make runs as root on Debian or Ubuntu on an
 	# AVX-512 machine; elsewhere that test says why it was skipped.

@@ -18,6 +18,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="es3-
 # Every program, not only those that took a second to compile: the small ones recur most.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# JAX's CUDA plugin, installed apart by the Makefile (tests/benchmarks compile for GPUs with it); on
+# the path before JAX looks for plugins.
+_CUDA_PLUGIN = Path(__file__).resolve().parents[1] / ".venv" / "cuda-plugin"
+if _CUDA_PLUGIN.is_dir():
+    sys.path.append(str(_CUDA_PLUGIN))
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
 import jax
 
 # Parity with PyTorch needs true float32 matmuls (XLA may use lower precision on GPUs).
@@ -53,6 +60,7 @@ class _GatherWorkerFigures:
 # even out the workers' ends, instead of one worker running a long file alone at the end.
 LONG_FILES = (
     "tests/test_cpus.py",
+    "tests/benchmarks/test_gpu_compile.py",
     "tests/predictor/test_video_predictor.py",
     "tests/porting/test_export.py",
     "tests/models/test_tracking.py",
