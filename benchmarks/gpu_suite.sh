@@ -41,6 +41,10 @@ for case in "1 none" "2 none" "4 none" "4 frame"; do
 done
 bench plan_gpu plan --devices 0 --modes distill --batch_sizes 4 --remat none frame \
   --dtypes bfloat16 --gpu H200
+# The same plans compiled deviceless from the H200's description (what CI and a laptop compute),
+# to compare with the device's own above.
+TIMEOUT=900 bench plan_deviceless plan --target h200 --devices 1 --modes distill --batch_sizes 4 \
+  --remat none frame --dtypes bfloat16
 # The whole tracking loop at SAM3's size (1008 px, 32-block ViT), 32 frames. One framework per
 # process: JAX takes most of the device (XLA_PYTHON_CLIENT_MEM_FRACTION above), leaving PyTorch none.
 TIMEOUT=600 bench track_jax track --config configs/efficient_memory.yaml --frameworks jax \
