@@ -20,9 +20,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # JAX's CUDA plugin, installed apart by the Makefile (tests/benchmarks compile for GPUs with it); on
 # the path before JAX looks for plugins.
-_CUDA_PLUGIN = Path(__file__).resolve().parents[1] / ".venv" / "cuda-plugin"
-if _CUDA_PLUGIN.is_dir():
-    sys.path.append(str(_CUDA_PLUGIN))
+sys.path.append(str(Path(__file__).resolve().parents[1] / ".venv" / "cuda-plugin"))
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax

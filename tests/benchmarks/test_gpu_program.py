@@ -29,6 +29,18 @@ def test_the_topology_is_of_the_described_gpu(gpus):
     assert {d.platform for d in gpus} == {"gpu"}
 
 
+def test_a_pod_of_two_hosts_compiles_as_one_program():
+    pod = topology(H100, 16, hosts=2)
+    assert sorted({d.process_index for d in pod}) == [0, 1] and len(pod) == 16
+    mesh = jax.sharding.Mesh(np.array(pod).reshape(16, 1), ("data", "fsdp"))
+    x = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("data")))
+    w = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+    program = compile_program("pod", lambda: jax.jit(lambda x, w: jnp.sum(x @ w)).lower(x, w), H100)
+    # Each device holds its 4 rows; the sum crosses devices.
+    assert program.memory["argument_gib"] * 2**30 == 2 * (4 * 256 + 256 * 256)
+    assert "all-reduce" in program.compiled.as_text()
+
+
 def test_a_matmul_counts_its_flops_and_bytes(gpus):
     m, k, n = 512, 1024, 768
     a, b = _on(gpus[0], (m, k), (k, n))
