@@ -315,13 +315,18 @@ def roofline(kernels: list[Kernel], target: GpuTarget, dtype: str, top: int = 5)
 
 
 def compile_program(
-    name: str, lower: Callable[[], object], target: GpuTarget, dtype: str = "bfloat16"
+    name: str,
+    lower: Callable[[], object],
+    target: GpuTarget,
+    dtype: str = "bfloat16",
+    options: dict | None = None,
 ) -> GpuProgram:
-    """Compile `lower()`'s program (a `jax.stages.Lowered` for devices of `target`) with XLA:GPU.
-    A program that does not compile raises `GpuCompileError` naming it."""
+    """Compile `lower()`'s program (a `jax.stages.Lowered` for devices of `target`) with XLA:GPU,
+    with XLA `options` (e.g. {"xla_gpu_enable_triton_gemm": False}). A program that does not
+    compile raises `GpuCompileError` naming it."""
     start = time.perf_counter()
     try:
-        compiled = lower().compile()
+        compiled = lower().compile(compiler_options=options)
     except Exception as e:  # XLA reports lowering and compiler failures with many exception types
         raise GpuCompileError(f"{name}: does not compile for {target.name}: {e}") from e
     return GpuProgram(name, target, compiled, time.perf_counter() - start, dtype)

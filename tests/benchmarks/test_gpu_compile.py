@@ -1,7 +1,7 @@
 """Every program es3 runs on a GPU compiles for an H100 (XLA:GPU, deviceless), at the tiny config.
 
 The embedding and tracking programs compile in `make test` (about 3 CPU-minutes here); the train
-and evaluation steps take XLA:GPU 8-9 minutes each on 2 cores, and compile in `make test-slow`.
+and evaluation steps take XLA:GPU minutes each on 2 cores, and compile in `make test-slow`.
 """
 
 import time
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from benchmarks import gpu_compile
-from benchmarks.gpu_program import compile_program
+from benchmarks.gpu_program import GpuCompileError, compile_program
 from benchmarks.gpu_targets import TARGETS
 from benchmarks.train import config_for
 from tests.train.runs import LIGHT
@@ -60,11 +60,31 @@ def test_program_compiles_for_an_h100(fast_programs, name):
     _compiles(name, fast_programs[name])
 
 
+# XLA:GPU 0.10.2 cannot tile some of the tiny train step's GEMMs for Triton without autotuning
+# ("Couldn't find output tile sizes that satisfy hlo: %dot = bf16[12384,64] dot(...)", in the
+# backward pass); the seed config's step compiles with the defaults (test_plan.py). With cuBLAS for
+# every GEMM, every other operation of these programs is compiled for the GPU.
+CUBLAS_GEMMS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def _training_program(name):
+    return gpu_compile.programs(config_for("tiny", "distill", TINY), "h100", devices=2, groups=("train",))[
+        name
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
 def test_training_program_compiles_for_an_h100_on_2_devices(name):
-    cfg = config_for("tiny", "distill", TINY)
-    lower = gpu_compile.programs(cfg, "h100", devices=2, groups=("train",))[name]
-    program = _compiles(name, lower)
+    start = time.perf_counter()
+    program = compile_program(name, _training_program(name), H100, options=CUBLAS_GEMMS)
+    print(f"{name}: compiled for an H100 in {time.perf_counter() - start:.1f} s")
+    assert program.memory["peak_gib"] > 0, f"{name}: XLA:GPU planned no memory"
     if name.startswith("train_step"):
         assert program.memory["aliased_gib"] > 0, f"{name}: the donated parameters are not reused"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(raises=GpuCompileError, strict=True, reason="Triton GEMM tiling without autotuning")
+def test_the_tiny_train_step_compiles_with_triton_gemms():
+    compile_program("train_step_distill", _training_program("train_step_distill"), H100)
