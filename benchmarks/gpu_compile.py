@@ -6,7 +6,8 @@ finetune steps and its evaluation step (`trainer.Learner`, on a mesh of `--devic
 embed`'s batch of frames through SAM3's ViT and a stage-1 trunk (`embed.features_program`), and the
 predictor's tracking operations with the teacher's and the student's memory (`VideoPredictor`'s
 `operations`, their shapes taken from a short video tracked on the CPU first). A program XLA:GPU
-cannot compile fails with its name (`GpuCompileError`).
+cannot compile is recorded with its error. XLA options go in `XLA_FLAGS` (e.g.
+`--xla_gpu_enable_triton_gemm=false`, cuBLAS for every GEMM: docs/benchmarks.md, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def programs(cfg, target_name: str, devices: int = 2, groups: Sequence[str] = GR
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from benchmarks.gpu_program import attention_report, compile_program
+    """One record per program; a program that does not compile gets its error instead of figures,
+    and the others are still compiled."""
+    from benchmarks.gpu_program import GpuCompileError, attention_report, compile_program
     from benchmarks.train import config_for
 
     cfg = config_for(args.config, "distill", args.overrides)
@@ -170,13 +173,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name, lower in programs(cfg, args.target, args.devices, args.groups).items():
         if args.programs and name not in args.programs:
             continue
-        program = compile_program(name, lower, target, cfg.MODEL.COMPUTE_DTYPE)
+        record = {"program": name, "target": target.name}
+        try:
+            program = compile_program(name, lower, target, cfg.MODEL.COMPUTE_DTYPE)
+        except GpuCompileError as e:
+            print(f"{name}: {e}", file=sys.stderr, flush=True)
+            records.append({**record, "error": str(e).splitlines()[0][:400]})
+            continue
         print(f"{name}: compiled for {target.name} in {program.compile_s:.1f} s", file=sys.stderr, flush=True)
         attention = attention_report(program.kernels())
         records.append(
             {
-                "program": name,
-                "target": target.name,
+                **record,
                 "compile_s": program.compile_s,
                 **program.memory,
                 "attention": "; ".join(f"{a['implementation']} {a['array']} ×{a['runs']}" for a in attention),
