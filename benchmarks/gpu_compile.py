@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             records.append({**record, "error": str(e).splitlines()[0][:400]})
             continue
         print(f"{name}: compiled for {target.name} in {program.compile_s:.1f} s", file=sys.stderr, flush=True)
-        attention = attention_report(program.kernels())
+        attention = attention_report(program.kernels)
         records.append(
             {
                 **record,

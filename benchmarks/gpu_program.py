@@ -13,6 +13,7 @@ kernels slower than their roofline come on top).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -260,25 +261,31 @@ class GpuProgram:
 
     @property
     def memory(self) -> dict[str, float]:
-        """Per-device bytes in GiB: arguments, outputs, aliased (donated), temporaries, peak."""
-        m = self.compiled.memory_analysis()
-        peak = (
-            m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        )
-        return {
-            "argument_gib": m.argument_size_in_bytes / GIB,
-            "output_gib": m.output_size_in_bytes / GIB,
-            "aliased_gib": m.alias_size_in_bytes / GIB,
-            "temp_gib": m.temp_size_in_bytes / GIB,
-            "peak_gib": peak / GIB,
-        }
+        """See `memory_plan`."""
+        return memory_plan(self.compiled)
 
+    @functools.cached_property
     def kernels(self) -> list[Kernel]:
+        """The program's kernels (parsed once: the seed step's HLO is large)."""
         return Hlo(self.compiled.as_text()).kernels()
 
     def roofline(self, top: int = 5) -> dict:
         """See `roofline`."""
-        return roofline(self.kernels(), self.target, self.dtype, top)
+        return roofline(self.kernels, self.target, self.dtype, top)
+
+
+def memory_plan(compiled) -> dict[str, float]:
+    """Per-device GiB of a compiled program (any backend): arguments, outputs, aliased (donated),
+    temporaries, and the peak = arguments + outputs − aliased + temporaries."""
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {
+        "argument_gib": m.argument_size_in_bytes / GIB,
+        "output_gib": m.output_size_in_bytes / GIB,
+        "aliased_gib": m.alias_size_in_bytes / GIB,
+        "temp_gib": m.temp_size_in_bytes / GIB,
+        "peak_gib": peak / GIB,
+    }
 
 
 def roofline(kernels: list[Kernel], target: GpuTarget, dtype: str, top: int = 5) -> dict:

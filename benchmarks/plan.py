@@ -147,7 +147,7 @@ def abstract_batch(cfg, clips: int, mesh) -> dict:
 def compiled_plan(learner, cfg, mesh, target=None, save_hlo: str | None = None) -> dict:
     """Compile `learner`'s train step for `cfg`'s batch on `mesh`: its memory and FLOP figures per
     device; with a GPU `target`, XLA:GPU's, with the roofline and the attention report."""
-    from benchmarks.gpu_program import attention_report, compile_program
+    from benchmarks.gpu_program import attention_report, compile_program, memory_plan
 
     clips = cfg.TRAIN.BATCH_SIZE * mesh.size
     batch = abstract_batch(cfg, clips, mesh)
@@ -171,29 +171,17 @@ def compiled_plan(learner, cfg, mesh, target=None, save_hlo: str | None = None) 
                 f"{k['kind']} {k['shape']} ×{k['runs']} {k['share']:.0%}" for k in roofline["top"]
             ),
             "attention": "; ".join(
-                f"{a['implementation']} {a['array']} ×{a['runs']}"
-                for a in attention_report(program.kernels())
+                f"{a['implementation']} {a['array']} ×{a['runs']}" for a in attention_report(program.kernels)
             ),
             "compile_s": program.compile_s,
         }
     start = time.perf_counter()
     compiled = learner.lower(batch).compile()
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
     return {
-        "argument_gib": mem.argument_size_in_bytes / GIB,
-        "output_gib": mem.output_size_in_bytes / GIB,
-        "aliased_gib": mem.alias_size_in_bytes / GIB,
-        "temp_gib": mem.temp_size_in_bytes / GIB,
-        "peak_gib": peak / GIB,
+        **memory_plan(compiled),
         "xla_tflop": cost.get("flops", float("nan")) / 1e12,
         "compile_s": compile_s,
     }

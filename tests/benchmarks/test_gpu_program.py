@@ -70,7 +70,7 @@ def test_the_attention_core_is_found_with_the_logits_it_materialises(gpus):
     q = jax.ShapeDtypeStruct((b, nq, h, d), jnp.bfloat16, sharding=spec)
     k = jax.ShapeDtypeStruct((b, nk, h, d), jnp.bfloat16, sharding=spec)
     program = compile_program("attention", lambda: jax.jit(attend).lower(q, k, k), H100)
-    report = attention_report(program.kernels())
+    report = attention_report(program.kernels)
     assert report, "no kernel of the attention core was found in the compiled program"
     assert report[0]["implementation"] == "materialised"
     # The largest array the core writes is the [B, H, Nq, Nk] logits (float32) or their softmax,
@@ -101,7 +101,7 @@ def test_a_fused_attention_is_found_and_counted(gpus):
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
     program = compile_program("fused attention", lambda: jax.jit(fused).lower(q, k, k), H100)
-    report = attention_report(program.kernels())
+    report = attention_report(program.kernels)
     assert report[0]["implementation"] == "cudnn fused" and report[0]["runs"] == 1, report
     assert program.roofline()["tflop"] * 1e12 == pytest.approx(4 * b * h * nq * nk * d, rel=1e-6)
     assert program.memory["temp_gib"] * 2**30 < b * h * nq * nk  # not even one byte per logit
