@@ -21,10 +21,13 @@ from collections.abc import Callable, Iterable
 
 from benchmarks.gpu_targets import GpuTarget
 from es3_jax.errors import Es3Error
+from es3_jax.nn.attention import lowering_for
 
 GIB = 2**30
 # Name scope of es3's attention core (`es3_jax.nn.attention.attend`) in the HLO's op names.
 ATTENTION_SCOPE = "/attend/"
+# JAX names the operations of a `lax.scan` / `lax.map` body with this scope.
+LOOP_BODY = "/while/body/"
 
 _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -216,8 +219,9 @@ class Hlo:
 
 
 def attention_report(kernels: Iterable[Kernel]) -> list[dict]:
-    """How each attention runs: a fused kernel (cuDNN's flash attention), or logits materialised in
-    device memory, by the shape of the largest array a kernel of the attention core writes."""
+    """How each attention runs: cuDNN's fused kernel, blocks of logits in a loop (the online softmax
+    of `es3_jax.nn.blocked_attention`), or logits materialised whole; by the shape of the largest
+    array a kernel of the attention core writes, and whether the kernel runs in a loop's body."""
     fused, sites = 0, {}
     for k in kernels:
         if ATTENTION_SCOPE not in k.op_name and "fmha" not in k.kind:
@@ -231,18 +235,18 @@ def attention_report(kernels: Iterable[Kernel]) -> list[dict]:
         dtype, dims = max(arrays, key=lambda a: math.prod(a[1]))
         if len(dims) < 3:
             continue
-        key = (dtype, dims)
-        site = sites.setdefault(key, {"runs": 0, "bytes": 0.0})
+        implementation = "blocked" if LOOP_BODY in k.op_name else "materialised"
+        site = sites.setdefault((implementation, dtype, dims), {"runs": 0, "bytes": 0.0})
         site["runs"] += k.runs
         site["bytes"] = _BYTES[dtype] * math.prod(dims)
     report = [
         {
-            "implementation": "materialised",
+            "implementation": implementation,
             "array": f"{d}[{','.join(map(str, s))}]",
             "mib": v["bytes"] / 2**20,
             "runs": v["runs"],
         }
-        for (d, s), v in sorted(sites.items(), key=lambda kv: -kv[1]["bytes"])
+        for (implementation, d, s), v in sorted(sites.items(), key=lambda kv: -kv[1]["bytes"])
     ]
     if fused:
         report.insert(0, {"implementation": "cudnn fused", "array": "-", "mib": 0.0, "runs": fused})
@@ -333,7 +337,9 @@ def compile_program(
     compile raises `GpuCompileError` naming it."""
     start = time.perf_counter()
     try:
-        compiled = lower().compile(compiler_options=options)
+        with lowering_for("gpu"):
+            lowered = lower()
+        compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # XLA reports lowering and compiler failures with many exception types
         raise GpuCompileError(f"{name}: does not compile for {target.name}: {e}") from e
     return GpuProgram(name, target, compiled, time.perf_counter() - start, dtype)

@@ -55,22 +55,8 @@ class ViTAttention(nnx.Module):
         q = apply_rope(qkv[:, :, 0], rot)
         k = apply_rope(qkv[:, :, 1], rot)
         v = qkv[:, :, 2]
-        chunk = _query_chunk(n)
-        if chunk == n:
-            out = attend(q, k, v)
-        else:
-            # Global attention over a 72×72 grid would hold [B, 16, 5184, 5184] float32 logits
-            # (1.7 GB a frame); query blocks keep them small and in cache (2.6× faster on CPU).
-            blocks = q.reshape(b, n // chunk, chunk, *q.shape[2:]).swapaxes(0, 1)
-            out = jax.lax.map(lambda qb: attend(qb, k, v), blocks).swapaxes(0, 1).reshape(q.shape)
+        out = attend(q, k, v)
         return self.proj(out.reshape(b, n, c))
-
-
-def _query_chunk(n: int, limit: int = 256) -> int:
-    """Queries per attention block: `n` when short, else the largest divisor of `n` up to `limit`."""
-    if n <= 4 * limit:
-        return n
-    return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
 class Mlp(nnx.Module):

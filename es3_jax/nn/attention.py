@@ -1,4 +1,4 @@
-"""Multi-head attention with optional rotary positions, additive key bias and key masking.
+"""Multi-head attention with optional rotary positions, additive key bias and key masking, over one core.
 
 One module serves the mask decoder's two-way transformer (no RoPE), the teacher memory
 attention (RoPE on queries and spatial keys) and the student variants (pooled keys with a
@@ -7,12 +7,43 @@ log(p²) bias, compressed memories with their own key positions).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from es3_jax.nn.blocked_attention import Blocks, blocked_attention
 from es3_jax.nn.layers import Dtype, linear
 from es3_jax.nn.rope import apply_rope
+
+# Block targets of the online-softmax form per platform. On a CPU a block's float32 logits
+# (B·H·512·1024·4 bytes) stay in cache; a GPU takes whole query sets and long key blocks, so each
+# matmul fills the device while a block's logits stay a small fraction of the full [Nq, Nk].
+BLOCKS = {"cpu": Blocks(q=512, k=1024, logits=2**23), "gpu": Blocks(q=8192, k=4096)}
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = (
+    128  # every cuDNN fused-attention GPU (Ampere on); Hopper's 256 needs the device to check
+)
+
+_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("es3_attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str) -> Iterator[None]:
+    """Attention traced inside is chosen for `platform` ('cpu' or 'gpu') instead of JAX's default backend.
+
+    For programs compiled for devices this process does not drive (a GPU compile on a CPU host).
+    """
+    if platform not in BLOCKS:
+        raise ValueError(f"no attention for platform {platform!r}: one of {sorted(BLOCKS)}")
+    token = _platform.set(platform)
+    try:
+        yield
+    finally:
+        _platform.reset(token)
 
 
 def attend(
@@ -23,23 +54,43 @@ def attend(
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax attention with logits and softmax in float32.
+    """Softmax attention with float32 logits and softmax statistics, never holding all logits.
 
     q: `[B, Nq, H, Dh]`, k and v: `[B, Nk, H, Dh]` -> `[B, Nq, H, Dh]`.
     bias: additive logits broadcastable to `[B, H, Nq, Nk]`; mask: boolean, same broadcast, True = attend.
     The scale is `1/sqrt(Dh)`, as in torch's `scaled_dot_product_attention`.
+
+    On a GPU, cuDNN's fused kernel where it takes the problem (`cudnn_fits`), else the blocked
+    online softmax of `blocked_attention`, which is also the CPU's form.
     """
     # The scope names this core's operations in compiled programs (benchmarks/gpu_program.py reads
     # how each attention was compiled by it).
     with jax.named_scope("attend"):
-        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        platform = _platform.get() or jax.default_backend()
+        if platform == "gpu" and cudnn_fits(q, k, v, bias=bias, mask=mask):
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
+        return blocked_attention(q, k, v, bias=bias, mask=mask, blocks=BLOCKS.get(platform, BLOCKS["gpu"]))
+
+
+def cudnn_fits(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None, mask: jax.Array | None = None
+) -> bool:
+    """Whether cuDNN's fused attention takes this problem on any supported GPU.
+
+    It needs 16-bit inputs of one dtype, a head dim that is a multiple of 8 up to 128, and a
+    bias or mask (if any) given for every query and key: it does not broadcast them along
+    queries or keys (the per-key terms of a memory bank), and training with a bias needs even
+    sequence lengths.
+    """
+    nq, nk, dh = q.shape[1], k.shape[1], q.shape[-1]
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in CUDNN_DTYPES):
+        return False
+    if dh > CUDNN_MAX_HEAD_DIM or dh % 8 or v.shape[-1] != dh:
+        return False
+    for term in (bias, mask):
+        if term is not None and (term.ndim != 4 or term.shape[-2:] != (nq, nk)):
+            return False
+    return (bias is None and mask is None) or (nq % 2 == 0 and nk % 2 == 0)
 
 
 class Attention(nnx.Module):

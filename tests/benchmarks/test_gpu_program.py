@@ -63,21 +63,49 @@ def test_a_loop_counts_its_body_as_often_as_it_runs(gpus):
     assert program.roofline()["tflop"] * 1e12 == pytest.approx(5 * 2 * 256**3, rel=1e-6)
 
 
-def test_the_attention_core_is_found_with_the_logits_it_materialises(gpus):
+def _largest(report_row: dict) -> tuple[str, list[int]]:
+    dtype, dims = report_row["array"].rstrip("]").split("[")
+    return dtype, [int(n) for n in dims.split(",")]
+
+
+def test_logits_materialised_by_the_attention_core_are_found(gpus):
     b, nq, nk, h, d = 2, 256, 384, 4, 32
-    mesh = jax.sharding.Mesh(np.array(gpus[:1]), ("data",))
-    spec = NamedSharding(mesh, PartitionSpec())
-    q = jax.ShapeDtypeStruct((b, nq, h, d), jnp.bfloat16, sharding=spec)
-    k = jax.ShapeDtypeStruct((b, nk, h, d), jnp.bfloat16, sharding=spec)
-    program = compile_program("attention", lambda: jax.jit(attend).lower(q, k, k), H100)
-    report = attention_report(program.kernels)
-    assert report, "no kernel of the attention core was found in the compiled program"
-    assert report[0]["implementation"] == "materialised"
+    q, k = _on(gpus[0], (b, nq, h, d), (b, nk, h, d))
+
+    def dense(q, k, v):
+        with jax.named_scope("attend"):
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits).astype(v.dtype), v)
+
+    report = attention_report(compile_program("dense", lambda: jax.jit(dense).lower(q, k, k), H100).kernels)
+    assert report and report[0]["implementation"] == "materialised", report
     # The largest array the core writes is the [B, H, Nq, Nk] logits (float32) or their softmax,
     # as XLA lays them out (B and H may be merged into one axis).
-    dtype, dims = report[0]["array"].rstrip("]").split("[")
-    dims = [int(n) for n in dims.split(",")]
+    dtype, dims = _largest(report[0])
     assert dtype in ("f32", "bf16") and dims[-2:] == [nq, nk] and np.prod(dims) == b * h * nq * nk, report
+
+
+def test_the_attention_core_compiles_to_cudnn_where_it_fits_and_to_blocks_elsewhere(gpus):
+    """A ViT's heads (bf16, head dim 64) go to cuDNN's fused kernel; a memory bank's single 256-wide
+    head with a per-key mask does not fit it and runs as blocks of keys in a loop, never all logits."""
+    b, n, h, d = 2, 512, 4, 64
+    q, k = _on(gpus[0], (b, n, h, d), (b, n, h, d))
+    program = compile_program("vit attention", lambda: jax.jit(attend).lower(q, k, k), H100)
+    assert attention_report(program.kernels)[0]["implementation"] == "cudnn fused"
+
+    nq, nk = 256, 9000
+    q, k = _on(gpus[0], (b, nq, 1, 256), (b, nk, 1, 256))
+    (mask,) = _on(gpus[0], (b, 1, 1, nk), dtype=jnp.bool_)
+
+    def memory_attention(q, k, v, mask):
+        return attend(q, k, v, mask=mask)
+
+    program = compile_program(
+        "memory attention", lambda: jax.jit(memory_attention).lower(q, k, k, mask), H100
+    )
+    report = attention_report(program.kernels)
+    assert report[0]["implementation"] == "blocked", report
+    assert all(np.prod(_largest(row)[1]) < b * nq * nk / 2 for row in report), report
 
 
 def test_a_program_with_no_gpu_implementation_fails_naming_it(gpus):
