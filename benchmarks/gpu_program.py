@@ -26,8 +26,10 @@ from es3_jax.nn.attention import lowering_for
 GIB = 2**30
 # Name scope of es3's attention core (`es3_jax.nn.attention.attend`) in the HLO's op names.
 ATTENTION_SCOPE = "/attend/"
-# JAX names the operations of a `lax.scan` / `lax.map` body with this scope.
-LOOP_BODY = "/while/body/"
+# JAX names the operations of a `lax.scan` / `lax.map` body with this scope: after the attention
+# core's own scope, it is the core's loop over blocks (a loop around the core, e.g. over frames,
+# comes before it).
+LOOP_BODY = "while/body/"
 
 _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -220,8 +222,8 @@ class Hlo:
 
 def attention_report(kernels: Iterable[Kernel]) -> list[dict]:
     """How each attention runs: cuDNN's fused kernel, blocks of logits in a loop (the online softmax
-    of `es3_jax.nn.blocked_attention`), or logits materialised whole; by the shape of the largest
-    array a kernel of the attention core writes, and whether the kernel runs in a loop's body."""
+    of `es3_jax.nn.blocked_attention`), or logits materialised whole (one block); by the shape of
+    the largest array a kernel of the attention core writes, and whether it runs in the core's loop."""
     fused, sites = 0, {}
     for k in kernels:
         if ATTENTION_SCOPE not in k.op_name and "fmha" not in k.kind:
@@ -235,7 +237,8 @@ def attention_report(kernels: Iterable[Kernel]) -> list[dict]:
         dtype, dims = max(arrays, key=lambda a: math.prod(a[1]))
         if len(dims) < 3:
             continue
-        implementation = "blocked" if LOOP_BODY in k.op_name else "materialised"
+        inside = k.op_name.split(ATTENTION_SCOPE, 1)[-1]
+        implementation = "blocked" if LOOP_BODY in inside else "materialised"
         site = sites.setdefault((implementation, dtype, dims), {"runs": 0, "bytes": 0.0})
         site["runs"] += k.runs
         site["bytes"] = _BYTES[dtype] * math.prod(dims)

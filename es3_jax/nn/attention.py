@@ -19,16 +19,18 @@ from es3_jax.nn.blocked_attention import Blocks, blocked_attention
 from es3_jax.nn.layers import Dtype, linear
 from es3_jax.nn.rope import apply_rope
 
-# Block targets of the online-softmax form per platform. On a CPU a block's float32 logits
-# (B·H·512·1024·4 bytes) stay in cache; a GPU takes whole query sets and long key blocks, so each
-# matmul fills the device while a block's logits stay a small fraction of the full [Nq, Nk].
-BLOCKS = {"cpu": Blocks(q=512, k=1024, logits=2**23), "gpu": Blocks(q=8192, k=4096)}
+# Block targets of the online-softmax form per platform. On a CPU one batch entry at a time (a few
+# where each is small) keeps a block's float32 logits near the cache's size; 512 × 1024 blocks ran
+# as fast as any other split on a 2-core EPYC. A GPU takes whole query sets, long key blocks and the
+# whole batch, so each matmul fills the device while a block's logits stay a fraction of all of them.
+BLOCKS = {"cpu": Blocks(q=512, k=1024, logits=2**19), "gpu": Blocks(q=8192, k=4096)}
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = (
     128  # every cuDNN fused-attention GPU (Ampere on); Hopper's 256 needs the device to check
 )
 
 _platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("es3_attention_platform", default=None)
+_cudnn_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("es3_attention_cudnn", default=True)
 
 
 @contextlib.contextmanager
@@ -44,6 +46,21 @@ def lowering_for(platform: str) -> Iterator[None]:
         yield
     finally:
         _platform.reset(token)
+
+
+@contextlib.contextmanager
+def without_cudnn() -> Iterator[None]:
+    """Attention traced inside takes the blocked form on GPUs too.
+
+    For code under `jax.vmap` whose queries may not vary along the mapped axis while its keys do
+    (SAM's output tokens attending to each clip's image): JAX 0.10.2's batching rule for cuDNN's
+    attention reshapes queries, keys and values by the queries' batch and fails on such a mix.
+    """
+    token = _cudnn_allowed.set(False)
+    try:
+        yield
+    finally:
+        _cudnn_allowed.reset(token)
 
 
 def attend(
@@ -67,7 +84,7 @@ def attend(
     # how each attention was compiled by it).
     with jax.named_scope("attend"):
         platform = _platform.get() or jax.default_backend()
-        if platform == "gpu" and cudnn_fits(q, k, v, bias=bias, mask=mask):
+        if platform == "gpu" and _cudnn_allowed.get() and cudnn_fits(q, k, v, bias=bias, mask=mask):
             return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
         return blocked_attention(q, k, v, bias=bias, mask=mask, blocks=BLOCKS.get(platform, BLOCKS["gpu"]))
 

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from es3_jax.config import Config, ConfigError
+from es3_jax.nn.attention import without_cudnn
 from es3_jax.params import ModuleTemplate
 from es3_jax.train import losses
 from es3_jax.train.clip import ClipOutput, run_clip
@@ -75,7 +76,8 @@ def trunk_features(templates: Templates, frozen: Mapping, batch: Mapping) -> jax
 def _batch_outputs(templates: Templates, trainable, frozen, batch, cfg: Config) -> ClipOutput:
     teacher, student = _modules(templates, trainable, frozen)
     trunk = trunk_features(templates, frozen, batch)
-    return jax.vmap(lambda t, masks: run_clip(teacher, student, t, masks, cfg))(trunk, batch["masks"])
+    with without_cudnn():
+        return jax.vmap(lambda t, masks: run_clip(teacher, student, t, masks, cfg))(trunk, batch["masks"])
 
 
 def _valid(batch: Mapping) -> jax.Array:

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks.gpu_program import GpuCompileError, attention_report, compile_program
 from benchmarks.gpu_targets import TARGETS, topology
-from es3_jax.nn.attention import attend
+from es3_jax.nn.attention import attend, lowering_for, without_cudnn
 
 H100 = TARGETS["h100"]
 
@@ -133,3 +133,19 @@ def test_a_fused_attention_is_found_and_counted(gpus):
     assert report[0]["implementation"] == "cudnn fused" and report[0]["runs"] == 1, report
     assert program.roofline()["tflop"] * 1e12 == pytest.approx(4 * b * h * nq * nk * d, rel=1e-6)
     assert program.memory["temp_gib"] * 2**30 < b * h * nq * nk  # not even one byte per logit
+
+
+def test_clip_mapped_attention_with_shared_queries_runs_blocked_on_gpus(gpus):
+    """Queries shared by every clip (SAM's output tokens) against each clip's keys, under `jax.vmap`
+    as the train step maps its clips: JAX's cuDNN batching rule cannot take the mix, so the step
+    traces its attention `without_cudnn`."""
+    tokens, (image,) = _on(gpus[0], (3, 7, 8, 16))[0], _on(gpus[0], (4, 3, 256, 8, 16))
+
+    def clips(tokens, image):
+        return jax.vmap(lambda img: attend(tokens, img, img))(image)
+
+    with lowering_for("gpu"), pytest.raises(TypeError, match="cannot reshape"):
+        jax.jit(clips).lower(tokens, image)
+    with without_cudnn():
+        program = compile_program("clip-mapped attention", lambda: jax.jit(clips).lower(tokens, image), H100)
+    assert not any("fmha" in k.kind for k in program.kernels)
