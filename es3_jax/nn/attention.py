@@ -38,14 +38,18 @@ def lowering_for(platform: str) -> Iterator[None]:
     """Attention traced inside is chosen for `platform` ('cpu' or 'gpu') instead of JAX's default backend.
 
     For programs compiled for devices this process does not drive (a GPU compile on a CPU host).
+    JAX caches a function's trace whatever this choice, so entering and leaving clear its caches:
+    a function traced for the CPU before is traced again for `platform`, and back.
     """
     if platform not in BLOCKS:
         raise ValueError(f"no attention for platform {platform!r}: one of {sorted(BLOCKS)}")
+    jax.clear_caches()
     token = _platform.set(platform)
     try:
         yield
     finally:
         _platform.reset(token)
+        jax.clear_caches()
 
 
 @contextlib.contextmanager

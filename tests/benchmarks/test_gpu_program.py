@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks.gpu_program import GpuCompileError, attention_report, compile_program
 from benchmarks.gpu_targets import TARGETS, topology
-from es3_jax.nn.attention import attend, lowering_for, without_cudnn
+from es3_jax.nn.attention import BLOCKS, attend, lowering_for, without_cudnn
+from es3_jax.nn.blocked_attention import block_length
 
 H100 = TARGETS["h100"]
 
@@ -149,3 +150,15 @@ def test_clip_mapped_attention_with_shared_queries_runs_blocked_on_gpus(gpus):
     with without_cudnn():
         program = compile_program("clip-mapped attention", lambda: jax.jit(clips).lower(tokens, image), H100)
     assert not any("fmha" in k.kind for k in program.kernels)
+
+
+def test_a_function_run_on_the_cpu_first_is_traced_again_for_the_gpu(gpus):
+    """The tracking programs run on the CPU before they are compiled for a GPU: JAX's trace cache
+    must not hand the GPU compile the CPU's choice of attention (its 512-query blocks)."""
+    n = 1200
+    fn = jax.jit(attend)
+    x = jnp.zeros((1, n, 1, 64), jnp.float32)
+    fn(x, x, x)
+    (q,) = _on(gpus[0], (1, n, 1, 64), dtype=jnp.float32)
+    report = attention_report(compile_program("traced twice", lambda: fn.lower(q, q, q), H100).kernels)
+    assert not any(f",{block_length(n, BLOCKS['cpu'].q)}," in row["array"] for row in report), report
