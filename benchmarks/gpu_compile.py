@@ -82,22 +82,26 @@ def train_programs(cfg, gpus: list) -> dict[str, Callable]:
 
 
 def embed_programs(cfg, gpu) -> dict[str, Callable]:
-    """`es3 embed`'s batch of 2 frames through SAM3's ViT and through a stage-1 trunk."""
+    """`es3 embed`'s batch of 2 frames through SAM3's ViT and through a stage-1 trunk, in the
+    config's compute dtype as a GPU resolves it."""
     import jax
     import jax.numpy as jnp
 
     from es3_jax import config as config_lib
     from es3_jax.embed import features_program
-    from es3_jax.models.trunk import trunk_from_config
+    from es3_jax.models.trunk import compute_dtype, trunk_from_config
 
     one = jax.sharding.SingleDeviceSharding(gpu)
+    # `es3 embed`'s dtype on a GPU: `auto` is bfloat16 there, whatever this host's backend.
+    name = cfg.MODEL.COMPUTE_DTYPE
+    dtype = jnp.dtype(jnp.bfloat16) if name == "auto" else compute_dtype(name)
     programs = {}
     for kind in ("sam3_vit", STAGE1_TRUNK):
         kind_cfg = config_lib.override(cfg, "MODEL.TRUNK.KIND", kind)
         size = kind_cfg.MODEL.TEACHER.IMAGE_SIZE
         d = kind_cfg.DATA
         fn, state = features_program(
-            trunk_from_config(kind_cfg, seed=0), d.PIXEL_MEAN, d.PIXEL_STD, d.EMBEDDING_DTYPE
+            trunk_from_config(kind_cfg, seed=0, dtype=dtype), d.PIXEL_MEAN, d.PIXEL_STD, d.EMBEDDING_DTYPE
         )
         images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8, sharding=one)
         programs[f"embed_{kind}"] = functools.partial(fn.lower, _abstract(state, one), images)
