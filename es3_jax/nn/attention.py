@@ -25,9 +25,8 @@ from es3_jax.nn.rope import apply_rope
 # whole batch, so each matmul fills the device while a block's logits stay a fraction of all of them.
 BLOCKS = {"cpu": Blocks(q=512, k=1024, logits=2**19), "gpu": Blocks(q=8192, k=4096)}
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-CUDNN_MAX_HEAD_DIM = (
-    128  # every cuDNN fused-attention GPU (Ampere on); Hopper's 256 needs the device to check
-)
+# Every cuDNN fused-attention GPU (Ampere on) takes 128; Hopper's 256 needs the device to check.
+CUDNN_MAX_HEAD_DIM = 128
 
 _platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("es3_attention_platform", default=None)
 _cudnn_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("es3_attention_cudnn", default=True)
@@ -103,6 +102,8 @@ def cudnn_fits(
     queries or keys (the per-key terms of a memory bank), and training with a bias needs even
     sequence lengths.
     """
+    if not q.ndim == k.ndim == v.ndim == 4:
+        return False
     nq, nk, dh = q.shape[1], k.shape[1], q.shape[-1]
     if not (q.dtype == k.dtype == v.dtype and q.dtype in CUDNN_DTYPES):
         return False
