@@ -254,6 +254,4 @@ def _add_tile(dbias: jax.Array, ds: jax.Array, i: jax.Array, j: jax.Array, layou
     return lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, start, ds.shape) + ds, start)
 
 
-# One primitive under `jax.checkpoint`: else remat splits the forward loops and saves, per block,
-# whatever does not depend on the differentiated inputs (broadcast masks and biases, full size).
-_attention.defvjp(_attention_fwd, _attention_bwd, optimize_remat=True)
+_attention.defvjp(_attention_fwd, _attention_bwd)
