@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from es3_jax.nn.layers import DepthwiseConv, Dtype, conv, gelu, layer_norm, linear, resize_bilinear
+from es3_jax.nn.layers import DepthwiseConv, Dtype, TapConv, gelu, layer_norm, linear, resize_bilinear
 from es3_jax.nn.position_encoding import sine_2d
 
 # Four stride-2 stages: the mask reaches the feature grid at 16× below its input size.
@@ -32,12 +32,12 @@ class MaskDownSampler(nnx.Module):
         chans = [4**s for s in range(_STAGES + 1)]
         self.convs = nnx.List(
             [
-                conv(cin, cout, 3, stride=2, padding=1, rngs=rngs, dtype=dtype)
+                TapConv(cin, cout, 3, stride=2, padding=1, rngs=rngs, dtype=dtype)
                 for cin, cout in itertools.pairwise(chans)
             ]
         )
         self.norms = nnx.List([layer_norm(c, eps=1e-6, rngs=rngs, dtype=dtype) for c in chans[1:]])
-        self.proj = conv(chans[-1], embed_dim, 1, rngs=rngs, dtype=dtype)
+        self.proj = TapConv(chans[-1], embed_dim, 1, rngs=rngs, dtype=dtype)
 
     def __call__(self, mask: jax.Array, height: int, width: int) -> jax.Array:
         """mask: `[B, Hm, Wm, 1]` -> `[B, height, width, embed_dim]`.
@@ -87,9 +87,9 @@ class MemoryEncoder(nnx.Module):
 
     def __init__(self, d_model: int = 256, mem_dim: int = 64, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
         self.mask_downsampler = MaskDownSampler(d_model, rngs=rngs, dtype=dtype)
-        self.pix_feat_proj = conv(d_model, d_model, 1, rngs=rngs, dtype=dtype)
+        self.pix_feat_proj = TapConv(d_model, d_model, 1, rngs=rngs, dtype=dtype)
         self.fuser = Fuser(d_model, 2, rngs=rngs, dtype=dtype)
-        self.out_proj = conv(d_model, mem_dim, 1, rngs=rngs, dtype=dtype)
+        self.out_proj = TapConv(d_model, mem_dim, 1, rngs=rngs, dtype=dtype)
 
     def __call__(
         self, pix_feat: jax.Array, mask: jax.Array, skip_mask_sigmoid: bool = False
