@@ -19,7 +19,9 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -186,11 +188,17 @@ def _background(rng: np.random.Generator, h: int, w: int, frames: int) -> list[n
     tint = rng.normal(0, 1, 3)
     pan = rng.uniform(-1.5, 1.5, 2)
     noise = rng.normal(0, 6, (h, w, 1))
+    # Panning shifts each wave's phase by a constant per frame: sin(A + B) = sin A cos B + cos A sin B
+    # with A the still wave [H, W], computed once, and B a number per frame.
+    still = [(a, f * (xx * np.cos(d) + yy * np.sin(d)) + ph) for f, d, ph, a in waves]
+    sin_cos = [(a * np.sin(phase), a * np.cos(phase)) for a, phase in still]
+    drift = [f * (pan[0] * np.cos(d) + pan[1] * np.sin(d)) for f, d, _, _ in waves]
+    colour = 1 + 0.15 * tint
     out = []
     for t in range(frames):
-        x, y = xx + pan[0] * t, yy + pan[1] * t
-        field = sum(a * np.sin(f * (x * np.cos(d) + y * np.sin(d)) + ph) for f, d, ph, a in waves)
-        out.append(base + field[..., None] * (1 + 0.15 * tint) + noise + 0.05 * (x[..., None] - w / 2))
+        field = sum(s * np.cos(v * t) + c * np.sin(v * t) for (s, c), v in zip(sin_cos, drift, strict=True))
+        ramp = 0.05 * (xx + pan[0] * t - w / 2)
+        out.append(base + field[..., None] * colour + noise + ramp[..., None])
     return out
 
 
@@ -344,16 +352,28 @@ def make_synthetic(
     width: int = 320,
     style: Style = Style(),
     progress: bool = False,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Write `num_videos` synthetic SA-V videos under `output_dir`; returns their names."""
+    """Write `num_videos` synthetic SA-V videos under `output_dir`; returns their names.
+
+    on_progress: called with the number of videos written so far, after each one."""
     names = []
-    with progress_bar(num_videos, "synthetic videos", unit="video", enabled=progress) as bar:
-        for i in range(num_videos):
-            name = write_video(
-                output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style
-            )
+
+    def write(i: int) -> str:
+        return write_video(
+            output_dir, i, seed=seed, num_frames=num_frames, height=height, width=width, style=style
+        )
+
+    # numpy and PIL release the GIL for most of a video's work: threads on every core.
+    with (
+        progress_bar(num_videos, "synthetic videos", unit="video", enabled=progress) as bar,
+        ThreadPoolExecutor(os.cpu_count()) as pool,
+    ):
+        for name in pool.map(write, range(num_videos)):
             names.append(name)
             bar.update()
+            if on_progress is not None:
+                on_progress(len(names))
     return names
 
 
