@@ -96,3 +96,30 @@ def test_without_an_nvidia_driver_es3_runs_on_the_cpu_where_the_cuda_plugin_is_i
     monkeypatch.setattr(cli.os.path, "exists", lambda path: path == "/dev/nvidiactl")  # a GPU host
     cli._cpu_without_nvidia_driver()
     assert "JAX_PLATFORMS" not in os.environ
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
+    reason="huge pages through glibc's tunables: Linux with glibc only",
+)
+def test_a_command_line_restarts_once_asking_glibc_for_huge_pages():
+    code = (
+        "import os, sys; print('GLIBC_TUNABLES', os.environ.get('GLIBC_TUNABLES'), flush=True); "
+        "sys.argv = ['es3', '--version']; from es3_jax import cli; sys.exit(cli.main())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"  # another tunable, kept
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "GLIBC_TUNABLES glibc.malloc.arena_max=4",
+        f"GLIBC_TUNABLES glibc.malloc.arena_max=4:{cli.HUGE_PAGES}",
+        f"es3-jax {cli.__version__}",
+    ], run.stdout
+
+
+def test_a_caller_in_the_same_process_is_never_restarted(monkeypatch, capsys):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail(f"main(argv) restarted the process: {a[:2]}"))
+    with pytest.raises(SystemExit):
+        main(["--version"])
