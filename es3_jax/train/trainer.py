@@ -21,7 +21,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -380,10 +380,13 @@ class Trainer:
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
-    def run(self) -> dict:
+    def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train to `TRAIN.MAX_STEPS` or until SIGTERM / SIGINT (the current step is finished and
         saved) -> the step reached, the last train and validation metrics, and the signal that
-        stopped the run before its last step (None when it completed)."""
+        stopped the run before its last step (None when it completed).
+
+        on_step: called with the step reached after each optimiser step, instead of drawing a
+        progress bar."""
         cfg = self.cfg.TRAIN
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         total_micro = cfg.MAX_STEPS * self.accumulate
@@ -393,7 +396,7 @@ class Trainer:
             initial=self.step,
             desc=f"{cfg.MODE}",
             unit="step",
-            disable=self.process_index != 0,
+            disable=self.process_index != 0 or on_step is not None,
             dynamic_ncols=True,
             # Redirected to a file (a batch job's log), a bar line every 30 s instead of every step.
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
@@ -423,6 +426,8 @@ class Trainer:
                 last_train = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 bar.set_postfix(loss=f"{last_train['total']:.4g}", refresh=False)
                 bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
                 if not finite:
                     self.log.warning(
                         f"step {self.step}: non-finite loss, update skipped ({self.bad_steps} in a row)"
