@@ -98,7 +98,8 @@ def time_sentence(runs: list[dict]) -> str:
     seeds = "one run" if len(runs) == 1 else f"{len(runs)} seeds"
     peak = max(r["peak_memory_gb"] for r in runs)
     return (
-        f"`make demo` takes {span} ({seeds}) on a {_machine(runs[0])}, set-up excluded, with a peak of "
+        f"`make demo` takes {span} ({seeds}) on a {runs[0]['machine']['cores']}-core "
+        f"{runs[0]['machine']['cpu']}, set-up excluded, with a peak of "
         f"{peak:.1f} GB of memory (measured {max(r['date'] for r in runs)}, commit {runs[0]['commit'] or 'unknown'}).\n"
     )
 

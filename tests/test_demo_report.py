@@ -80,7 +80,7 @@ def test_report_rewrites_only_its_blocks_one_column_per_seed(tmp_path):
     assert "| seed 0 | seed 1 |" in text
     assert "0.950 (+0.050)" in text and "0.930 (+0.030)" in text
     assert "commit abc1234" in text and "Test CPU (2 cores)" in text and "2026-12-07" in text
-    assert "8:32 – 8:50 (2 seeds)" in text and "3.2 GB" in text
+    assert "8:32 – 8:50 (2 seeds) on a 2-core Test CPU" in text and "3.2 GB" in text
     assert "(first step 41 s)" in text
 
 
