@@ -79,6 +79,17 @@ def conv(
     )
 
 
+def _taps(padded: jax.Array, k: int, stride: int, ho: int, wo: int):
+    """((dy, dx), window `[B, ho, wo, C]`) of a k×k kernel's taps over a padded `[B, H, W, C]` input,
+    row-major: the inputs each tap multiplies."""
+    for dy in range(k):
+        for dx in range(k):
+            yield (
+                (dy, dx),
+                padded[:, dy : dy + stride * (ho - 1) + 1 : stride, dx : dx + stride * (wo - 1) + 1 : stride],
+            )
+
+
 class TapConv(nnx.Module):
     """`nn.Conv2d(din, dout, k, stride, padding)` as one matrix product over its k² taps: the strided
     windows of the padded input are laid side by side on the channel axis `[B, Ho, Wo, k²·din]` and
@@ -114,14 +125,7 @@ class TapConv(nnx.Module):
         _, h, w, _ = x.shape
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
-        taps = jnp.concatenate(
-            [
-                padded[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s]
-                for dy in range(k)
-                for dx in range(k)
-            ],
-            axis=-1,
-        )
+        taps = jnp.concatenate([tap for _, tap in _taps(padded, k, s, ho, wo)], axis=-1)
         kernel = self.kernel[...].astype(self.dtype).reshape(k * k * din, dout)
         return taps @ kernel + self.bias[...].astype(self.dtype)
 
@@ -188,11 +192,7 @@ class DepthwiseConv(nnx.Module):
         padded = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
         # The scope marks the taps' products as a convolution's (`es3_jax.models.flops` counts them).
         with jax.named_scope(DEPTHWISE_SCOPE):
-            y = sum(
-                padded[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s] * kernel[dy, dx, 0]
-                for dy in range(k)
-                for dx in range(k)
-            )
+            y = sum(tap * kernel[dy, dx, 0] for (dy, dx), tap in _taps(padded, k, s, ho, wo))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
