@@ -162,7 +162,7 @@ class TrunkConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PerceiverConfig:
-    """The student's Perceiver Resampler (DESIGN.md D5); off = raw memory frames."""
+    """The student's Perceiver Resampler; off = raw memory frames."""
 
     ENABLED: bool = True
     NUM_LATENTS: int = 256
@@ -175,7 +175,7 @@ class PerceiverConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryAttentionConfig:
-    """The student's memory attention (D4, D6): the teacher's layer design, fewer layers, p×p pooling."""
+    """The student's memory attention: the teacher's layer design, fewer layers, p×p pooling."""
 
     NUM_LAYERS: int = 2
     POOL_SIZE: int = 2

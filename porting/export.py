@@ -1,7 +1,6 @@
 """Merge trained es3 modules into a SAM3 (or stage-1) PyTorch checkpoint: `efficient_sam3_full.pt`.
 
-DESIGN.md D12. The output is the base checkpoint's `model` dict with every key kept byte for
-byte, except:
+The output is the base checkpoint's `model` dict with every key kept byte for byte, except:
 
 * the teacher's memory attention (`tracker.transformer.encoder.*`) is replaced by the student's
   (any number of layers, same key names, so upstream sam3 reads it unchanged);
@@ -13,7 +12,7 @@ The student's configuration is recorded in the file (`porting.checkpoint_file`);
 brings a merged file back into es3. The file is written atomically: complete or absent.
 
 EfficientSAM3's own merge wrote its temporal encodings in the wrong order and later dropped the
-new modules altogether (reference/memory_compression.md §4.10): here the student's keys come from
+new modules altogether: here the student's keys come from
 the same table the parity tests use (`porting.keymap.STUDENT_TABLE`), the teacher's temporal
 encodings are kept, and nothing is written unless every key fits.
 """

@@ -469,7 +469,7 @@ def _predictor_class():
     from sam3.model.sam3_tracking_predictor import Sam3TrackerPredictor
 
     class EfficientSam3Predictor(Sam3TrackerPredictor):
-        """Upstream's `Sam3TrackerPredictor` whose memory path is the student's (D12).
+        """Upstream's `Sam3TrackerPredictor` whose memory path is the student's.
 
         Every memory frame is compressed as soon as the memory encoder makes it, and stored as
         `[B, Cm, N, 1]`: the layout upstream keeps memory maps in, so its bookkeeping (bf16

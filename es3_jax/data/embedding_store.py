@@ -1,6 +1,6 @@
 """The embedding store: pre-computed trunk features, one TensorStore zarr v3 array per video.
 
-Layout (DESIGN.md D9):
+Layout:
 ```
 <root>/global_metadata.json        dataset-level record, written by process 0 at the end of a run
 <root>/<video>/features.zarr/      [T, h, w, C] bfloat16 (or float32, or int8); one frame per

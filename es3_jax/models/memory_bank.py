@@ -1,4 +1,4 @@
-"""The fixed-size memory bank a tracking step reads and writes (DESIGN.md D8).
+"""The fixed-size memory bank a tracking step reads and writes.
 
 The bank stores K memory frames and Kp object pointers per object. Which stored entries a step
 reads, in which temporal slot, and where it writes its own memory is decided on the host

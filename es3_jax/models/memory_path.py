@@ -4,7 +4,7 @@ frame reads the bank.
 One class serves the teacher and the student. The teacher's path (`SAM3Tracker.memory_path()`)
 keeps each frame's `H·W` memory as it is and attends with SAM3's memory attention; the student
 (`es3_jax.models.student.student_from_config`) compresses each frame with a Perceiver Resampler
-(DESIGN.md D5) and attends with fewer, pooled layers (D4, D6):
+and attends with fewer, pooled layers:
 
 * `compress` turns each encoded memory frame into `num_latents + g²` perceiver tokens, or keeps
   the raw `H·W` tokens when there is no perceiver;

@@ -32,7 +32,7 @@ def student_from_config(
     params: the student's own parameters (`{"memory_attention": ..., "spatial_perceiver": ...}`),
     bound strictly; None draws fresh weights from `seed`. teacher_params: the teacher's
     `memory_attention` parameters; with `MODEL.MEMORY_ATTENTION.INIT_FROM_TEACHER_LAYERS` set,
-    the fresh student's layers (and final norm) are copied from those teacher layers (D6).
+    the fresh student's layers (and final norm) are copied from those teacher layers.
     remat: recompute every memory-attention and perceiver layer in the backward pass.
     """
     t, pc, mc = cfg.MODEL.TEACHER, cfg.MODEL.PERCEIVER, cfg.MODEL.MEMORY_ATTENTION

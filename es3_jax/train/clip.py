@@ -7,7 +7,7 @@ at inference without memory selection (the cond frame plus the last `num_maskmem
 pointers of every earlier frame), so the bank and its selections are static and the frames run as
 one `jax.lax.scan`.
 
-Distillation (DESIGN.md D7): teacher and student read banks built from the same predictions (the
+Distillation: teacher and student read banks built from the same predictions (the
 teacher's by default, `TRAIN.MEMORY_SOURCE`); the teacher's bank holds raw memories, the student's
 the ones its `compress` made. The student's memory-conditioned features go through the frozen SAM
 heads; its masks are supervised by the ground truth and its features by the teacher's (MSE).
