@@ -56,8 +56,8 @@ def _jax_runner(name: str, cfg, grid: int, batch: int, frames: int, pointers: in
     import jax.numpy as jnp
     from flax import nnx
 
-    from es3_jax.models.memory_attention import MemoryAttention
-    from es3_jax.models.memory_path import MemoryPath
+    from es3_jax.memory.attention import MemoryAttention
+    from es3_jax.memory.path import MemoryPath
     from es3_jax.models.student import student_from_config
 
     t = cfg.MODEL.TEACHER

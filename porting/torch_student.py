@@ -1,6 +1,6 @@
 """PyTorch twins of the student memory path, with the key names the export writes.
 
-`TorchStudentMemory` computes what `es3_jax.models.memory_path.MemoryPath` computes (same
+`TorchStudentMemory` computes what `es3_jax.memory.path.MemoryPath` computes (same
 config, same inputs in the batch-first token layout) and its `state_dict()` has the export's
 keys without the `tracker.` prefix: `spatial_perceiver.*` (EdgeTAM's names) and
 `transformer.encoder.*` (the SAM3 teacher's memory-attention names; with 4 layers, no perceiver

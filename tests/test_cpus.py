@@ -19,7 +19,7 @@ import pytest
 from tests import emulated_cpu
 
 REPO = Path(__file__).resolve().parents[1]
-IN_THE_SUITE = ("tests/models/test_memory_attention.py", "tests/nn/test_rope.py")
+IN_THE_SUITE = ("tests/memory/test_attention.py", "tests/nn/test_rope.py")
 
 
 def test_numerics_hold_on_an_avx2_processor(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from es3_jax.errors import Es3Error
-from es3_jax.predictor.schedule import SELECTION_FIELDS, BankLayout
+from es3_jax.memory.schedule import SELECTION_FIELDS, BankLayout
 
 MANIFEST = "es3_onnx.json"
 CONFIG = "config.yaml"

@@ -30,10 +30,10 @@ from flax import nnx
 from es3_jax import config as config_lib
 from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, MANIFEST, OUTPUTS, Manifest
 from es3_jax.errors import Es3Error
-from es3_jax.models.memory_bank import MemoryBank, Selection
+from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.schedule import BankLayout
 from es3_jax.models.tracker import FrameFeatures, SAM3Tracker
 from es3_jax.outputs import open_permissions, staged_folder
-from es3_jax.predictor.schedule import BankLayout
 from es3_jax.predictor.video_predictor import VideoPredictor
 
 # The lowest opset whose ReduceMean takes its axes as an input, as jax2onnx writes it.

@@ -36,6 +36,7 @@ from es3_jax.data.frames import list_frames, normalize, read_frame, resize_frame
 from es3_jax.deploy.manifest import BANK, CONFIG, INPUTS, NEXT_BANK, OUTPUTS, Manifest
 from es3_jax.interpolation import resize_bilinear
 from es3_jax.logits import NO_OBJ_SCORE
+from es3_jax.memory.schedule import MemorySchedule, frame_score
 from es3_jax.predictor.prompts import (
     PredictorError,
     Prompt,
@@ -47,7 +48,6 @@ from es3_jax.predictor.prompts import (
     mask_inputs,
     started,
 )
-from es3_jax.predictor.schedule import MemorySchedule, frame_score
 from es3_jax.predictor.stream import FrameStream
 
 # The export flag that sets each input's shape, for the error a mismatched input gets (the rest:

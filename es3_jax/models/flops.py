@@ -23,9 +23,9 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from es3_jax.config import Config
-from es3_jax.models.memory_attention import MemoryAttention
-from es3_jax.models.memory_encoder import MemoryEncoder
-from es3_jax.models.perceiver import PerceiverResampler
+from es3_jax.memory.attention import MemoryAttention
+from es3_jax.memory.encoder import MemoryEncoder
+from es3_jax.memory.perceiver import PerceiverResampler
 from es3_jax.models.trunk import trunk_from_config
 from es3_jax.nn.layers import DEPTHWISE_SCOPE, BatchNorm
 from es3_jax.params import abstract_shapes

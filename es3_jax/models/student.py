@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from es3_jax.config import Config, ConfigError
-from es3_jax.models.memory_attention import MemoryAttention, select_layers
-from es3_jax.models.memory_path import MemoryPath
-from es3_jax.models.perceiver import PerceiverResampler, latent_grid
+from es3_jax.memory.attention import MemoryAttention, select_layers
+from es3_jax.memory.path import MemoryPath
+from es3_jax.memory.perceiver import PerceiverResampler, latent_grid
 from es3_jax.nn.layers import Dtype
 from es3_jax.params import bind, param_dict
 

@@ -24,10 +24,10 @@ from flax import nnx
 
 from es3_jax.config import TrackerConfig
 from es3_jax.logits import NO_OBJ_SCORE
-from es3_jax.models.memory_attention import MemoryAttention
-from es3_jax.models.memory_bank import MemoryBank, Selection
-from es3_jax.models.memory_encoder import MemoryEncoder, keep_top_object
-from es3_jax.models.memory_path import MemoryPath
+from es3_jax.memory.attention import MemoryAttention
+from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.encoder import MemoryEncoder, keep_top_object
+from es3_jax.memory.path import MemoryPath
 from es3_jax.models.neck import TrackerNeck
 from es3_jax.models.sam_heads import MaskDecoder, PromptEncoder
 from es3_jax.nn.layers import MLP, Dtype, conv, linear, resize_bilinear

@@ -1,10 +1,9 @@
 """Video tracking for users: `VideoPredictor` (the SAM2/SAM3 predictor API), the frame sources it
-reads, the memory-bank schedule it shares with training, and the prompt and stream handling it
-shares with the ONNX driver.
+reads, the prompt and stream handling it shares with the ONNX driver, and the `es3 track` job
+(`track_job`).
 
-`VideoPredictor` and its state types load on first use: the schedule, the prompts and the stream
-are plain host code, which training and the ONNX driver import without the predictor's models,
-weights loading and jax.
+`VideoPredictor` and its state types load on first use: the prompts and the stream are plain host
+code, which the ONNX driver imports without the predictor's models, weights loading and jax.
 """
 
 __all__ = ["PredictorError", "Prompt", "State", "VideoPredictor"]

@@ -52,7 +52,8 @@ from es3_jax import weights
 from es3_jax.data.frames import normalize, resize_frame
 from es3_jax.interpolation import resize_bilinear
 from es3_jax.logits import NO_OBJ_SCORE
-from es3_jax.models.memory_bank import MemoryBank, Selection
+from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.schedule import BankLayout, MemorySchedule, frame_score
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import FrameFeatures, SAM3Tracker, build_tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
@@ -70,7 +71,6 @@ from es3_jax.predictor.prompts import (
     mask_inputs,
     started,
 )
-from es3_jax.predictor.schedule import BankLayout, MemorySchedule, frame_score
 from es3_jax.predictor.stream import FrameStream
 
 
@@ -545,7 +545,11 @@ class VideoPredictor:
         frame = self._frame(state, frame_idx)
         earlier = self._earlier_output(state, frame_idx)
         out = self._timed(
-            "prompt", self.operations["mask_prompt"], self._tracker_state, frame, jnp.asarray(m_in)[None, ..., None]
+            "prompt",
+            self.operations["mask_prompt"],
+            self._tracker_state,
+            frame,
+            jnp.asarray(m_in)[None, ..., None],
         )
         carve(state.prompts, frame_idx, obj, logits, grid)
         state.prompts[obj][frame_idx] = Prompt(

@@ -29,11 +29,11 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from es3_jax.config import Config, TrackerConfig
-from es3_jax.models.memory_bank import MemoryBank, Selection
-from es3_jax.models.memory_path import MemoryPath
+from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.path import MemoryPath
+from es3_jax.memory.schedule import BankLayout, MemorySchedule
 from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.nn.layers import resize_bilinear
-from es3_jax.predictor.schedule import BankLayout, MemorySchedule
 from es3_jax.train import losses
 
 TEACHER_FEATURES = "teacher_features"  # the checkpoint name of the teacher's memory-conditioned features
@@ -54,7 +54,7 @@ class ClipOutput(NamedTuple):
 
 def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> tuple[BankLayout, Selection]:
     """The bank layout of a clip and the reads of its tracked frames 1..T-1, stacked `[T-1, O, ...]`:
-    the predictor's schedule (`es3_jax.predictor.schedule`) with frame 0 conditioning every object
+    the predictor's schedule (`es3_jax.memory.schedule`) with frame 0 conditioning every object
     and memory selection off (a frame's score is known only on the device)."""
     layout = BankLayout.for_clip(cfg, num_frames)
     schedule = MemorySchedule(cfg, layout, num_frames, num_objects, memory_selection=False)

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from es3_jax import config
+from es3_jax.memory.attention import MemoryAttention
+from es3_jax.memory.encoder import MemoryEncoder
+from es3_jax.memory.path import MemoryPath
 from es3_jax.models.flops import memory_path_cost, total, trunk_cost
-from es3_jax.models.memory_attention import MemoryAttention
-from es3_jax.models.memory_encoder import MemoryEncoder
-from es3_jax.models.memory_path import MemoryPath
 from es3_jax.models.student import student_from_config
 from es3_jax.models.trunk import trunk_from_config
 from es3_jax.nn import attention

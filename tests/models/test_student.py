@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from es3_jax import config
-from es3_jax.models.memory_attention import MemoryAttention, ProjectedMemory, pool_memory
-from es3_jax.models.memory_path import MemoryPath
+from es3_jax.memory.attention import MemoryAttention, ProjectedMemory, pool_memory
+from es3_jax.memory.path import MemoryPath
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import build_tracker
 from es3_jax.nn.attention import attend

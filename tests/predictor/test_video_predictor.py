@@ -18,7 +18,7 @@ from es3_jax import config as config_lib
 from es3_jax import weights
 from es3_jax.data.embedding_store import EmbeddingStore, identity
 from es3_jax.logits import NO_OBJ_SCORE
-from es3_jax.models.memory_path import MemoryPath
+from es3_jax.memory.path import MemoryPath
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, build_tracker
 from es3_jax.params import flatten, param_dict, unflatten

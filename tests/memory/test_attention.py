@@ -1,4 +1,4 @@
-"""The memory attention (`es3_jax.models.memory_attention`) against upstream `tracker.transformer.encoder`."""
+"""The memory attention (`es3_jax.memory.attention`) against upstream `tracker.transformer.encoder`."""
 
 import functools
 import math
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from es3_jax.models.memory_attention import MemoryAttention, ProjectedMemory, select_layers
-from es3_jax.models.memory_path import MemoryPath
+from es3_jax.memory.attention import MemoryAttention, ProjectedMemory, select_layers
+from es3_jax.memory.path import MemoryPath
 from es3_jax.nn import attention
 from es3_jax.nn.rope import axial_angles, grid_positions
 from es3_jax.params import bind

@@ -1,4 +1,4 @@
-"""The memory-bank schedule (`es3_jax.predictor.schedule`), against upstream's selection rules written
+"""The memory-bank schedule (`es3_jax.memory.schedule`), against upstream's selection rules written
 out frame by frame: which memories a tracked frame reads, in which temporal slot, and that the ring
 of recent slots never overwrites one a later frame still reads."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from es3_jax.config import TrackerConfig
-from es3_jax.predictor.schedule import SELECTION_FIELDS, BankLayout, MemorySchedule, select_closest_cond
+from es3_jax.memory.schedule import SELECTION_FIELDS, BankLayout, MemorySchedule, select_closest_cond
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = TrackerConfig()  # num_maskmem 7, 16 pointers, 4 conditioning frames in attention
@@ -169,7 +169,7 @@ def test_memory_selection_needs_a_score():
 
 
 def test_the_schedule_runs_without_jax():
-    code = "import sys, es3_jax.predictor.schedule; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
+    code = "import sys, es3_jax.memory.schedule; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

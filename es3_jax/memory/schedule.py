@@ -24,7 +24,7 @@ import numpy as np
 
 from es3_jax.config import TrackerConfig
 
-# The fields of `es3_jax.models.memory_bank.Selection`, which `select` fills.
+# The fields of `es3_jax.memory.bank.Selection`, which `select` fills.
 SELECTION_FIELDS = (
     "frame_slot",
     "frame_tpos",

@@ -1,4 +1,4 @@
-"""The Perceiver Resampler (`es3_jax.models.perceiver`) against transformers' EdgeTamVideo resampler."""
+"""The Perceiver Resampler (`es3_jax.memory.perceiver`) against transformers' EdgeTamVideo resampler."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from es3_jax.models.perceiver import PerceiverResampler
+from es3_jax.memory.perceiver import PerceiverResampler
 from es3_jax.params import bind
 from porting.keymap import STUDENT_TABLE
 from tests import upstream

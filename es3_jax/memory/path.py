@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from es3_jax.models.memory_attention import MemoryAttention, pooled_memory
-from es3_jax.models.perceiver import PerceiverResampler
+from es3_jax.memory.attention import MemoryAttention, pooled_memory
+from es3_jax.memory.perceiver import PerceiverResampler
 from es3_jax.nn.rope import axial_angles, grid_positions
 
 

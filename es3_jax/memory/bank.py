@@ -2,7 +2,7 @@
 
 The bank stores K memory frames and Kp object pointers per object. Which stored entries a step
 reads, in which temporal slot, and where it writes its own memory is decided on the host
-(`es3_jax.predictor.schedule`) and passed in as small index tables (`Selection`). Every array has
+(`es3_jax.memory.schedule`) and passed in as small index tables (`Selection`). Every array has
 a shape fixed by the configuration and the number of objects, so a step compiles once, whatever
 the video length.
 """
