@@ -135,6 +135,9 @@ class TrackerConfig:
     DYNAMIC_MULTIMASK_STABILITY_THRESH: float = 0.98
     USE_MEMORY_SELECTION: bool = True
     MF_THRESHOLD: float = 0.01
+    # Which tracked frames a step reads besides its conditioning frames (`es3_jax.memory.policy`):
+    # "sam3" is upstream's, with memory selection as USE_MEMORY_SELECTION says.
+    MEMORY_POLICY: str = "sam3"
 
     @property
     def grid(self) -> int:

@@ -36,6 +36,7 @@ from es3_jax.data.frames import list_frames, normalize, read_frame, resize_frame
 from es3_jax.deploy.manifest import BANK, CONFIG, INPUTS, NEXT_BANK, OUTPUTS, Manifest
 from es3_jax.interpolation import resize_bilinear
 from es3_jax.logits import NO_OBJ_SCORE
+from es3_jax.memory.policy import bank_policy
 from es3_jax.memory.schedule import MemorySchedule, frame_score
 from es3_jax.predictor.prompts import (
     PredictorError,
@@ -296,7 +297,7 @@ class OnnxTracker:
 
     def _new_memory(self, state: StreamState) -> None:
         m, t = self.manifest, self.teacher_cfg
-        state.schedule = MemorySchedule(t, m.layout, None, m.objects, memory_selection=t.USE_MEMORY_SELECTION)
+        state.schedule = MemorySchedule(t, m.layout, None, m.objects, policy=bank_policy(t))
         state.bank = {name: np.zeros(shape, np.float32) for name, shape in m.bank_shapes.items()}
 
     def _condition(self, state: StreamState, obj: int, frame: int) -> int:

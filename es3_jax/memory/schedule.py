@@ -1,18 +1,18 @@
 """The memory-bank schedule: where each object's memories sit in the fixed-size bank, and which of
 them each tracked frame reads.
 
-This is upstream's memory bookkeeping (`_prepare_memory_conditioned_features`,
-`select_closest_cond_frames` and the memory-selection `frame_filter` of `Sam3TrackerBase`) done on
-the host with plain Python and numpy, so that the jitted step (`SAM3Tracker.track_step`) sees
-only fixed-shape index tables. The predictor runs it as frames are tracked; training runs it once
-per clip shape, with memory selection off, to build the clip's read tables.
+This is upstream's memory bookkeeping (`_prepare_memory_conditioned_features` and
+`select_closest_cond_frames` of `Sam3TrackerBase`) done on the host with plain Python and numpy, so
+that the jitted step (`SAM3Tracker.track_step`) sees only fixed-shape index tables. Which tracked
+frames a step reads is its `BankPolicy`'s choice (`es3_jax.memory.policy`). The predictor and the
+ONNX engine run it as frames are tracked; training runs it once per clip shape to build the clip's
+read tables.
 
 Per object the bank holds `layout.cond` conditioning slots (prompted frames, kept for the whole
 pass) and a ring of `layout.recent` slots for tracked frames (and `layout.recent_pointers` for
 their pointers). A tracked frame stays in the ring only while some later frame can still read it:
-its spatial memory while it is among the `num_maskmem − 1` most recent (with memory selection:
-most recent passing the score threshold) frames, its pointer while among the last
-`max_obj_ptrs − 1`.
+its spatial memory while it is among the `num_maskmem − 1` most recent frames the policy keeps, its
+pointer while among the last `max_obj_ptrs − 1` of them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from es3_jax.config import TrackerConfig
+from es3_jax.memory.policy import BankPolicy, Entry
 
 # The fields of `es3_jax.memory.bank.Selection`, which `select` fills.
 SELECTION_FIELDS = (
@@ -100,16 +101,6 @@ class BankLayout:
         )
 
 
-@dataclasses.dataclass
-class _Entry:
-    """A tracked frame of one object, as long as some later step may read it."""
-
-    frame: int
-    score: float
-    slot: int | None  # spatial slot in the ring; None once only its pointer is needed
-    pointer_slot: int
-
-
 def frame_score(presence: np.ndarray, iou: np.ndarray, tracked: np.ndarray) -> float:
     """A tracked frame's memory-selection score from its objects' presence and IoU `[O]`.
 
@@ -156,15 +147,15 @@ class MemorySchedule:
         num_frames: int | None,
         num_objects: int,
         *,
-        memory_selection: bool,
+        policy: BankPolicy,
     ):
         self.cfg = cfg
         self.layout = layout
         self.num_frames = num_frames
         self.num_objects = num_objects
-        self.memory_selection = memory_selection
+        self.policy = policy
         self.cond_slots: list[dict[int, int]] = [{} for _ in range(num_objects)]  # frame -> slot
-        self.entries: list[list[_Entry]] = [[] for _ in range(num_objects)]  # tracking order
+        self.entries: list[list[Entry]] = [[] for _ in range(num_objects)]  # tracking order
 
     @property
     def max_pointers(self) -> int:
@@ -257,17 +248,11 @@ class MemorySchedule:
                     return cond[i], cond[i]
                 return None
 
-            valid = self._selectable(self.entries[obj], frame, reverse) if self.memory_selection else []
+            previous = self.policy.previous(self.entries[obj], frame, reverse, self.num_frames, max_ptrs)
             spatial = [(cond[c], t.NUM_MASKMEM - 1) for c in selected]
             for t_pos in range(1, t.NUM_MASKMEM):
-                t_rel = t.NUM_MASKMEM - t_pos
-                if self.memory_selection:
-                    if t_rel > len(valid):
-                        continue
-                    prev = valid[-t_rel]
-                else:
-                    prev = frame - sign * t_rel
-                hit = lookup(prev)
+                prev = previous.spatial[t.NUM_MASKMEM - t_pos - 1]
+                hit = None if prev is None else lookup(prev)
                 if hit is not None and hit[0] is not None:
                     spatial.append((hit[0], t.NUM_MASKMEM - t_pos - 1))
             for k, (slot, tpos) in enumerate(spatial):
@@ -278,15 +263,7 @@ class MemorySchedule:
             pointers = [
                 (cond[c], (frame - c) * sign) for c in selected if (c >= frame if reverse else c <= frame)
             ]
-            for t_diff in range(1, max_ptrs):
-                if self.memory_selection:
-                    if t_diff >= len(valid):
-                        break
-                    prev = valid[-t_diff]
-                else:
-                    prev = frame - sign * t_diff
-                    if prev < 0 or (self.num_frames is not None and prev >= self.num_frames):
-                        break
+            for t_diff, prev in enumerate(previous.pointers, start=1):
                 hit = lookup(prev)
                 if hit is not None:
                     pointers.append((hit[1], t_diff))
@@ -302,48 +279,25 @@ class MemorySchedule:
 
     def record(self, frame: int, reads: dict[str, np.ndarray], score: float | None = None) -> None:
         """After the step of `frame`: the written objects' memories are in the bank, with the frame's
-        memory-selection `score` (None when memory selection is off)."""
-        if self.memory_selection and score is None:
-            raise ValueError("memory selection needs the frame's score")
+        memory-selection `score` (None: not known, which a policy that reads scores refuses)."""
+        if self.policy.needs_score and score is None:
+            raise ValueError(
+                f"{type(self.policy).__name__} reads frames by score: record needs the frame's score"
+            )
         for obj in np.flatnonzero(reads["write"]):
             entries = self.entries[obj]
             slot = int(reads["write_slot"][obj]) - self.layout.cond
             pointer_slot = int(reads["write_pointer_slot"][obj]) - self.layout.cond
-            entries.append(_Entry(frame, 0.0 if score is None else score, slot, pointer_slot))
+            entries.append(Entry(frame, 0.0 if score is None else score, slot, pointer_slot))
             self._retain(entries)
 
     # ------------------------------------------------------------------------------------------
 
-    def _selectable(self, entries: list[_Entry], frame: int, reverse: bool) -> list[int]:
-        """Upstream `frame_filter` (memory selection) over one object's retained tracked frames."""
-        t = self.cfg
-        if (frame == 0 and not reverse) or (reverse and frame == self.num_frames - 1):
-            return []
-        max_num = self.max_pointers
-        scored = {e.frame: e.score for e in entries}
-        scan = range(frame - 1, 0, -1) if not reverse else range(frame + 1, self.num_frames)
-        valid: list[int] = []
-        for i in scan:
-            if i not in scored:
-                continue
-            if scored[i] > t.MF_THRESHOLD:
-                valid.insert(0, i)
-            if len(valid) >= max_num - 1:
-                break
-        must = frame + 1 if reverse else frame - 1
-        if must not in valid:
-            valid.append(must)
-        return valid
+    def _ranked(self, entries: list[Entry]) -> list[Entry]:
+        """Entries a later step may read (the policy's `keeps`), most recent first."""
+        return [e for e in entries[::-1] if self.policy.keeps(e)]
 
-    def _ranked(self, entries: list[_Entry]) -> list[_Entry]:
-        """Entries a later step may read, most recent first (with memory selection: those whose score
-        passes the threshold)."""
-        ranked = entries[::-1]
-        if self.memory_selection:
-            ranked = [e for e in ranked if e.score > self.cfg.MF_THRESHOLD]
-        return ranked
-
-    def _retain(self, entries: list[_Entry]) -> None:
+    def _retain(self, entries: list[Entry]) -> None:
         """Drop what no later step can read (entries are in tracking order, latest last).
 
         The next frame reads at most the latest entry plus the `num_maskmem − 1` most recent frames
@@ -362,7 +316,7 @@ class MemorySchedule:
                 e.slot = None
         entries[:] = [e for e in entries if id(e) in keep_pointer]
 
-    def _free_slots(self, entries: list[_Entry]) -> tuple[int, int]:
+    def _free_slots(self, entries: list[Entry]) -> tuple[int, int]:
         """A spatial and a pointer slot of the ring for the new entry, among those the retained
         entries leave.
 

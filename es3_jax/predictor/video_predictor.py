@@ -53,6 +53,7 @@ from es3_jax.data.frames import normalize, resize_frame
 from es3_jax.interpolation import resize_bilinear
 from es3_jax.logits import NO_OBJ_SCORE
 from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.policy import bank_policy
 from es3_jax.memory.schedule import BankLayout, MemorySchedule, frame_score
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import FrameFeatures, SAM3Tracker, build_tracker, expected_param_shapes
@@ -451,7 +452,7 @@ class VideoPredictor:
             t = self.teacher_cfg
             if state.memory is None:
                 layout = BankLayout.for_video(t, 1)
-                schedule = MemorySchedule(t, layout, None, o, memory_selection=t.USE_MEMORY_SELECTION)
+                schedule = MemorySchedule(t, layout, None, o, policy=bank_policy(t))
                 state.memory = Memory(schedule, self.objects_per_batch)
             elif state.memory.schedule.num_objects < o:
                 state.memory.add_objects(o - state.memory.schedule.num_objects)
@@ -644,7 +645,7 @@ class VideoPredictor:
         most = max((len(f) for f in prompts.values()), default=1)
         layout = BankLayout.for_video(t, most)
         schedule = MemorySchedule(
-            t, layout, state.num_frames, num_objects, memory_selection=t.USE_MEMORY_SELECTION
+            t, layout, state.num_frames, num_objects, policy=bank_policy(t)
         )
         memory = Memory(schedule, self.objects_per_batch)
         for f in sorted({f for frames in prompts.values() for f in frames}):

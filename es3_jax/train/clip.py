@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from es3_jax.config import Config, TrackerConfig
 from es3_jax.memory.bank import MemoryBank, Selection
 from es3_jax.memory.path import MemoryPath
+from es3_jax.memory.policy import bank_policy
 from es3_jax.memory.schedule import BankLayout, MemorySchedule
 from es3_jax.models.tracker import SAM3Tracker
 from es3_jax.nn.layers import resize_bilinear
@@ -54,10 +55,11 @@ class ClipOutput(NamedTuple):
 
 def clip_selections(cfg: TrackerConfig, num_frames: int, num_objects: int) -> tuple[BankLayout, Selection]:
     """The bank layout of a clip and the reads of its tracked frames 1..T-1, stacked `[T-1, O, ...]`:
-    the predictor's schedule (`es3_jax.memory.schedule`) with frame 0 conditioning every object
-    and memory selection off (a frame's score is known only on the device)."""
+    the predictor's schedule (`es3_jax.memory.schedule`) with frame 0 conditioning every object,
+    read by the config's bank policy without frames' scores (they are known only on the device):
+    SAM3's reads recent frames, memory selection off."""
     layout = BankLayout.for_clip(cfg, num_frames)
-    schedule = MemorySchedule(cfg, layout, num_frames, num_objects, memory_selection=False)
+    schedule = MemorySchedule(cfg, layout, num_frames, num_objects, policy=bank_policy(cfg, scored=False))
     for obj in range(num_objects):
         schedule.condition(obj, 0)
     tracked = np.ones(num_objects, bool)

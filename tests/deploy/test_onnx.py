@@ -21,11 +21,13 @@ import pytest
 from es3_jax import config as config_lib
 from es3_jax import weights
 from es3_jax.cli import main
-from es3_jax.deploy.manifest import GRAPHS, INPUTS, OUTPUTS, Manifest, ManifestError
+from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, OUTPUTS, Manifest, ManifestError
 from es3_jax.deploy.onnx_export import OnnxExportError, export_onnx
 from es3_jax.deploy.onnx_tracker import OnnxShapeError, OnnxTracker
+from es3_jax.memory.policy import POLICIES
 from es3_jax.params import param_dict
 from es3_jax.predictor import PredictorError, VideoPredictor
+from tests.memory.test_policy import ConditioningOnly
 from tests.predictor.test_video_predictor import SMALL
 from tests.upstream import fresh_seed, mask_iou, report, report_iou
 
@@ -135,17 +137,35 @@ def test_graphs_are_static_standard_onnx(exported):
     assert shape("click_prompt", "point_coords") == [1, 1, 2]
 
 
+def _same_stream(label: str, ours: list[np.ndarray], ref: list[np.ndarray]) -> None:
+    """`_stream`'s logits from onnxruntime (`ours`) against JAX's, frame by frame at video resolution.
+
+    Object 1 (a mask prompt) and object 2 on its click frame agree to float32 rounding, 1e-4 of
+    their scale. Object 2's later frames read a memory encoded from its click's mask binarised at 0
+    (upstream's rule for clicks): a step, so a pixel within float32 rounding of 0 can fall on either
+    side in the two engines (with ES3_TEST_SEED=437123996, 7.5e-4 of the scale on frame 3, fading
+    after); they agree to 1e-2 of their scale, where a wrong read or write of the bank moves them by
+    tenths of it (`test_a_bank_policy_plugs_into_both_engines`). Masks: IoU ≥ 0.999 over the pixels
+    decided beyond each group's tolerance (`mask_iou`).
+    """
+    assert [x.shape for x in ours] == [x.shape for x in ref]
+    assert ref[-1].shape[0] == OBJECTS and (ref[-1] > 0).any()
+    exact = [(a[0], b[0]) for a, b in zip(ours[1:], ref[1:], strict=True)] + [(ours[2][1], ref[2][1])]
+    report(f"{label} logits (prompt frames' memories)", *map(np.stack, zip(*exact, strict=True)), 1e-4)
+    binarised = [(a[1], b[1]) for a, b in zip(ours[3:], ref[3:], strict=True)]
+    report(f"{label} logits (a click's binarised memory)", *map(np.stack, zip(*binarised, strict=True)), 1e-2)
+    iou = min(mask_iou(o, r, 1e-4) for o, r in exact)
+    report_iou(f"{label} masks (prompt frames' memories)", iou, 0.999)
+    iou = min(mask_iou(o, r, 1e-2) for o, r in binarised)
+    report_iou(f"{label} masks (a click's binarised memory)", iou, 0.999)
+
+
 def test_stream_matches_jax(exported):
     """Every frame's logits at video resolution, onnxruntime against the JAX predictor."""
     predictor, folder = exported
-    ours = _stream(OnnxTracker(folder, threads=1))
-    ref = _stream(predictor)
-    assert [x.shape for x in ours] == [x.shape for x in ref]
-    assert ref[-1].shape[0] == OBJECTS and (ref[-1] > 0).any()
-    memory = predictor.memory
-    report(f"onnx {memory} stream logits", np.stack(ours[2:]), np.stack(ref[2:]), 1e-4)
-    iou = min(mask_iou(o, r, 1e-4) for a, b in zip(ours, ref, strict=True) for o, r in zip(a, b, strict=True))
-    report_iou(f"onnx {memory} stream masks", iou, 0.999)
+    _same_stream(
+        f"onnx {predictor.memory} stream", _stream(OnnxTracker(folder, threads=1)), _stream(predictor)
+    )
 
 
 def test_mismatched_inputs_are_refused(exported):
@@ -235,3 +255,33 @@ def test_export_command_checks_its_flags(tmp_path, capsys):
     assert "drop --sam3_weights" in capsys.readouterr().err
     assert main([*base, "--format", "pt"]) == 2
     assert "needs --sam3_weights" in capsys.readouterr().err
+
+
+def test_a_bank_policy_plugs_into_both_engines(exported, tmp_path, monkeypatch):
+    """The conditioning-only policy of tests/memory/test_policy.py, named by the config of each engine:
+    onnxruntime and JAX track the stream alike with it; their masks equal SAM3's policy's until a step
+    would read a tracked frame (frame 2 reads frame 1), and differ from there on."""
+    monkeypatch.setitem(POLICIES, "conditioning_only", ConditioningOnly)
+    predictor, folder = exported
+    policy = ["MODEL.TEACHER.MEMORY_POLICY", "conditioning_only"]
+    onnx_folder = tmp_path / "onnx"
+    shutil.copytree(folder, onnx_folder)
+    config_lib.save(config_lib.load(onnx_folder / CONFIG, policy), onnx_folder / CONFIG)
+    jax_policy = VideoPredictor.from_checkpoint(
+        folder.parent / "weights", memory=predictor.memory, storage_dtype=np.float32, overrides=policy
+    )
+    ref = _stream(jax_policy)
+    label = f"onnx {predictor.memory} stream, conditioning-only policy"
+    _same_stream(label, _stream(OnnxTracker(onnx_folder, threads=1)), ref)
+    sam3 = _stream(predictor)
+    for frame in (0, 1):
+        np.testing.assert_array_equal(
+            ref[frame], sam3[frame], err_msg=f"frame {frame}: no tracked frame to read"
+        )
+    # Object 1's logits on every later frame: ten times the engines' agreement (`_same_stream`) apart.
+    moved = [float(np.abs(a[0] - b[0]).max()) for a, b in zip(ref[2:], sam3[2:], strict=True)]
+    scale = max(float(np.abs(x[0]).max()) for x in sam3[2:])
+    print(f"[policy] object 1's logits moved by {[round(m, 3) for m in moved]}, scale {scale:.2f}")
+    assert min(moved) > 1e-3 * scale, (
+        f"object 1's logits barely moved with the policy: {moved} (scale {scale})"
+    )

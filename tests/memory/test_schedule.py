@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from es3_jax.config import TrackerConfig
+from es3_jax.memory.policy import RecentFrames, SelectedFrames
 from es3_jax.memory.schedule import SELECTION_FIELDS, BankLayout, MemorySchedule, select_closest_cond
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +66,7 @@ def test_a_clip_reads_what_upstream_reads_and_fits_its_frames():
     num_frames, objects = 20, 3
     layout = BankLayout.for_clip(CFG, num_frames)
     assert (layout.slots, layout.pointer_slots, layout.spatial_reads, layout.pointer_reads) == (8, 17, 7, 16)
-    bank = Bank(MemorySchedule(CFG, layout, num_frames, objects, memory_selection=False))
+    bank = Bank(MemorySchedule(CFG, layout, num_frames, objects, policy=RecentFrames(CFG)))
     for obj in range(objects):
         bank.prompt(obj, 0)
     for frame in range(1, num_frames):
@@ -85,7 +86,7 @@ def test_a_long_video_keeps_the_bank_bounded_and_reads_right():
     """1000 frames from a prompt on frame 0: the same fixed layout, and upstream's reads on every frame."""
     layout = BankLayout.for_video(CFG, 1)
     assert (layout.slots, layout.pointer_slots) == (4 + 7, 4 + 16)
-    bank = Bank(MemorySchedule(CFG, layout, 1000, 1, memory_selection=False))
+    bank = Bank(MemorySchedule(CFG, layout, 1000, 1, policy=RecentFrames(CFG)))
     bank.prompt(0, 0)
     for frame in range(1, 1000):
         _, [(spatial, pointers)] = bank.track(frame, np.ones(1, bool))
@@ -94,7 +95,7 @@ def test_a_long_video_keeps_the_bank_bounded_and_reads_right():
 
 
 def test_reverse_reads_the_frames_after():
-    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 30, 1, memory_selection=False))
+    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 30, 1, policy=RecentFrames(CFG)))
     bank.prompt(0, 29)
     for frame in range(28, -1, -1):
         _, [(spatial, pointers)] = bank.track(frame, np.ones(1, bool), reverse=True)
@@ -120,7 +121,7 @@ def _frame_filter(frame: int, scores: dict[int, float], cfg: TrackerConfig = CFG
 def test_memory_selection_reads_only_frames_that_pass_the_threshold():
     """Upstream reads, with memory selection: spatial memories of the last num_maskmem − 1 selected
     frames (temporal slot = rank from the end), pointers of all selected frames but the oldest."""
-    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 60, 1, memory_selection=True))
+    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 60, 1, policy=SelectedFrames(CFG)))
     bank.prompt(0, 0)
     scores = {f: 0.0 if f % 3 == 0 else 0.9 for f in range(1, 60)}
     for frame in range(1, 60):
@@ -135,7 +136,7 @@ def test_memory_selection_reads_only_frames_that_pass_the_threshold():
 def test_objects_joining_later_and_many_conditioning_frames():
     """Object 1 joins on frame 5; object 0 is prompted on 6 frames, more than the 4 a step attends
     to: the nearest before and after, then by distance, are read as conditioning frames."""
-    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 6), 40, 2, memory_selection=False))
+    bank = Bank(MemorySchedule(CFG, BankLayout.for_video(CFG, 6), 40, 2, policy=RecentFrames(CFG)))
     prompted = [0, 10, 20, 30, 35, 39]
     for f in prompted:
         bank.prompt(0, f)
@@ -153,7 +154,7 @@ def test_objects_joining_later_and_many_conditioning_frames():
 
 
 def test_more_prompts_than_the_layout_holds_is_an_error():
-    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 10, 1, memory_selection=False)
+    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 10, 1, policy=RecentFrames(CFG))
     for f in range(4):
         schedule.condition(0, f)
     with pytest.raises(ValueError, match="more than 4 prompted frames"):
@@ -161,7 +162,7 @@ def test_more_prompts_than_the_layout_holds_is_an_error():
 
 
 def test_memory_selection_needs_a_score():
-    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 10, 1, memory_selection=True)
+    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), 10, 1, policy=SelectedFrames(CFG))
     schedule.condition(0, 0)
     reads = schedule.select(1, False, np.ones(1, bool))
     with pytest.raises(ValueError, match="score"):
@@ -176,7 +177,7 @@ def test_the_schedule_runs_without_jax():
 
 def test_a_config_without_memory_selection_needs_no_score():
     cfg = dataclasses.replace(CFG, USE_MEMORY_SELECTION=False)
-    schedule = MemorySchedule(cfg, BankLayout.for_video(cfg, 1), 5, 1, memory_selection=False)
+    schedule = MemorySchedule(cfg, BankLayout.for_video(cfg, 1), 5, 1, policy=RecentFrames(cfg))
     schedule.condition(0, 0)
     schedule.record(1, schedule.select(1, False, np.ones(1, bool)))
     assert [e.frame for e in schedule.entries[0]] == [1]
@@ -187,8 +188,8 @@ def test_a_stream_forgets_only_conditioning_frames_no_later_frame_reads():
     later frame can read freed before each prompt, the bank keeps 4 conditioning slots, and every
     frame reads exactly what it reads when nothing is forgotten."""
     layout = BankLayout.for_video(CFG, 1)
-    stream = Bank(MemorySchedule(CFG, layout, None, 1, memory_selection=False))
-    kept = Bank(MemorySchedule(CFG, layout.with_cond(32), None, 1, memory_selection=False))
+    stream = Bank(MemorySchedule(CFG, layout, None, 1, policy=RecentFrames(CFG)))
+    kept = Bank(MemorySchedule(CFG, layout.with_cond(32), None, 1, policy=RecentFrames(CFG)))
     forgotten = []
     for frame in range(300):
         if frame % 10 == 0:
@@ -207,7 +208,7 @@ def test_a_stream_forgets_only_conditioning_frames_no_later_frame_reads():
 
 
 def test_objects_join_a_stream():
-    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), None, 1, memory_selection=True)
+    schedule = MemorySchedule(CFG, BankLayout.for_video(CFG, 1), None, 1, policy=SelectedFrames(CFG))
     schedule.condition(0, 0)
     schedule.record(1, schedule.select(1, False, np.ones(1, bool)), 0.5)
     schedule.add_objects(2)
