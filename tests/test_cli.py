@@ -98,6 +98,20 @@ def test_without_an_nvidia_driver_es3_runs_on_the_cpu_where_the_cuda_plugin_is_i
     assert "JAX_PLATFORMS" not in os.environ
 
 
+def test_without_any_jax_plugin_es3_starts():
+    """No plugin installed at all (JAX's `jax_plugins` namespace absent, as in a plain `pip install`),
+    JAX_PLATFORMS unset: the probe for the CUDA plugin must not fail."""
+    code = (
+        "import sys; sys.modules['jax_plugins'] = None; "  # unimportable, whatever this machine has
+        "sys.argv = ['es3', '--version']; from es3_jax import cli; sys.exit(cli.main())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["GLIBC_TUNABLES"] = cli.HUGE_PAGES  # no restart: this process is the one probed
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith(cli.__version__), run.stdout
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"),
     reason="huge pages through glibc's tunables: Linux with glibc only",
