@@ -252,7 +252,9 @@ def write_weights(teacher, cfgs: dict[str, config_lib.Config], seed: int, workdi
     run = weights.save(
         workdir / "student", weights.Weights(cfgs["student"], "bench", "weights_folder", student=student)
     )
-    merged = export_merged(run, sam3, workdir / "efficient_sam3_full.pt", overwrite=True).path
+    stage2 = weights.load(run, parts=(weights.STUDENT,))
+    base = weights.load(sam3, stage2.cfg, parts=("tracker",))
+    merged = export_merged(stage2, base, workdir / "efficient_sam3_full.pt", overwrite=True).path
     return {"teacher": sam3, "student": Path(merged)}
 
 

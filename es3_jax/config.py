@@ -20,6 +20,23 @@ import yaml
 
 from es3_jax.errors import Es3Error
 
+# The trunks MODEL.TRUNK.KIND names: SAM3's ViT and the stage-1 students.
+SAM3_VIT = "sam3_vit"
+STAGE1_TRUNK_KINDS = (
+    "repvit_m0_9",
+    "repvit_m1_1",
+    "repvit_m2_3",
+    "tiny_vit_5m",
+    "tiny_vit_11m",
+    "tiny_vit_21m",
+    "efficientvit_b0",
+    "efficientvit_b1",
+    "efficientvit_b2",
+)
+# What a checkpoint holds where it holds none of those: no trunk, or one es3 does not know.
+NO_TRUNK = "none"
+UNKNOWN_TRUNK = "unknown"
+
 
 class ConfigError(Es3Error):
     """A config key or value the tree does not accept; the message names the dotted key."""
@@ -152,7 +169,7 @@ class TrunkConfig:
     fields below); the others are EfficientSAM3's stage-1 students with their head, set from the
     checkpoint that holds one."""
 
-    KIND: str = "sam3_vit"
+    KIND: str = SAM3_VIT
     PATCH_SIZE: int = 14
     WIDTH: int = 1024
     DEPTH: int = 32
@@ -381,20 +398,8 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Co
     return validate(apply_overrides(cfg, overrides))
 
 
-STAGE1_TRUNK_KINDS = (
-    "repvit_m0_9",
-    "repvit_m1_1",
-    "repvit_m2_3",
-    "tiny_vit_5m",
-    "tiny_vit_11m",
-    "tiny_vit_21m",
-    "efficientvit_b0",
-    "efficientvit_b1",
-    "efficientvit_b2",
-)
-
 CHOICES = {
-    "MODEL.TRUNK.KIND": ("sam3_vit", *STAGE1_TRUNK_KINDS),
+    "MODEL.TRUNK.KIND": (SAM3_VIT, *STAGE1_TRUNK_KINDS),
     "TRAIN.MODE": ("distill", "finetune"),
     "TRAIN.MEMORY_SOURCE": ("teacher", "student"),
     "TRAIN.REMAT": ("none", "frame", "layer", "frame_layer"),

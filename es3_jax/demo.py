@@ -330,4 +330,6 @@ def _export(student_weights: Path, teacher_weights: str, output_path: Path) -> s
         return None
     from porting.export import export_merged  # porting imports torch
 
-    return str(export_merged(student_weights, teacher_weights, output_path, overwrite=True).path)
+    student = weights.load(student_weights, parts=(weights.STUDENT,))
+    teacher = weights.load(teacher_weights, student.cfg, parts=("tracker",))
+    return str(export_merged(student, teacher, output_path, overwrite=True).path)

@@ -13,10 +13,11 @@ Sources (`load`'s first argument):
 | a transformers `Sam3TrackerVideoModel` `.safetensors` file or folder | `transformers` | tracker, trunk |
 | a merged export (`es3 export`, `save_efficient_sam3`) | `merged_export` | tracker (without a memory attention when its memory path is the student's), student, trunk |
 
-PyTorch files are read through `porting/` (the only place that imports torch), each file once; the
-state dict as read stays in `Weights.state_dict`, so that `es3 export` merges into exactly those
-tensors. Everything is checked strictly: a missing, unexpected or mis-shaped parameter is one
-`ParamMismatchError` naming them all.
+PyTorch files are read through `porting/` (the only place that imports torch), each file once and
+told apart once (`porting.checkpoint_contents`); the state dict as read stays in
+`Weights.state_dict`, so that `es3 export` merges into exactly those tensors. Everything is
+checked strictly: a missing, unexpected or mis-shaped parameter is one `ParamMismatchError` naming
+them all.
 
 The config of the result (`Weights.cfg`): the `config` given (a Config, a YAML path, or None for
 the defaults), with these exceptions: a weights folder, run or checkpoint brings its own config
@@ -33,7 +34,6 @@ A weights folder (`save`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +46,8 @@ from flax import nnx
 
 from es3_jax import checkpoints
 from es3_jax import config as config_lib
-from es3_jax.errors import Es3Error, require_torch
+from es3_jax.errors import require_torch
+from es3_jax.loaded_weights import Weights, WeightsError
 from es3_jax.models.student import student_from_config
 from es3_jax.models.tracker import SAM3Tracker, expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
@@ -61,55 +62,6 @@ STUDENT = "student"
 TRUNK = "trunk"
 PARTS = ("tracker", STUDENT, TRUNK)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-class WeightsError(Es3Error):
-    """A weights source that is missing, unreadable or unusable where it is given; the message names it."""
-
-
-@dataclasses.dataclass
-class Weights:
-    """What a weights source holds: nested es3 parameter dicts (numpy) and the config describing them."""
-
-    cfg: config_lib.Config
-    source: str  # the path as given, or "random (seed N)"
-    kind: str  # see the module docstring
-    tracker: dict | None = None  # SAM3Tracker parameters
-    student: dict | None = None  # the student's memory path: memory_attention, spatial_perceiver
-    trunk: dict | None = None  # ViTTrunk parameters
-    trained: dict = dataclasses.field(default_factory=dict)  # tracker modules a fine-tuning run trained
-    step: int | None = None  # the training step, for a run's weights
-    report: dict = dataclasses.field(default_factory=dict)  # what was read and what was not used
-    state_dict: Mapping[str, Any] | None = None  # a PyTorch file's tensors, as read
-
-    @property
-    def has_teacher_memory(self) -> bool:
-        """Whether the tracker has its own memory attention (a student-only merged export has not)."""
-        return self.tracker is not None and "memory_attention" in self.tracker
-
-    def require_teacher(self) -> None:
-        """Refuse weights that cannot serve as the frozen teacher (or the tracker to fine-tune)."""
-        if self.tracker is None:
-            raise WeightsError(f"{self.source}: holds no tracker")
-        if not self.has_teacher_memory:
-            raise WeightsError(
-                f"{self.source}: a merged export whose memory path is a distilled student holds no "
-                "teacher memory attention to distil from or fine-tune; give the tracker it was exported "
-                "from (e.g. sam3.pt), or track with it (`es3 track --checkpoint`)"
-            )
-
-    def trunk_params(self, seed: int) -> dict:
-        """The trunk parameters, or a trunk drawn from `seed` when these weights are random."""
-        if self.trunk is not None:
-            return self.trunk
-        if self.kind == "random":
-            return param_dict(trunk_from_config(self.cfg, seed=seed))
-        raise WeightsError(
-            f"{self.source}: holds no trunk weights, so it cannot compute trunk features from frames; "
-            "give weights with a trunk (sam3.pt, a stage-1 merged checkpoint, or `es3 port` of one), or "
-            "pre-computed embeddings "
-            "(`es3 embed`, then DATA.USE_PRECOMPUTED True / `es3 track --embeddings`)"
-        )
 
 
 def _config(config: config_lib.Config | str | Path | None, overrides: Sequence[str]) -> config_lib.Config:
@@ -304,73 +256,77 @@ def _load_checkpoint(path: Path, config, overrides: Sequence[str], parts: Collec
 def _load_torch(path: Path, config, overrides: Sequence[str], parts: Collection[str]) -> Weights:
     require_torch(f"{path}: reading a PyTorch checkpoint", WeightsError)
     # Imported here, not at the top: porting imports torch, which es3 needs only for PyTorch files.
+    from porting import checkpoint_contents as contents_lib
     from porting import checkpoint_file
     from porting import sam3_checkpoint as port
     from porting import stage1_checkpoint as stage1
 
     source = str(path)
-    sd, extras = checkpoint_file.read_checkpoint(path)
-    record = checkpoint_file.record_of(extras)
-    layout = port.detect_layout(sd)
-    if layout == "sam3" and not any(k.startswith("tracker.") for k in sd):
+    contents = contents_lib.read_contents(path)
+    if not any(k.startswith("tracker.") for k in contents.tracker):
         raise WeightsError(
             f"{path}: holds no SAM3 tracker (no tracker.* keys): a detector-only checkpoint? es3 needs "
             "Meta's sam3.pt, a stage-1 merged checkpoint, a transformers Sam3TrackerVideoModel or an es3 export"
         )
-    merged = record is not None or any(k.startswith("tracker.spatial_perceiver.") for k in sd)
+    merged = contents.kind == "merged_export"
     base = _config(config, ()) if config is not None else config_lib.Config()
-    if record is not None:
-        cfg = config_lib.apply_overrides(checkpoint_file.record_config(record, base), overrides)
+    if contents.record is not None:
+        cfg = config_lib.apply_overrides(checkpoint_file.record_config(contents.record, base), overrides)
     elif merged and config is None:
         raise WeightsError(
             f"{path}: a merged export without its es3_config record: pass the config of its student"
         )
     else:
         cfg = config_lib.validate(config_lib.apply_overrides(base, overrides))
-    memory = (record or {}).get("memory", STUDENT) if merged else "teacher"
     expected = expected_param_shapes(cfg.MODEL.TEACHER)
     student = None
-    if memory == STUDENT:
-        student = port.port_student(sd, _student_shapes(cfg), source)
-        sd_tracker = {k: v for k, v in sd.items() if not k.startswith(port.STUDENT_PREFIXES)}
+    if contents.memory == STUDENT:
+        student = port.port_student(contents.student, _student_shapes(cfg), source)
         expected = {p: s for p, s in expected.items() if not p.startswith("memory_attention.")}
-    else:
-        sd_tracker = sd
-    result = port.port_tracker(sd_tracker, expected, source)
-    trunk_kind = "stage1" if stage1.find_stage1_trunk(sd) else port.trunk_kind(sd)
-    trunk = None
-    if trunk_kind == "stage1":
+    result = port.port_state_dict(contents.tracker, table=TRACKER_TABLE, expected=expected, source=source)
+    trunk_kind = contents.trunk_kind
+    trunk, trunk_ported = None, False
+    if trunk_kind in config_lib.STAGE1_TRUNK_KINDS:
         # The checkpoint says which student trunk it holds; the config follows it.
-        named = None if cfg.MODEL.TRUNK.KIND == "sam3_vit" else cfg.MODEL.TRUNK.KIND
-        found, trunk = stage1.port_stage1_trunk(
-            sd, kind=named, out_dim=cfg.MODEL.TEACHER.TRUNK_DIM, source=source
+        named = cfg.MODEL.TRUNK.KIND
+        if named not in (config_lib.SAM3_VIT, trunk_kind):
+            raise WeightsError(
+                f"{path}: the checkpoint's trunk is {trunk_kind}, but MODEL.TRUNK.KIND is {named}; leave "
+                f"MODEL.TRUNK.KIND at {config_lib.SAM3_VIT} to take the checkpoint's, or give a checkpoint "
+                "of that trunk"
+            )
+        # Ported (so checked) even where the caller needs no trunk: the file must be whole.
+        ported = stage1.port_stage1_trunk(
+            contents.trunk, trunk_kind, out_dim=cfg.MODEL.TEACHER.TRUNK_DIM, source=source
         )
-        cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", found])
-        trunk, trunk_kind = (trunk if TRUNK in parts else None), found
-    elif trunk_kind == "sam3-vit" and cfg.MODEL.TRUNK.KIND != "sam3_vit":
+        cfg = config_lib.apply_overrides(cfg, ["MODEL.TRUNK.KIND", trunk_kind])
+        trunk, trunk_ported = (ported if TRUNK in parts else None), True
+    elif trunk_kind == config_lib.SAM3_VIT and cfg.MODEL.TRUNK.KIND != config_lib.SAM3_VIT:
         raise WeightsError(
             f"{path}: holds SAM3's ViT trunk, but MODEL.TRUNK.KIND is {cfg.MODEL.TRUNK.KIND}; set it to "
-            "sam3_vit or give a stage-1 checkpoint of that trunk"
+            f"{config_lib.SAM3_VIT} or give a stage-1 checkpoint of that trunk"
         )
-    elif trunk_kind == "sam3-vit" and TRUNK in parts:
-        trunk = port.port_trunk(sd, expected=abstract_shapes(lambda: trunk_from_config(cfg)), source=source)
-    if merged:
-        kind = "merged_export"
-    elif layout == "transformers":
-        kind = "transformers"
-    else:
-        kind = "sam3" if cfg.MODEL.TRUNK.KIND == "sam3_vit" else "stage1"
+    elif trunk_kind == config_lib.SAM3_VIT and TRUNK in parts:
+        expected_trunk = abstract_shapes(lambda: trunk_from_config(cfg))
+        trunk, trunk_ported = port.port_trunk(contents.trunk, expected=expected_trunk, source=source), True
     report = {
-        "layout": layout,
+        "layout": contents.layout,
         "trunk": trunk_kind,
-        "memory": memory,
+        "memory": contents.memory,
         "consumed_keys": result.consumed,
         "ignored_keys": result.ignored,
-        "unused_keys": result.unused,
-        "text": port.format_report(result, trunk_kind, layout),
+        "unused_keys": contents.unused_keys(trunk_ported),
+        "text": contents_lib.format_report(contents, result, trunk_ported),
     }
     return Weights(
-        cfg, source, kind, tracker=result.params, student=student, trunk=trunk, report=report, state_dict=sd
+        cfg,
+        source,
+        contents.kind,
+        tracker=result.params,
+        student=student,
+        trunk=trunk,
+        report=report,
+        state_dict=contents.state_dict,
     )
 
 

@@ -7,9 +7,11 @@ The output is the base checkpoint's `model` dict with every key kept byte for by
 * the student's Perceiver Resampler is added as `tracker.spatial_perceiver.*` (EdgeTAM's names);
 * tracker modules a `TRAIN.MODE finetune` run trained replace the base's tensors of the same keys.
 
-The student's configuration is recorded in the file (`porting.checkpoint_file`);
-`porting.torch_student.load_efficient_sam3` builds the tracker from it, and `es3_jax.weights.load`
-brings a merged file back into es3. The file is written atomically: complete or absent.
+Both inputs come as `Weights` (`es3_jax.weights.load`, which the caller runs: porting/ does not
+import the loader, which imports porting/). The student's configuration is recorded in the file
+(`porting.checkpoint_file`); `porting.torch_student.load_efficient_sam3` builds the tracker from
+it, and `es3_jax.weights.load` brings a merged file back into es3. The file is written atomically:
+complete or absent.
 
 EfficientSAM3's own merge wrote its temporal encodings in the wrong order and later dropped the
 new modules altogether: here the student's keys come from
@@ -19,7 +21,7 @@ encodings are kept, and nothing is written unless every key fits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,22 +29,16 @@ import numpy as np
 import torch
 
 from es3_jax import config as config_lib
-from es3_jax import weights
 from es3_jax.errors import Es3Error
+from es3_jax.loaded_weights import Weights
 from es3_jax.models.tracker import expected_param_shapes
 from es3_jax.models.trunk import trunk_from_config
 from es3_jax.outputs import check_writable
 from es3_jax.params import abstract_shapes, check_shapes, flatten
-from es3_jax.weights import Weights
+from porting.checkpoint_contents import classify
 from porting.checkpoint_file import FORMATS, config_record, write_checkpoint
 from porting.keymap import TRACKER_TABLE, TRUNK_TABLE
-from porting.sam3_checkpoint import (
-    STUDENT_PREFIXES,
-    TRUNK_PREFIX,
-    check_state_dict,
-    student_to_torch,
-    trunk_kind,
-)
+from porting.sam3_checkpoint import STUDENT_PREFIXES, check_state_dict, student_to_torch
 
 TEACHER_ENCODER_PREFIX = "tracker.transformer.encoder."
 
@@ -122,8 +118,9 @@ def check_merged(merged: Mapping, cfg: config_lib.Config, memory: str, source: s
         expected = {p: s for p, s in expected.items() if not p.startswith("memory_attention.")}
     what = "the base does not fit the model of the run (the config recorded in the export)"
     check_state_dict(tracker, table=TRACKER_TABLE, expected=expected, source=source, what=what)
-    if trunk_kind(merged) == "sam3-vit":
-        trunk = {k: v for k, v in merged.items() if k.startswith(TRUNK_PREFIX)}
+    contents = classify(merged, source=source)
+    if contents.trunk_kind == config_lib.SAM3_VIT:
+        trunk = contents.trunk
         shapes = abstract_shapes(lambda: trunk_from_config(cfg))
         expected = {f"trunk.{p}": s for p, s in shapes.items()}
         check_state_dict(trunk, table=TRUNK_TABLE, expected=expected, source=source, what=what)
@@ -153,38 +150,38 @@ class ExportResult:
     record: dict
 
 
-def export_merged(
-    stage2_weights: str | Path,
-    sam3_weights: str | Path,
-    output_path: str | Path,
-    *,
-    fmt: str = "auto",
-    overwrite: bool = False,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-) -> ExportResult:
-    """Merge what a run trained into a base checkpoint and write `output_path` (`es3 export`).
-
-    stage2_weights: a run, checkpoint or weights folder (`es3_jax.weights.load`; its config is the
-    run's, or `config` + `overrides`). sam3_weights: the base, a sam3.pt-layout file (its tensors
-    are kept as read) or es3 weights holding the teacher (its tracker and neck become the base);
-    it must hold the tracker the run's config describes (`check_merged`). fmt: "pt", "safetensors"
-    or "auto" (from the output's suffix). An existing output is replaced only with `overwrite`; the
-    base is never written to. Each input is read once. Whether the output can be written is checked
-    before any of the work.
-    """
+def check_output(
+    output_path: str | Path, base: str | Path, *, fmt: str = "auto", overwrite: bool = False
+) -> tuple[Path, str]:
+    """(output_path, its format) where `export_merged` may write the merge of `base` (the base's path)
+    now; else ExportError (or OutputError). fmt: "pt", "safetensors" or "auto" (from the output's
+    suffix). An existing output is replaced only with `overwrite`, and never the base. `es3 export`
+    asks before it reads the inputs."""
     output_path = Path(output_path)
     if fmt == "auto":
         fmt = "safetensors" if output_path.suffix == ".safetensors" else "pt"
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if output_path.exists() and output_path.resolve() == Path(sam3_weights).resolve():
+    if output_path.exists() and output_path.resolve() == Path(base).resolve():
         raise ExportError(f"--output_path {output_path} is the base checkpoint; write the merge elsewhere")
     if output_path.exists() and not overwrite:
         raise ExportError(f"{output_path} already exists; choose another --output_path or pass --overwrite")
     check_writable(output_path)
-    stage2 = weights.load(stage2_weights, config, overrides=overrides, parts=(weights.STUDENT,))
-    base = weights.load(sam3_weights, stage2.cfg, parts=("tracker",))
+    return output_path, fmt
+
+
+def export_merged(
+    stage2: Weights, base: Weights, output_path: str | Path, *, fmt: str = "auto", overwrite: bool = False
+) -> ExportResult:
+    """Merge what a run trained into a base checkpoint and write `output_path` (`es3 export`).
+
+    stage2: a run's weights (`es3_jax.weights.load` of a run, checkpoint or weights folder, its
+    `student` part at least). base: `es3_jax.weights.load` of a sam3.pt-layout file (its tensors
+    are kept as read) or of es3 weights holding the teacher (its tracker and neck become the
+    base), under `stage2.cfg`; it must hold the tracker that config describes (`check_merged`).
+    fmt, overwrite: see `check_output`. The base is never written to.
+    """
+    output_path, fmt = check_output(output_path, base.source, fmt=fmt, overwrite=overwrite)
     base_sd = base.state_dict if base.state_dict is not None else es3_tracker_state_dict(base)
     merged, summary = merge_state_dict(base_sd, stage2, base.source)
     memory = "student" if stage2.student is not None else "teacher"

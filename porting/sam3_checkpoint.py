@@ -1,10 +1,9 @@
 """SAM3 checkpoints' state dicts -> es3 parameter trees, strictly, through the key tables.
 
-Layouts (the state dict comes from `porting.checkpoint_file.read_checkpoint`, read once):
+Layouts (a file is read and told apart once, into its parts, by `porting.checkpoint_contents`):
 * Meta's `sam3.pt`: `tracker.*` and `detector.*` keys;
 * a stage-1 merged checkpoint: the same layout with a different (student) trunk under
-  `detector.backbone.vision_backbone.trunk.*`: the tracker and neck are ported, the trunk is
-  reported as foreign;
+  `detector.backbone.vision_backbone.trunk.*` (`porting.stage1_checkpoint` ports that one);
 * a transformers `Sam3TrackerVideoModel` state dict, translated into the sam3.pt layout first;
 * an es3 merged export: the sam3.pt layout with the student's memory path
   (`tracker.transformer.encoder.*` of any depth, `tracker.spatial_perceiver.*`).
@@ -17,7 +16,6 @@ listed in one `ParamMismatchError` that names the torch keys, and nothing is ret
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +29,6 @@ from porting.checkpoint_file import CheckpointError, as_numpy
 from porting.keymap import (
     SAM3_POINT_EMBED,
     STUDENT_TABLE,
-    TRACKER_TABLE,
     TRANSFORMERS_ALIASES,
     TRANSFORMERS_POINT_EMBED,
     TRANSFORMERS_TABLE,
@@ -45,34 +42,15 @@ from porting.keymap import (
 TRUNK_PREFIX = "detector.backbone.vision_backbone.trunk."
 STUDENT_PREFIXES = ("tracker.transformer.encoder.", "tracker.spatial_perceiver.")
 
-# Where keys es3 does not use come from, for the report (first matching prefix wins).
-_UNUSED_GROUPS = (
-    (TRUNK_PREFIX, "trunk"),
-    ("detector.backbone.vision_backbone.convs.", "detector neck"),
-    ("detector.backbone.language_backbone.", "text encoder"),
-    ("detector.", "detector heads"),
-    ("vision_encoder.backbone.", "trunk"),
-)
-
 
 @dataclass
 class PortResult:
-    """What a port produced: es3 parameters and an account of every key of the source."""
+    """What a port produced: es3 parameters, how many tensors it read and the keys it ignored."""
 
     params: dict  # nested, keyed by es3 path segments (ints for list indices)
     source: str
     consumed: int = 0
     ignored: list[str] = field(default_factory=list)
-    unused: dict[str, int] = field(default_factory=dict)  # group -> number of keys
-
-
-def detect_layout(sd: Mapping[str, Any]) -> str:
-    """The key layout: `sam3` (sam3.pt, stage-1 and merged files) or `transformers`."""
-    if any(k.startswith(("tracker.", "detector.")) for k in sd):
-        return "sam3"
-    if any(k.startswith(("memory_attention.", "mask_decoder.", "memory_encoder.")) for k in sd):
-        return "transformers"
-    raise CheckpointError("unrecognised checkpoint layout: neither sam3.pt (tracker.*) nor transformers keys")
 
 
 def transformers_to_sam3(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -119,28 +97,17 @@ def sam3_to_transformers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def trunk_kind(sd: Mapping[str, Any]) -> str:
-    """The trunk a checkpoint holds: `sam3-vit` (every trunk key is one of SAM3's ViT, at any size),
-    `foreign` (another trunk; `porting.stage1_checkpoint` knows the stage-1 ones) or `absent`."""
-    keys = [k for k in sd if k.startswith(TRUNK_PREFIX)]
-    if not keys:
-        return "sam3-vit" if any(k.startswith(TRANSFORMERS_TRUNK_PREFIXES) for k in sd) else "absent"
-    known = all(TRUNK_TABLE.to_jax(k) is not None or TRUNK_TABLE.is_ignored(k) for k in keys)
-    return "sam3-vit" if known else "foreign"
-
-
 def _shapes(
     sd: Mapping[str, Any], table: KeyTable, expected: Mapping[str, tuple[int, ...]] | None
-) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], list[str], Counter[str]]:
-    """(torch shapes found in `table`'s namespaces, the torch shapes wanted, ignored keys, unused
-    keys per group): see `port_state_dict`."""
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], list[str]]:
+    """(torch shapes found in `table`'s namespaces, the torch shapes wanted, ignored keys): see
+    `port_state_dict`."""
     found: dict[str, tuple[int, ...]] = {}
     ignored: list[str] = []
-    unused: Counter[str] = Counter()
     for key in sorted(sd):
         if not table.consumes(key):
-            unused[next((g for p, g in _UNUSED_GROUPS if key.startswith(p)), "other")] += 1
-        elif table.is_ignored(key):
+            continue
+        if table.is_ignored(key):
             ignored.append(key)
         else:
             found[key] = tuple(sd[key].shape)
@@ -158,7 +125,7 @@ def _shapes(
                 raise ValueError(f"the key table has no torch key for es3 parameter {path}")
             key, transform = hit
             want[key] = transform.torch_shape(tuple(shape))
-    return found, want, ignored, unused
+    return found, want, ignored
 
 
 def check_state_dict(
@@ -172,7 +139,7 @@ def check_state_dict(
     """`port_state_dict`'s strict check alone, converting nothing: ParamMismatchError titled
     "<source>: <what>" unless the keys of `sd` in `table`'s namespaces are exactly the torch keys
     of `expected` with their torch shapes."""
-    found, want, _, _ = _shapes(sd, table, expected)
+    found, want, _ = _shapes(sd, table, expected)
     check_shapes(found, want, f"{source}: {what}")
 
 
@@ -188,22 +155,16 @@ def port_state_dict(
 
     With `expected` (`{es3 path: shape}`) the keys must be exactly the torch keys of those
     parameters with the matching torch shapes; without it, every key the table maps is taken as it
-    is. Ignored keys are listed, keys outside the namespaces counted as unused.
+    is. Ignored keys are listed; keys outside the namespaces are left alone (what a file holds
+    besides: `porting.checkpoint_contents`).
     """
-    found, want, ignored, unused = _shapes(sd, table, expected)
+    found, want, ignored = _shapes(sd, table, expected)
     check_shapes(found, want, f"{source}: {what}")
     flat = {}
     for key in want:
         path, transform = table.to_jax(key)
         flat[path] = transform.to_jax(as_numpy(sd[key]))
-    return PortResult(unflatten(flat), source, len(flat), ignored, dict(sorted(unused.items())))
-
-
-def port_tracker(sd: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> PortResult:
-    """The tracker and its neck (sam3.pt, stage-1, merged or transformers layout), strictly."""
-    if detect_layout(sd) == "transformers":
-        sd = transformers_to_sam3(sd)
-    return port_state_dict(sd, table=TRACKER_TABLE, expected=expected, source=source)
+    return PortResult(unflatten(flat), source, len(flat), ignored)
 
 
 def port_student(sd: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> dict:
@@ -224,27 +185,6 @@ def student_to_torch(params: Mapping) -> dict[str, np.ndarray]:
         key, transform = hit
         out[key] = transform.to_torch(np.asarray(value))
     return out
-
-
-def format_report(result: PortResult, trunk: str, layout: str) -> str:
-    """A person's account of a port: what was read, what was not used, what the trunk is."""
-    lines = [
-        f"source: {result.source} ({layout} layout)",
-        f"ported: {result.consumed} tensors (tracker + tracker neck)",
-    ]
-    described = {
-        "sam3-vit": "SAM3 ViT trunk (ported: frames can be embedded and tracked)",
-        "foreign": "a trunk es3 does not know: not ported",
-        "absent": "no trunk in this checkpoint",
-    }
-    lines.append(
-        f"trunk: {described.get(trunk, f'stage-1 {trunk} trunk (ported: frames can be embedded and tracked)')}"
-    )
-    if result.ignored:
-        lines.append(f"ignored (unused by the tracker): {', '.join(result.ignored)}")
-    for group, n in result.unused.items():
-        lines.append(f"unused: {n} keys of the {group}")
-    return "\n".join(lines)
 
 
 # --- The ViT trunk --------------------------------------------------------------------------------

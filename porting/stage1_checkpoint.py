@@ -95,19 +95,24 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def find_stage1_trunk(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """The stage-1 trunk's tensors of `sd` under `STAGE1_PREFIX`, from whichever prefix holds them;
-    empty when there is none."""
+def stage1_keys(sd: Mapping[str, Any]) -> dict[str, str]:
+    """`{key under STAGE1_PREFIX: the key of sd}` for the stage-1 trunk of `sd`, from whichever prefix
+    holds it; empty when there is none."""
     keys = {_strip_wrappers(k): k for k in sd}
     for prefix in (STAGE1_PREFIX, *OLDER_PREFIXES):
         found = {
-            STAGE1_PREFIX + k.removeprefix(prefix): sd[original]
+            STAGE1_PREFIX + k.removeprefix(prefix): original
             for k, original in keys.items()
             if k.startswith((prefix + BACKBONE, prefix + HEAD))
         }
         if any(k.startswith(STAGE1_PREFIX + BACKBONE) for k in found):
             return found
     return {}
+
+
+def find_stage1_trunk(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage-1 trunk's tensors of `sd` under `STAGE1_PREFIX` (`stage1_keys`); empty when there is none."""
+    return {key: sd[original] for key, original in stage1_keys(sd).items()}
 
 
 def detect_kind(trunk: Mapping[str, Any], source: str) -> str:
@@ -138,28 +143,15 @@ def detect_kind(trunk: Mapping[str, Any], source: str) -> str:
 
 
 def port_stage1_trunk(
-    sd: Mapping[str, Any], *, kind: str | None = None, out_dim: int = 1024, source: str = "<state dict>"
-) -> tuple[str, dict]:
-    """The stage-1 trunk of a checkpoint -> (kind, nested `Stage1Trunk` parameters), strictly.
-
-    kind: the kind the config names, or None to take the checkpoint's; a checkpoint whose trunk is
-    another kind is refused. Every missing, unexpected and mis-shaped trunk key is named in one
-    `ParamMismatchError`.
-    """
-    trunk = find_stage1_trunk(sd)
-    if not trunk:
-        raise CheckpointError(f"{source}: no stage-1 trunk (no key under {STAGE1_PREFIX}{BACKBONE})")
-    detected = detect_kind(trunk, source)
-    if kind is not None and kind != detected:
-        raise CheckpointError(
-            f"{source}: the checkpoint's trunk is {detected}, but MODEL.TRUNK.KIND is {kind}; "
-            "leave MODEL.TRUNK.KIND at sam3_vit to take the checkpoint's, or give a checkpoint of that trunk"
-        )
-    table = stage1_table(detected, out_dim)
-    expected = {f"trunk.{r.jax}": s for r, s in _rules(detected, out_dim)}
-    what = f"the checkpoint's trunk does not match the stage-1 {detected} trunk es3 expects"
-    result = port_state_dict(trunk, table=table, expected=expected, source=source, what=what)
-    return detected, result.params["trunk"]
+    trunk: Mapping[str, Any], kind: str, *, out_dim: int = 1024, source: str = "<state dict>"
+) -> dict:
+    """A stage-1 trunk of kind `kind` (its keys under `STAGE1_PREFIX`: `find_stage1_trunk`) -> nested
+    `Stage1Trunk` parameters, strictly: every missing, unexpected and mis-shaped trunk key is named
+    in one `ParamMismatchError`."""
+    table = stage1_table(kind, out_dim)
+    expected = {f"trunk.{r.jax}": s for r, s in _rules(kind, out_dim)}
+    what = f"the checkpoint's trunk does not match the stage-1 {kind} trunk es3 expects"
+    return port_state_dict(trunk, table=table, expected=expected, source=source, what=what).params["trunk"]
 
 
 def port_backbone(kind: str, sd: Mapping[str, Any], source: str = "<state dict>") -> dict:

@@ -25,16 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from es3_jax.config import Config
+from es3_jax.config import SAM3_VIT, Config
 from es3_jax.params import check_shapes
-from porting.checkpoint_file import (
-    CheckpointError,
-    read_checkpoint,
-    record_config,
-    record_of,
-    write_checkpoint,
-)
-from porting.sam3_checkpoint import trunk_kind
+from porting.checkpoint_contents import read_contents
+from porting.checkpoint_file import CheckpointError, read_checkpoint, record_config, write_checkpoint
 
 EXPORT_PREFIX = "tracker."
 
@@ -549,8 +543,8 @@ def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | tor
     """
     from porting.upstream import tracker_predictor  # imports sam3
 
-    sd, extras = read_checkpoint(path)
-    record = record_of(extras)
+    contents = read_contents(path)
+    sd, record = contents.state_dict, contents.record
     if record is None:
         raise CheckpointError(
             f"{path}: no es3_config record: not a merged export (write one with `es3 export`)"
@@ -558,7 +552,7 @@ def load_efficient_sam3(path, *, backbone: bool | None = None, device: str | tor
     cfg = record_config(record)
     t = cfg.MODEL.TEACHER
     if backbone is None:
-        backbone = trunk_kind(sd) == "sam3-vit"
+        backbone = contents.trunk_kind == SAM3_VIT
     student = torch_student_from_config(cfg) if record.get("memory", "student") == "student" else None
     model = tracker_predictor(
         image_size=t.IMAGE_SIZE,

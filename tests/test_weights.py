@@ -6,6 +6,7 @@ geometry: 112 px frames, a 1-block 64-wide ViT), so these tests need torch but n
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from tests.predictor.test_video_predictor import SMALL as PREDICTOR_SMALL
 torch = pytest.importorskip("torch")
 from porting import checkpoint_file  # noqa: E402
 from porting.keymap import TRACKER_TABLE, TRUNK_TABLE  # noqa: E402
+from porting.sam3_checkpoint import TRUNK_PREFIX  # noqa: E402
+from porting.stage1_checkpoint import stage1_trunk_to_torch  # noqa: E402
 
 # The predictor tests' 112 px geometry, with a student small enough for it.
 SMALL = [*PREDICTOR_SMALL, "MODEL.PERCEIVER.NUM_LATENTS", "8", "MODEL.PERCEIVER.NUM_LATENTS_2D", "4",
@@ -153,3 +156,64 @@ def test_unknown_sources_are_named(tmp_path):
         weights.load(tmp_path / "notes.txt")
     with pytest.raises(weights.WeightsError, match="checkpoint not found"):
         weights.load(tmp_path / "missing.pt")
+
+
+# Keys of a part es3 does not use, beside the parts it ports.
+TEXT_ENCODER = {f"detector.backbone.language_backbone.encoder.{i}.weight": torch.zeros(2) for i in range(3)}
+
+
+def _tracker_file(path: Path, cfg: config_lib.Config, trunk: dict) -> Path:
+    """A sam3.pt-layout file: the tracker and neck of `cfg` (random), `trunk`, and `TEXT_ENCODER`."""
+    model = _torch(param_dict(SAM3Tracker(cfg.MODEL.TEACHER, rngs=nnx.Rngs(1))), TRACKER_TABLE)
+    model["tracker.no_mem_pos_enc"] = torch.zeros(1, 1, 256)
+    torch.save({"model": {**model, **trunk, **TEXT_ENCODER}}, path)
+    return path
+
+
+def _port(path: Path, tmp_path: Path, capsys, overrides: list[str]) -> tuple[str, dict]:
+    """(what `es3 port` of `path` prints, the report it writes beside the weights)."""
+    capsys.readouterr()
+    out_dir = tmp_path / "port"
+    assert main(["port", "--sam3_weights", str(path), "--output_dir", str(out_dir), *overrides]) == 0
+    return capsys.readouterr().out, json.loads((out_dir / weights.REPORT_FILE).read_text())
+
+
+def test_port_of_a_stage1_checkpoint_lists_only_the_keys_it_did_not_use(tmp_path, capsys):
+    kind = "repvit_m0_9"
+    cfg = config_lib.load(None, [*SMALL, "MODEL.TRUNK.KIND", kind])
+    params = param_dict(trunk_from_config(cfg, seed=2))
+    trunk = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in stage1_trunk_to_torch(kind, params, cfg.MODEL.TEACHER.TRUNK_DIM).items()
+    }
+    # BatchNorm's step counters, which every stage-1 file holds and the port skips.
+    trunk.update(
+        {
+            k.replace(".running_mean", ".num_batches_tracked"): torch.tensor(0)
+            for k in trunk
+            if k.endswith(".running_mean")
+        }
+    )
+    path = _tracker_file(tmp_path / "stage1.pt", config_lib.load(None, SMALL), trunk)
+    out, report = _port(path, tmp_path, capsys, SMALL)
+    assert f"trunk: stage-1 {kind} trunk (ported" in out
+    assert report["trunk"] == kind and report["unused_keys"] == {"text encoder": 3}
+    assert "unused: 3 keys of the text encoder" in out and "keys of the trunk" not in out, out
+
+
+def test_port_of_a_cut_sam3_checkpoint_lists_only_the_keys_it_did_not_use(tmp_path, capsys):
+    overrides = [*SMALL, "MODEL.TRUNK.DEPTH", "3", "MODEL.TRUNK.GLOBAL_BLOCKS", "[2]"]
+    cfg = config_lib.load(None, overrides)
+    trunk = _torch({"trunk": param_dict(trunk_from_config(cfg, seed=2))}, TRUNK_TABLE)
+    # The RoPE tables sam3.pt keeps in every block, which the port recomputes.
+    trunk.update(
+        {
+            f"{TRUNK_PREFIX}blocks.{i}.attn.freqs_cis": torch.zeros(4, 2, dtype=torch.complex64)
+            for i in range(3)
+        }
+    )
+    path = _tracker_file(tmp_path / "sam3_3_blocks.pt", cfg, trunk)
+    out, report = _port(path, tmp_path, capsys, overrides)
+    assert "trunk: SAM3 ViT trunk (ported" in out
+    assert report["trunk"] == "sam3_vit" and report["unused_keys"] == {"text encoder": 3}
+    assert "unused: 3 keys of the text encoder" in out and "keys of the trunk" not in out, out

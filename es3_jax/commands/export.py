@@ -70,17 +70,18 @@ def run(args: argparse.Namespace) -> int:
     if args.sam3_weights is None:
         raise Es3Error("es3 export to a PyTorch checkpoint needs --sam3_weights (the base to merge into)")
     require_torch("es3 export (it writes a PyTorch checkpoint)")
-    from porting.export import export_merged  # torch, jax and the models load when the command runs
+    # torch, jax and the models load when the command runs
+    from es3_jax import weights
+    from porting import export
 
-    result = export_merged(
-        args.stage2_weights,
-        args.sam3_weights,
-        args.output_path,
-        fmt=args.format,
-        overwrite=args.overwrite,
-        config=args.config,
-        overrides=args.overrides,
+    output, fmt = export.check_output(
+        args.output_path, args.sam3_weights, fmt=args.format, overwrite=args.overwrite
+    )  # before the work, not after it
+    stage2 = weights.load(
+        args.stage2_weights, args.config, overrides=args.overrides, parts=(weights.STUDENT,)
     )
+    base = weights.load(args.sam3_weights, stage2.cfg, parts=("tracker",))
+    result = export.export_merged(stage2, base, output, fmt=fmt, overwrite=args.overwrite)
     for line in result.summary.lines():
         print(line)
     print(f"memory path: {result.record['memory']}; its config is recorded in the file (es3_config)")

@@ -33,7 +33,7 @@ from tests.train.runs import cli_env
 torch = upstream.torch
 
 from porting.checkpoint_file import read_checkpoint, record_of, write_checkpoint  # noqa: E402
-from porting.export import ExportError, export_merged  # noqa: E402
+from porting.export import ExportError, ExportResult, check_output, export_merged  # noqa: E402
 from porting.keymap import STUDENT_TABLE  # noqa: E402
 from porting.sam3_checkpoint import port_state_dict  # noqa: E402
 from porting.torch_student import (  # noqa: E402
@@ -107,6 +107,14 @@ def _read(path: Path) -> tuple[dict, dict | None]:
     return sd, record_of(extras)
 
 
+def _export(stage2_weights: Path, base_path: Path, output_path: Path) -> ExportResult:
+    """What `es3 export` does with its arguments: check the output, read both inputs, merge."""
+    output_path, fmt = check_output(output_path, base_path)
+    stage2 = weights.load(stage2_weights, parts=(weights.STUDENT,))
+    base = weights.load(base_path, stage2.cfg, parts=("tracker",))
+    return export_merged(stage2, base, output_path, fmt=fmt)
+
+
 def _weights_folder(folder: Path, base_path: Path, cfg: config_lib.Config, seed: int) -> tuple[Path, dict]:
     """What `es3 train` leaves in <run>/weights: the teacher it read, the student, the config."""
     tracker = weights.load(base_path, cfg, parts=("tracker",)).tracker
@@ -129,14 +137,14 @@ def test_exported_tracker_tracks_as_the_jax_student(base, tmp_path, name):
     seed, neck, base_path, trunk, masks = base
     cfg = _config(name)
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 1)
-    merged = export_merged(run / "weights", base_path, tmp_path / "efficient_sam3_full.pt").path
+    merged = _export(run / "weights", base_path, tmp_path / "efficient_sam3_full.pt").path
 
     model = load_efficient_sam3(merged, device="cpu")
     prompts = {1: (0, masks[0]), 2: (0, masks[1])}
     ref = track_with_masks(model, neck, trunk, VIDEO_SIZE, prompts, start_frame_idx=0)
 
     predictor = VideoPredictor.from_checkpoint(run)
-    assert predictor._memory_def is not None  # the student's path
+    assert predictor.memory == "student"
     state = predictor.init_state(trunk, video_size=VIDEO_SIZE)
     for obj_id, (frame_idx, mask) in prompts.items():
         predictor.add_new_mask(state, frame_idx, obj_id, mask)
@@ -185,9 +193,7 @@ def test_round_trip_es3_torch_es3_is_bit_identical(base, tmp_path):
     for source in (tmp_path / "back", merged):
         predictor = VideoPredictor.from_checkpoint(source)
 
-        loaded = flatten(
-            nnx.to_pure_dict(nnx.state(nnx.merge(predictor._memory_def, predictor._memory_state)))
-        )
+        loaded = flatten(nnx.to_pure_dict(nnx.state(predictor.engine.memory_path())))
         for path, value in want.items():
             assert np.asarray(loaded[path]).tobytes() == np.asarray(value).tobytes(), (source, path)
 
@@ -223,7 +229,7 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
     )
     config_lib.save(cfg, run / "config.yaml")
 
-    result = export_merged(run / "ckpt_best.pth", base_path, tmp_path / "best.safetensors")
+    result = _export(run / "ckpt_best.pth", base_path, tmp_path / "best.safetensors")
     assert result.format == "safetensors" and result.record["source"]["step"] == 4
     sd, record = _read(result.path)
     assert record == result.record
@@ -235,7 +241,7 @@ def test_training_checkpoint_and_config_mismatch(base, tmp_path):
     wrong = config_lib.apply_overrides(cfg, ["MODEL.PERCEIVER.NUM_LATENTS", "32"])
     config_lib.save(wrong, run / "config.yaml")
     with pytest.raises(ParamMismatchError) as e:
-        export_merged(run / "ckpt_latest", base_path, tmp_path / "latest.pt")
+        _export(run / "ckpt_latest", base_path, tmp_path / "latest.pt")
     message = str(e.value)
     print(f"[refused] {message}")
     assert "spatial_perceiver.latents (tracker.spatial_perceiver.latents)" in message
@@ -258,7 +264,7 @@ def test_base_keys_come_through_byte_identical(base, tmp_path):
     upstream.save_sam3_checkpoint(stage1, {**sd, **trunk})
     cfg = _config("edgetam_like")
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 4)
-    merged = export_merged(run / "weights", stage1, tmp_path / "full.pt").path
+    merged = _export(run / "weights", stage1, tmp_path / "full.pt").path
 
     out, record = _read(merged)
     assert record["memory"] == "student" and record["MODEL"]["PERCEIVER"]["NUM_LATENTS_2D"] == 16
@@ -278,7 +284,7 @@ def test_missing_or_extra_key_is_refused_naming_it(base, tmp_path):
     seed, _, base_path, _, _ = base
     cfg = _config("efficient_memory")
     run, _ = _weights_folder(tmp_path / "run", base_path, cfg, seed + 5)
-    merged = export_merged(run / "weights", base_path, tmp_path / "merged.pt").path
+    merged = _export(run / "weights", base_path, tmp_path / "merged.pt").path
     sd, record = _read(merged)
 
     missing_key = "tracker.transformer.encoder.layers.1.norm2.weight"
@@ -304,7 +310,7 @@ def test_refusals_base_without_tracker_and_interrupted_write(base, tmp_path, mon
         tmp_path / "detector.pt", {k: v for k, v in sd.items() if not k.startswith("tracker.")}
     )
     with pytest.raises(weights.WeightsError, match=r"no tracker\.\* keys"):
-        export_merged(run / "weights", detector_only, tmp_path / "out.pt")
+        _export(run / "weights", detector_only, tmp_path / "out.pt")
 
     out = tmp_path / "out" / "efficient_sam3_full.pt"
     out.parent.mkdir()
@@ -315,17 +321,17 @@ def test_refusals_base_without_tracker_and_interrupted_write(base, tmp_path, mon
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        export_merged(run / "weights", base_path, out)
+        _export(run / "weights", base_path, out)
     assert list(out.parent.iterdir()) == []
     monkeypatch.undo()
 
-    export_merged(run / "weights", base_path, out)
+    _export(run / "weights", base_path, out)
     with pytest.raises(ExportError, match="already exists"):
-        export_merged(run / "weights", base_path, out)
+        _export(run / "weights", base_path, out)
     with pytest.raises(ExportError, match="holds no student"):
         plain = tmp_path / "plain"
         _save(plain, cfg, tracker={"neck": {}})
-        export_merged(plain, base_path, tmp_path / "plain.pt")
+        _export(plain, base_path, tmp_path / "plain.pt")
 
 
 def test_base_of_another_model_is_refused_naming_each_key(base, tmp_path, capsys):
@@ -478,7 +484,7 @@ def test_readme_pytorch_snippet_runs_as_written(tmp_path, monkeypatch):
     model.update({f"detector.backbone.vision_backbone.{k}": v for k, v in neck.state_dict().items()})
     base_path = upstream.save_sam3_checkpoint(tmp_path / "sam3.pt", model)
     _save(tmp_path / "run" / "weights", cfg, student=_student(cfg, seed + 2))
-    export_merged(tmp_path / "run" / "weights", base_path, tmp_path / "output" / "efficient_sam3_full.pt")
+    _export(tmp_path / "run" / "weights", base_path, tmp_path / "output" / "efficient_sam3_full.pt")
 
     rng = np.random.default_rng(seed)
     (tmp_path / "video_frames").mkdir()
@@ -532,7 +538,7 @@ def test_finetuned_tracker_modules_replace_the_base(base, tmp_path):
     _save(tmp_path / "ft", cfg, tracker=params, trained=trained, report={"mode": "finetune"})
 
     for i, base_file in enumerate((base_path, tmp_path / "ft")):
-        merged = export_merged(tmp_path / "ft", base_file, tmp_path / f"ft{i}.pt")
+        merged = _export(tmp_path / "ft", base_file, tmp_path / f"ft{i}.pt")
         assert merged.record["memory"] == "teacher"
         assert len(merged.summary.replaced) > 0 and not merged.summary.added
         out, _ = _read(merged.path)

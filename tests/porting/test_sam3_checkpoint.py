@@ -110,7 +110,7 @@ def test_unknown_trunk_is_reported_foreign_and_the_tracker_ported(tmp_path, sam3
     model["detector.backbone.vision_backbone.trunk.model.stages.0.blocks.0.weight"] = torch.randn(24, 24)
     ckpt = upstream.save_sam3_checkpoint(tmp_path / "other_trunk.pt", model)
     result = weights.load(ckpt)
-    assert result.kind == "sam3" and result.report["trunk"] == "foreign" and result.trunk is None
+    assert result.kind == "sam3" and result.report["trunk"] == "unknown" and result.trunk is None
     assert result.report["unused_keys"]["trunk"] == 2
     assert_params_equal_source(result.tracker, sam3_model)
     assert main(["port", "--sam3_weights", str(ckpt), "--output_dir", str(tmp_path / "w")]) == 0
