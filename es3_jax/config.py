@@ -118,9 +118,10 @@ class DataConfig:
     # is left out of training and named in train.log and metrics.jsonl; True makes any such video an
     # error instead.
     STRICT: bool = False
-    # Training sources mixed by weight (each source's share of an epoch's clips): any of "sav"
-    # (DATA.SAV_ROOT), "davis" (DATA.DAVIS_ROOT's train split), "sa1b" (DATA.SA1B.ROOT). Empty: the
-    # videos of SAV_ROOT and DAVIS_ROOT as one pool. Validation holds out videos of the first source.
+    # Training sources mixed by weight (each source's share of an epoch's clips): any format of
+    # es3_jax/data/datasets.py, e.g. "sav" (DATA.SAV_ROOT), "davis" (DATA.DAVIS_ROOT's train split),
+    # "sa1b" (DATA.SA1B.ROOT). Empty: the videos of SAV_ROOT and DAVIS_ROOT as one pool. Validation
+    # holds out videos of the first source.
     SOURCES: tuple[str, ...] = ()
     SOURCE_WEIGHTS: tuple[float, ...] = ()
     SA1B: Sa1bConfig = Sa1bConfig()
@@ -450,14 +451,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-SOURCES = ("sav", "davis", "sa1b")
-
-
 def _validate_data(data: DataConfig) -> None:
     if data.SOURCES or data.SOURCE_WEIGHTS:
-        unknown = [s for s in data.SOURCES if s not in SOURCES]
-        if unknown or len(set(data.SOURCES)) != len(data.SOURCES):
-            raise ConfigError(f"DATA.SOURCES {list(data.SOURCES)}: each of {list(SOURCES)} at most once")
+        # Which names are formats is the data package's registry to say, when it indexes them.
+        if len(set(data.SOURCES)) != len(data.SOURCES):
+            raise ConfigError(f"DATA.SOURCES {list(data.SOURCES)}: each format at most once")
         if len(data.SOURCE_WEIGHTS) != len(data.SOURCES) or not all(w > 0 for w in data.SOURCE_WEIGHTS):
             raise ConfigError(
                 f"DATA.SOURCE_WEIGHTS {list(data.SOURCE_WEIGHTS)}: one positive weight per source of "

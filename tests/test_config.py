@@ -92,7 +92,6 @@ def test_overrides_parse_each_type():
         (["TRAIN.MEMORY_SOURCE", "gt"], "TRAIN.MEMORY_SOURCE"),
         (["TRAIN.MAX_STEPS"], "TRAIN.MAX_STEPS"),
         (["TRAIN.MAX_STEPS", "-5"], r"TRAIN.MAX_STEPS: must be at least 1, got -5"),
-        (["DATA.SOURCES", "[sav, youtube]", "DATA.SOURCE_WEIGHTS", "[1, 1]"], "DATA.SOURCES"),
         (["DATA.SOURCES", "[sav, sav]", "DATA.SOURCE_WEIGHTS", "[1, 1]"], "DATA.SOURCES"),
         (["DATA.SOURCES", "[sav, sa1b]", "DATA.SOURCE_WEIGHTS", "[1]"], "DATA.SOURCE_WEIGHTS"),
         (["DATA.SOURCES", "[sav, sa1b]", "DATA.SOURCE_WEIGHTS", "[1, 0]"], "DATA.SOURCE_WEIGHTS"),

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from es3_jax.commands.common import add_config_args, load_config
+from es3_jax.data import datasets
 
 HELP = "semi-supervised VOS evaluation (J&F) on DAVIS 2017 or SA-V, or scoring of existing predictions"
 DESCRIPTION = """\
@@ -35,7 +36,10 @@ Examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dataset", choices=("davis", "sav"), default=None, help="dataset (default: EVAL.DATASET)"
+        "--dataset",
+        choices=sorted(datasets.SOURCES),
+        default=None,
+        help="dataset format (default: EVAL.DATASET)",
     )
     p.add_argument("--data_root", default=None, help="DAVIS or SA-V val/test root (default: EVAL.DATA_ROOT)")
     p.add_argument("--split", default="val", help="split list: ImageSets/2017/<split>.txt or sav_<split>.txt")
@@ -97,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         return _score_only(args)
     from pathlib import Path
 
-    from es3_jax.data import datasets
     from es3_jax.data.videos import DatasetError
     from es3_jax.eval import vos
     from es3_jax.predictor import VideoPredictor
@@ -123,16 +126,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     timing = vos.propagate_dataset(predictor, videos, out / "predictions")
     _, annotations = datasets.dataset_dirs(dataset, data_root, args.resolution)
+    layout = videos[0].layout
     results = vos.score(
         out / "predictions",
         annotations,
-        dataset,
+        layout,
         [v.name for v in videos],
         skip_first_and_last=not args.no_skip_first_last,
         leave_out=unprompted,
     )
     extra = {"dataset": dataset, "checkpoint": args.checkpoint, "objects_not_scored": unprompted, **timing}
-    summary = vos.write_results(out, results, dataset, extra)
+    summary = vos.write_results(out, results, layout, extra)
     print(vos.format_summary(summary))
     print(f"wrote {out}/summary.json and the predictions under {out}/predictions")
     return 0

@@ -30,7 +30,7 @@ _ORDER_STREAM = 0  # separates the per-epoch permutation stream from the per-cli
 _CLIP_STREAM = 1
 _SOURCE_STREAM = 2  # which source each slot of an epoch draws from
 _AUGMENT_STREAM = 3
-_IMAGE_STREAM = 4  # objects and motion of an SA-1B pseudo-video
+_LOAD_STREAM = 4  # what a format draws as it loads a clip: objects and motion of an SA-1B pseudo-video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,11 @@ def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([_AUGMENT_STREAM, seed, epoch, index])
 
 
-def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of an SA-1B pseudo-video's objects and motion in slot `index` (validation: epoch 0,
-    `index` the image's position, so a held-out image always makes the same clip)."""
-    return np.random.default_rng([_IMAGE_STREAM, seed, epoch, index])
+def load_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of what a format draws as it loads the clip of slot `index` (an SA-1B
+    pseudo-video's objects and motion; validation: epoch 0, `index` the item's position, so a held-out
+    image always makes the same clip)."""
+    return np.random.default_rng([_LOAD_STREAM, seed, epoch, index])
 
 
 def epoch_order(seed: int, epoch: int, num_videos: int) -> np.ndarray:

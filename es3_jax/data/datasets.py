@@ -1,39 +1,40 @@
-"""The datasets by name: DAVIS 2017 (`davis.py`) and SA-V (`sav.py`) behind one set of calls, for the
-evaluation commands (a val/test root -> `VosVideo`s) and the training pipeline (ground-truth masks of a
-`VideoEntry`)."""
+"""The dataset formats by name: every `DatasetSource` (`source.py`) the pipeline and `es3 eval` know,
+and the evaluation videos of a val/test root of one of them.
+
+Sources index in this order: SA-V, last, takes the embedding store's videos no other source claimed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from es3_jax.data import davis, sav
+from es3_jax.data.davis import DavisSource
 from es3_jax.data.frames import list_frames
-from es3_jax.data.videos import DatasetError, VideoEntry, VosVideo
+from es3_jax.data.sa1b import Sa1bSource
+from es3_jax.data.sav import SavSource
+from es3_jax.data.source import DatasetSource
+from es3_jax.data.videos import DatasetError, VosVideo
 
-DATASETS = ("davis", "sav")
+SOURCES: dict[str, type[DatasetSource]] = {"sa1b": Sa1bSource, "davis": DavisSource, "sav": SavSource}
 
 
-def _check(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+def source_named(name: str) -> type[DatasetSource]:
+    """The format registered as `name`; DatasetError naming the known ones otherwise."""
+    if name not in SOURCES:
+        raise DatasetError(f"unknown dataset {name!r} (expected one of {', '.join(sorted(SOURCES))})")
+    return SOURCES[name]
 
 
 def dataset_dirs(dataset: str, root: str | Path, resolution: str = "480p") -> tuple[Path, Path]:
-    """(frames folder, annotations folder) of a dataset root; DatasetError when either is missing.
+    """(frames folder, annotations folder) of a val/test root; DatasetError when either is missing.
     `resolution` names the DAVIS folders (SA-V has one)."""
-    _check(dataset)
-    return davis.dataset_dirs(root, resolution) if dataset == "davis" else sav.dataset_dirs(root)
+    return source_named(dataset).dataset_dirs(root, resolution)
 
 
 def list_sequences(dataset: str, root: str | Path, split: str = "val", resolution: str = "480p") -> list[str]:
     """Sequence names of a split: from the split file when the root has one, else every annotation folder."""
-    _check(dataset)
-    if dataset == "davis":
-        return davis.list_sequences(root, split, resolution)
-    return sav.list_sequences(root, split)
+    return source_named(dataset).list_sequences(root, split, resolution)
 
 
 def open_dataset(
@@ -44,27 +45,19 @@ def open_dataset(
     sequences: Sequence[str] | None = None,
     resolution: str = "480p",
 ) -> list[VosVideo]:
-    """The videos of a DAVIS 2017 or SA-V val/test root, in split order (or the given `sequences`);
-    DatasetError names a missing annotation folder or the JPEG of an annotated frame."""
-    frames, annotations = dataset_dirs(dataset, root, resolution)
-    names = list(sequences) if sequences else list_sequences(dataset, root, split, resolution)
+    """The videos of a val/test root, in split order (or the given `sequences`); DatasetError names a
+    missing annotation folder or the JPEG of an annotated frame."""
+    source = source_named(dataset)
+    frames, annotations = source.dataset_dirs(root, resolution)
+    names = list(sequences) if sequences else source.list_sequences(root, split, resolution)
     if not names:
         raise DatasetError(f"{dataset} root {root}: no sequences")
-    video_type = davis.DavisVideo if dataset == "davis" else sav.SavVideo
     videos = []
     for name in names:
         ann = annotations / name
         if not ann.is_dir():
             raise DatasetError(f"{name}: annotation folder {ann} not found")
-        video = video_type(name, tuple(list_frames(frames / name)), ann)
+        video = source.open_video(name, tuple(list_frames(frames / name)), ann)
         video.check_frames()
         videos.append(video)
     return videos
-
-
-def load_masks(entry: VideoEntry, positions: Sequence[int], objects: Sequence[int]) -> np.ndarray:
-    """Ground-truth masks of kept objects `objects` (indices into `entry.objects`) on annotated frames
-    `positions` [T, O, H, W] uint8, read by the entry's dataset."""
-    if entry.source == "davis":
-        return davis.load_masks(entry, positions, objects)
-    return sav.load_masks(entry, positions, objects)

@@ -15,12 +15,16 @@ frame is annotated.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from es3_jax.data.frames import FrameError
 from es3_jax.data.masks import MaskFileError, read_palette_png
+from es3_jax.data.source import PipelineError, StoreVideos
+from es3_jax.data.video_source import VideoSource
 from es3_jax.data.videos import (
     DatasetError,
     Problem,
@@ -31,6 +35,9 @@ from es3_jax.data.videos import (
     require_dirs,
     split_sequences,
 )
+
+if TYPE_CHECKING:
+    from es3_jax.config import Config
 
 DAVIS_VOID = 255
 
@@ -150,3 +157,45 @@ def load_masks(entry: VideoEntry, positions: Sequence[int], objects: Sequence[in
             for p in positions
         ]
     )
+
+
+@dataclass(frozen=True)
+class DavisSource(VideoSource):
+    """DAVIS 2017 as a `DatasetSource`: the "train" split of DATA.DAVIS_ROOT for training, the
+    videos of a val/test root for evaluation."""
+
+    name: ClassVar[str] = "davis"
+    default: ClassVar[bool] = True
+    root_key: ClassVar[str] = "DATA.DAVIS_ROOT"
+
+    root: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DavisSource:
+        return cls(cfg.DATA.DAVIS_ROOT)
+
+    def configured(self, store: StoreVideos | None) -> bool:
+        return bool(self.root)
+
+    def index(self, store: StoreVideos | None, progress: bool) -> tuple[list[VideoEntry], list[Problem]]:
+        if not self.root:
+            raise PipelineError(f"DATA.SOURCES lists {self.name} but {self.root_key} is empty")
+        entries, problems = scan_davis(self.root, "train", frame_stems=None if store is None else store.stems)
+        if store is not None:
+            store.claim([e.name for e in entries] + [p.video for p in problems])
+        return entries, problems
+
+    def load_masks(self, entry: VideoEntry, positions: Sequence[int], objects: Sequence[int]) -> np.ndarray:
+        return load_masks(entry, positions, objects)
+
+    @classmethod
+    def dataset_dirs(cls, root: str | Path, resolution: str) -> tuple[Path, Path]:
+        return dataset_dirs(root, resolution)
+
+    @classmethod
+    def list_sequences(cls, root: str | Path, split: str, resolution: str) -> list[str]:
+        return list_sequences(root, split, resolution)
+
+    @classmethod
+    def open_video(cls, name: str, frame_paths: Sequence[Path], annotation_dir: Path) -> DavisVideo:
+        return DavisVideo(name, tuple(frame_paths), annotation_dir)

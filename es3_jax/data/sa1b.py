@@ -25,15 +25,21 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from es3_jax.data.clips import Clip, ClipSpec, image_clip
 from es3_jax.data.frames import read_frame
+from es3_jax.data.pseudo_video import MotionSpec, make_clip, sample_motion
 from es3_jax.data.sav import SavError, count_pixels, decode_rle
-from es3_jax.data.videos import JPEG_EXTS, DatasetError, Problem
+from es3_jax.data.source import ClipArrays, EmptyClipError, PipelineError, StoreVideos
+from es3_jax.data.videos import JPEG_EXTS, DatasetError, Problem, VosVideo
+
+if TYPE_CHECKING:
+    from es3_jax.config import Config
 
 PREFIX = "sa_"
 # The per-annotation fields the reader uses; the others (bbox, point_coords, crop_box) are not needed.
@@ -71,6 +77,7 @@ class AnnotationFilter:
 class Sa1bImage:
     """One image of the index (small and picklable): its name (`sa_<id>`), JPEG and JSON paths."""
 
+    source: ClassVar[str] = "sa1b"
     name: str
     image_path: str
     json_path: str
@@ -275,3 +282,84 @@ def load_image(entry: Sa1bImage, annotation: Sa1bAnnotation) -> np.ndarray:
             f"{annotation.path} says {annotation.height}x{annotation.width}"
         )
     return image
+
+
+@dataclass(frozen=True)
+class Sa1bSource:
+    """SA-1B as a `DatasetSource`: the images of DATA.SA1B.ROOT, each a pseudo-video (`pseudo_video.py`)
+    of up to DATA.MAX_OBJECTS masks that pass `filter`, moving by a random `motion`. Training only."""
+
+    name: ClassVar[str] = "sa1b"
+    default: ClassVar[bool] = False
+    root_key: ClassVar[str] = "DATA.SA1B.ROOT"
+
+    root: str = ""
+    filter: AnnotationFilter = field(default_factory=AnnotationFilter)
+    motion: MotionSpec = field(default_factory=MotionSpec)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Sa1bSource:
+        sa1b = cfg.DATA.SA1B
+        return cls(
+            root=sa1b.ROOT,
+            filter=AnnotationFilter(
+                min_area=sa1b.MIN_AREA,
+                max_area=sa1b.MAX_AREA,
+                min_predicted_iou=sa1b.MIN_PREDICTED_IOU,
+                min_stability_score=sa1b.MIN_STABILITY_SCORE,
+            ),
+            motion=MotionSpec.from_config(sa1b),
+        )
+
+    def configured(self, store: StoreVideos | None) -> bool:
+        return bool(self.root)
+
+    def index(self, store: StoreVideos | None, progress: bool) -> tuple[list[Sa1bImage], list[Problem]]:
+        if store is not None:
+            raise PipelineError(
+                f"DATA.SOURCES lists {self.name}, whose pseudo-videos are frames warped as they load: they "
+                "have no stored trunk features; train on frames (DATA.USE_PRECOMPUTED False)"
+            )
+        if not self.root:
+            raise PipelineError(f"DATA.SOURCES lists {self.name} but {self.root_key} is empty")
+        return scan_sa1b(self.root)
+
+    def usable(self, entry: Sa1bImage, spec: ClipSpec) -> bool:
+        return True
+
+    def clip(self, entry: Sa1bImage, spec: ClipSpec, video: int, rng: np.random.Generator | None) -> Clip:
+        return image_clip(spec, video)
+
+    def load(
+        self, entry: Sa1bImage, clip: Clip, spec: ClipSpec, rng: np.random.Generator, read_frames: bool
+    ) -> ClipArrays:
+        """The image as a pseudo-video: frames `[T, H, W, 3]`, masks `[T, O', H, W]` of O' annotations
+        drawn with `rng` among those `filter` keeps (their indices are the object ids), and its motion."""
+        annotation = read_sa1b_json(entry.json_path)
+        kept = annotation.select(self.filter)
+        if not len(kept):
+            raise EmptyClipError(f"{entry.json_path}: no mask passes the DATA.SA1B filters ({self.filter})")
+        objects = np.sort(rng.choice(kept, size=min(len(kept), spec.max_objects), replace=False))
+        image = load_image(entry, annotation)
+        motion = sample_motion(self.motion, rng, spec.num_frames, *image.shape[:2])
+        frames, masks = make_clip(image, annotation.masks(objects), motion)
+        positions = np.arange(spec.num_frames)
+        return ClipArrays(
+            frames=frames, masks=masks, object_ids=objects, frame_positions=positions, frame_numbers=positions
+        )
+
+    @classmethod
+    def dataset_dirs(cls, root: str | Path, resolution: str) -> tuple[Path, Path]:
+        raise _no_videos(root)
+
+    @classmethod
+    def list_sequences(cls, root: str | Path, split: str, resolution: str) -> list[str]:
+        raise _no_videos(root)
+
+    @classmethod
+    def open_video(cls, name: str, frame_paths: Sequence[Path], annotation_dir: Path) -> VosVideo:
+        raise _no_videos(name)
+
+
+def _no_videos(where: str | Path) -> DatasetError:
+    return DatasetError(f"{Sa1bSource.name} holds images, not videos: it has no evaluation videos ({where})")

@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -39,6 +39,8 @@ from pycocotools import mask as mask_utils
 
 from es3_jax.data.frames import FrameError
 from es3_jax.data.masks import read_palette_png
+from es3_jax.data.source import PipelineError, StoreVideos
+from es3_jax.data.video_source import VideoSource
 from es3_jax.data.videos import (
     DatasetError,
     Problem,
@@ -51,6 +53,9 @@ from es3_jax.data.videos import (
 )
 from es3_jax.errors import Es3Error
 from es3_jax.progress import progress_bar
+
+if TYPE_CHECKING:
+    from es3_jax.config import Config
 
 ANN_EVERY = 4  # SA-V annotates every 4th 24-fps frame
 ANNOTATION_KINDS = ("manual", "auto", "both")
@@ -550,6 +555,9 @@ class SavVideo(VosVideo):
     def annotation_files(self) -> list[Path]:
         return [png for folder in self.object_dirs() for png in sorted(folder.glob("*.png"))]
 
+    def unprompted_objects(self, prompted: set[int]) -> list[str]:
+        return [d.name for d in self.object_dirs() if int(d.name) not in prompted]
+
     def prompts(self) -> list[Prompt]:
         """Each object's first non-empty annotated mask, by frame then object id; objects never visible
         are left out."""
@@ -568,3 +576,67 @@ class SavVideo(VosVideo):
                     break
         prompts.sort(key=lambda p: (p.frame_idx, p.obj_id))
         return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class SavSource(VideoSource):
+    """SA-V as a `DatasetSource`: training videos of DATA.SAV_ROOT (annotations in DATA.ANNOTATION_DIR),
+    evaluation videos of a val/test root."""
+
+    name: ClassVar[str] = "sav"
+    default: ClassVar[bool] = True
+    root_key: ClassVar[str] = "DATA.SAV_ROOT"
+
+    frames_root: str = ""
+    annotation_dir: str = ""
+    annotation: str = "manual"
+    frame_skip: int = ANN_EVERY
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SavSource:
+        data = cfg.DATA
+        return cls(data.SAV_ROOT, data.ANNOTATION_DIR, data.ANNOTATION, data.FRAME_SKIP)
+
+    def configured(self, store: StoreVideos | None) -> bool:
+        return store is not None or self._root() is not None
+
+    def _root(self) -> str | None:
+        return self.frames_root if self.frames_root and Path(self.frames_root).is_dir() else None
+
+    def index(self, store: StoreVideos | None, progress: bool) -> tuple[list[VideoEntry], list[Problem]]:
+        """The videos of the frames root, or with a store every store video no other source took."""
+        root = self._root()
+        if store is None and root is None:
+            raise PipelineError(f"{self.root_key}: frames folder not found: {self.frames_root!r}")
+        if self.frame_skip % ANN_EVERY:
+            raise PipelineError(
+                f"DATA.FRAME_SKIP ({self.frame_skip}) must be a multiple of {ANN_EVERY}: SA-V masks exist "
+                f"only on every {ANN_EVERY}th 24-fps frame"
+            )
+        videos = None if store is None else store.unclaimed
+        entries, problems = scan_sav(
+            root,
+            self.annotation_dir or root,
+            annotation=self.annotation,
+            videos=videos,
+            frame_stems=None if store is None else store.stems,
+            progress=progress,
+        )
+        if store is not None:
+            store.claim(videos)
+        return entries, problems
+
+    def load_masks(self, entry: VideoEntry, positions: Sequence[int], objects: Sequence[int]) -> np.ndarray:
+        return load_masks(entry, positions, objects)
+
+    @classmethod
+    def dataset_dirs(cls, root: str | Path, resolution: str) -> tuple[Path, Path]:
+        return dataset_dirs(root)
+
+    @classmethod
+    def list_sequences(cls, root: str | Path, split: str, resolution: str) -> list[str]:
+        return list_sequences(root, split)
+
+    @classmethod
+    def open_video(cls, name: str, frame_paths: Sequence[Path], annotation_dir: Path) -> SavVideo:
+        return SavVideo(name, tuple(frame_paths), annotation_dir)

@@ -50,7 +50,7 @@ class VideoEntry:
     """
 
     name: str
-    source: str  # "sav" or "davis"
+    source: str  # the registry key of its format ("sav", "davis")
     annotation: tuple[str, ...]  # the file(s) the masks are read from
     stems: tuple[str, ...]
     frame_numbers: np.ndarray  # [A] int64
@@ -97,6 +97,11 @@ class VosVideo(abc.ABC):
     @abc.abstractmethod
     def annotation_files(self) -> list[Path]:
         """The GT mask PNGs, each named by its frame."""
+
+    def unprompted_objects(self, prompted: set[int]) -> list[str]:
+        """The objects of the GT (by the folder name the scorer knows them by) that no prompt in
+        `prompted` tracks, when the layout scores objects apart; none where one file holds them all."""
+        return []
 
     def check_frames(self) -> None:
         """DatasetError naming the first annotated frame whose JPEG is missing: tracking runs on the

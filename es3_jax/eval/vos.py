@@ -30,7 +30,6 @@ import numpy as np
 from PIL import Image
 
 from es3_jax.data.masks import MaskFileError, logits_to_ids, read_palette_png, write_palette_png
-from es3_jax.data.sav import SavVideo
 from es3_jax.data.videos import VosVideo
 from es3_jax.eval.metrics import EvalError, SavObjectScorer, davis_sequence, statistics
 from es3_jax.progress import progress_bar
@@ -387,10 +386,9 @@ def check_videos(videos: Iterable[VosVideo]) -> dict[str, list[str]]:
         prompted = {p.obj_id for p in video.prompts()}
         if not prompted:
             raise EvalError(f"{video.name}: no object to track (every annotated mask is empty)")
-        if isinstance(video, SavVideo):
-            empty = [d.name for d in video.object_dirs() if int(d.name) not in prompted]
-            if empty:
-                unprompted[video.name] = empty
+        empty = video.unprompted_objects(prompted)
+        if empty:
+            unprompted[video.name] = empty
     return unprompted
 
 

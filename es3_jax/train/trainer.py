@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from es3_jax import checkpoints, distributed, weights
 from es3_jax import config as config_lib
-from es3_jax.data.pipeline import build_pipeline, index_dataset, open_store, problem_report
+from es3_jax.data.indexing import index_dataset, problem_report
+from es3_jax.data.pipeline import build_pipeline, open_store
 from es3_jax.errors import Es3Error
 from es3_jax.eval.metrics import boundary_f_measure, region_similarity
 from es3_jax.models.student import student_from_config

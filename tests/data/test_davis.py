@@ -80,6 +80,6 @@ def test_davis_training_source(tmp_path):
     e = entries[0]
     assert e.objects == (1, 3) and e.source == "davis" and (e.height, e.width) == (12, 16)
     np.testing.assert_array_equal(e.visible[:, 1], [0, 0, 0, 1, 1, 1])
-    masks = datasets.load_masks(e, [4, 1], [1, 0])
+    masks = davis.load_masks(e, [4, 1], [1, 0])
     assert masks.shape == (2, 2, 12, 16) and masks[0, 0].sum() == 12 and masks[1, 0].sum() == 0
     assert masks[1, 1, 1:4, 2:6].all() and masks[1, 1].sum() == 12

@@ -16,7 +16,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 from es3_jax import config as config_lib
-from es3_jax.data import clips, embedding_store, frames, pipeline, sa1b, sav, synthetic, videos
+from es3_jax.data import (
+    clips,
+    embedding_store,
+    frames,
+    indexing,
+    loading,
+    pipeline,
+    sa1b,
+    sav,
+    synthetic,
+    videos,
+)
+from es3_jax.data.source import PipelineError
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_VIDEOS = 7
@@ -104,7 +116,7 @@ def test_batch_contents(dataset):
             for o in np.flatnonzero(valid):
                 for t, a in enumerate(batch["frame_indices"][b]):
                     gt = ann.masks(int(a), [int(batch["object_ids"][b, o])])
-                    np.testing.assert_array_equal(batch["masks"][b, t, o], pipeline._resize_masks(gt, 40)[0])
+                    np.testing.assert_array_equal(batch["masks"][b, t, o], loading._resize_masks(gt, 40)[0])
                 assert batch["masks"][b, 0, o].any()  # visible on the clip's first frame
             assert not batch["masks"][b][:, ~valid].any()
 
@@ -190,20 +202,20 @@ def test_validation_split(dataset):
     _assert_same(batches, [again])  # validation clips are fixed
     assert not batches[0]["reversed"].any()
     assert (
-        pipeline.split_videos([f"v{i}" for i in range(100)], 0.05)[1]
-        == pipeline.split_videos([f"v{i}" for i in range(100, 0, -1)], 0.05)[1]
+        indexing.split_videos([f"v{i}" for i in range(100)], 0.05)[1]
+        == indexing.split_videos([f"v{i}" for i in range(100, 0, -1)], 0.05)[1]
     )
 
 
 def test_bad_config_and_too_few_videos(dataset):
     cfg, _ = dataset
     bad = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, FRAME_SKIP=6))
-    with pytest.raises(pipeline.PipelineError, match="FRAME_SKIP"):
+    with pytest.raises(PipelineError, match="FRAME_SKIP"):
         _build(bad)
-    with pytest.raises(pipeline.PipelineError, match="fewer than one global batch"):
+    with pytest.raises(PipelineError, match="fewer than one global batch"):
         _build(cfg, batch_size=7)
     long = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, NUM_FRAMES=13))
-    with pytest.raises(pipeline.PipelineError, match="no 13-frame clip"):
+    with pytest.raises(PipelineError, match="no 13-frame clip"):
         _build(long)
 
 
@@ -283,11 +295,11 @@ def test_two_processes_build_global_batches(dataset, tmp_path):
 
 def test_problems_are_reported_and_strict_refuses_skipped_videos(dataset):
     cfg, names = dataset
-    entries, problems = pipeline.index_dataset(cfg, store=pipeline.open_store(cfg))
+    entries, problems = indexing.index_dataset(cfg, store=pipeline.open_store(cfg))
     assert not problems
     found = [videos.Problem(f"bad{i}", f"reason {i}") for i in range(7)]
     found.append(videos.Problem(names[0], "objects [2] are never visible and were dropped", skipped=False))
-    lines, record = pipeline.problem_report(_build(cfg, index=(entries, found)).problems)
+    lines, record = indexing.problem_report(_build(cfg, index=(entries, found)).problems)
     assert lines == [
         "data: videos skipped: 7, kept without some objects: 1 (DATA.STRICT True makes a skipped video an error)",
         *(f"data: skipped bad{i}: reason {i}" for i in range(5)),
@@ -300,10 +312,10 @@ def test_problems_are_reported_and_strict_refuses_skipped_videos(dataset):
         **{f"skipped/bad{i}": 1 for i in range(5)},
         f"objects_dropped/{names[0]}": 1,
     }
-    assert pipeline.problem_report([]) == ([], {})
+    assert indexing.problem_report([]) == ([], {})
     strict = dataclasses.replace(cfg, DATA=dataclasses.replace(cfg.DATA, STRICT=True))
     with pytest.raises(
-        pipeline.PipelineError,
+        PipelineError,
         match=r"DATA\.STRICT: videos the index left out \(7\): bad0: reason 0; .*; and 2 more",
     ):
         _build(strict, index=(entries, found))
@@ -348,7 +360,7 @@ def test_sources_are_mixed_by_weight_over_an_epoch(mixed):
     for b in batches:
         for k in range(3):
             entry = pipe.loader.entries[b["video_index"][k]]
-            assert pipeline.source_name(entry) == pipe.sources[b["source"][k]]
+            assert entry.source == pipe.sources[b["source"][k]]
     val = _build(mixed, split="val", batch_size=2)
     assert val.sources == ("sav",) and len(val.videos) == 2  # held out of the first source only
 
@@ -372,17 +384,17 @@ def test_an_sa1b_clip_starts_on_its_image_with_the_filtered_masks(mixed):
         mixed.DATA.SA1B, MIN_AREA=0.05, MAX_AREA=0.5))
     pipe = _build(cfg, batch_size=1)
     loader = pipe.loader
-    slot = next(s for s in range(30) if loader.source_of(loader.clip(0, s)[0].video) == 1)
+    slot = next(s for s in range(30) if loader.mix.source_of(loader.clip(0, s)[0].video) == 1)
     clip, _ = loader.clip(0, slot)
     ex = loader.load(clip, slot=(0, slot))
     entry = loader.entries[clip.video]
     annotation = sa1b.read_sa1b_json(entry.json_path)
     valid = ex["object_valid"]
     ids = ex["object_ids"][valid]
-    assert 0 < len(ids) <= 2 and set(ids) <= set(annotation.select(loader.sa1b_filter).tolist())
+    assert 0 < len(ids) <= 2 and set(ids) <= set(annotation.select(loader.formats["sa1b"].filter).tolist())
     area = np.array([annotation.annotations[i]["area"] for i in ids]) / (48 * 64)
     assert ((area >= 0.05) & (area <= 0.5)).all()
-    np.testing.assert_array_equal(ex["masks"][0, valid], pipeline._resize_masks(annotation.masks(ids), 16))
+    np.testing.assert_array_equal(ex["masks"][0, valid], loading._resize_masks(annotation.masks(ids), 16))
     image = frames.normalize(frames.resize_frame(sa1b.load_image(entry, annotation), 28), (0.5,) * 3, (0.5,) * 3)
     np.testing.assert_array_equal(ex["images"][0], image)
     assert not np.array_equal(ex["masks"][-1], ex["masks"][0])  # it moves
@@ -393,17 +405,17 @@ def test_an_sa1b_clip_starts_on_its_image_with_the_filtered_masks(mixed):
 
 def test_sources_and_augmentation_refuse_what_they_cannot_do(mixed, dataset):
     cfg, _ = dataset
-    with pytest.raises(pipeline.PipelineError, match=r"DATA\.USE_PRECOMPUTED False or DATA\.AUG\.ENABLED False"):
+    with pytest.raises(PipelineError, match=r"DATA\.USE_PRECOMPUTED False or DATA\.AUG\.ENABLED False"):
         _build(_with(cfg, AUG=dataclasses.replace(cfg.DATA.AUG, ENABLED=True)))
-    with pytest.raises(pipeline.PipelineError, match='does not list "sa1b"'):
+    with pytest.raises(PipelineError, match='does not list "sa1b"'):
         _build(_with(mixed, SOURCES=(), SOURCE_WEIGHTS=()))
-    with pytest.raises(pipeline.PipelineError, match=r"DATA\.DAVIS_ROOT is empty"):
+    with pytest.raises(PipelineError, match=r"DATA\.DAVIS_ROOT is empty"):
         _build(_with(mixed, SOURCES=("sav", "davis", "sa1b"), SOURCE_WEIGHTS=(1.0, 1.0, 1.0)))
     store_cfg = _with(cfg, SA1B=mixed.DATA.SA1B, SOURCES=("sav", "sa1b"), SOURCE_WEIGHTS=(0.5, 0.5))
-    with pytest.raises(pipeline.PipelineError, match="no stored trunk features"):
+    with pytest.raises(PipelineError, match="no stored trunk features"):
         _build(store_cfg)
     strict = _with(mixed, SA1B=dataclasses.replace(mixed.DATA.SA1B, MIN_PREDICTED_IOU=1.5))
-    with pytest.raises(pipeline.PipelineError, match=r"no mask passes the DATA\.SA1B filters"):
+    with pytest.raises(PipelineError, match=r"no mask passes the DATA\.SA1B filters"):
         _take(iter(_build(strict)), 2)
 
 

@@ -114,7 +114,7 @@ def test_scan_reports_bad_videos_and_keeps_good_ones(tmp_path):
     assert e.stems[113] == "00452" and e.frame_numbers[113] == 452 and e.frame_positions[113] == 113
     assert e.visible.shape == (121, 5) and e.objects == (0, 1, 2, 3, 4)
     assert entries[1].objects == (0, 1, 3, 4)
-    masks = datasets.load_masks(entries[1], [113, 114], [2])  # kept object 2 is annotation object 3
+    masks = sav.load_masks(entries[1], [113, 114], [2])  # kept object 2 is annotation object 3
     ref = sav.read_sav_json(MANUAL)
     np.testing.assert_array_equal(masks[:, 0], np.stack([ref.masks(a, [3])[0] for a in (113, 114)]))
 
@@ -220,7 +220,7 @@ def test_index_names_every_damaged_video(tmp_path):
     entry = entries[1]
     assert entry.frame_numbers.tolist() == [0, 4, 8, 16, 20] and entry.stems[3] == "00016"
     ann = sav.read_sav_json(path[names[7]])
-    np.testing.assert_array_equal(datasets.load_masks(entry, [3], [0])[0], ann.masks(4, [entry.objects[0]]))
+    np.testing.assert_array_equal(sav.load_masks(entry, [3], [0])[0], ann.masks(4, [entry.objects[0]]))
 
 
 def test_a_file_changed_after_indexing_is_named_when_loaded(tmp_path):
@@ -229,11 +229,11 @@ def test_a_file_changed_after_indexing_is_named_when_loaded(tmp_path):
     short = sav.encode_mask(np.ones((4, 4), bool))  # decodes into memory a 48x64 mask never had
     _damage(tmp_path, name, lambda d: d["masklet"][2][0].update(counts=short["counts"]))
     with pytest.raises(sav.SavError) as raised:
-        datasets.load_masks(entry, [1, 2], [0])
+        sav.load_masks(entry, [1, 2], [0])
     message = str(raised.value)
     assert str(tmp_path / f"{name}_manual.json") in message and f"video {name}, frame 00008" in message
     assert "RLE counts do not decode to a 48x64 mask" in message
     path = tmp_path / f"{name}_manual.json"
     path.write_text(path.read_text()[:100])
     with pytest.raises(sav.SavError, match=f"{path}: cannot read the annotation JSON"):
-        datasets.load_masks(entry, [1], [0])
+        sav.load_masks(entry, [1], [0])

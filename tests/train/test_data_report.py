@@ -10,7 +10,7 @@ import pytest
 
 from es3_jax import config as config_lib
 from es3_jax.data import embedding_store, synthetic, videos
-from es3_jax.data.pipeline import PipelineError
+from es3_jax.data.source import PipelineError
 from es3_jax.train import trainer as trainer_module
 from tests.train.runs import LIGHT, MICRO
 
