@@ -129,7 +129,8 @@ def tracking_programs(cfg, gpu) -> dict[str, Callable]:
     for memory in ("teacher", "student"):
         predictor = VideoPredictor.from_checkpoint(None, config=cfg, memory=memory)
         seen: dict[str, tuple] = {}
-        predictor.operations = {n: _recording(n, f, seen, one) for n, f in predictor.operations.items()}
+        engine = predictor.engine
+        engine.operations = {n: _recording(n, f, seen, one) for n, f in engine.operations.items()}
         state = predictor.init_state(features, video_size=(size, size))
         predictor.add_new_mask(state, 0, 1, mask)
         predictor.add_new_points_or_box(state, 1, 2, points=[[size / 2, size / 2]], labels=[1])

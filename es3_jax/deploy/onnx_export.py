@@ -31,6 +31,7 @@ from es3_jax import config as config_lib
 from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, MANIFEST, OUTPUTS, Manifest
 from es3_jax.errors import Es3Error
 from es3_jax.memory.bank import MemoryBank, Selection
+from es3_jax.memory.path import memory_tokens
 from es3_jax.memory.schedule import BankLayout
 from es3_jax.models.tracker import FrameFeatures, SAM3Tracker
 from es3_jax.outputs import open_permissions, staged_folder
@@ -151,13 +152,6 @@ def _input_specs(manifest: Manifest, image_encoder: Callable) -> dict[str, list[
     }
 
 
-def _memory_tokens(memory: nnx.Module, t: config_lib.TrackerConfig) -> tuple[int, int]:
-    """(N, Cm) of one memory frame as the memory path `memory` stores it."""
-    raw = jax.ShapeDtypeStruct((1, t.grid, t.grid, t.MEM_DIM), jnp.float32)
-    tokens, _ = jax.eval_shape(memory.compress, raw, raw)
-    return tokens.shape[1], tokens.shape[2]
-
-
 def read_graph(path: Path, seconds: float = 0.0) -> GraphInfo:
     """A written graph's nodes, operators and input/output shapes; refused when a shape is not
     static or an operator is outside the standard ONNX domain."""
@@ -268,7 +262,7 @@ def export_onnx(
         points=points,
         opset=opset,
         layout=layout,
-        tokens=_memory_tokens(memory, t),
+        tokens=memory_tokens(memory, t),
         pointer_dim=t.D_MODEL,
         source=source,
         graphs={name: f"{name}.onnx" for name in graphs},

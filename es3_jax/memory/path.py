@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from es3_jax.config import TrackerConfig
 from es3_jax.memory.attention import MemoryAttention, pooled_memory
 from es3_jax.memory.perceiver import PerceiverResampler
 from es3_jax.nn.rope import axial_angles, grid_positions
@@ -138,3 +139,10 @@ class MemoryPath(nnx.Module):
             key_mask=key_mask,
             kv_transform=pooled_memory(s, prefix, grid, self.pool_size),
         )
+
+
+def memory_tokens(memory: MemoryPath, t: TrackerConfig) -> tuple[int, int]:
+    """(N, Cm) of one memory frame as the memory path `memory` stores it in a bank."""
+    raw = jax.ShapeDtypeStruct((1, t.grid, t.grid, t.MEM_DIM), jnp.float32)
+    tokens, _ = jax.eval_shape(memory.compress, raw, raw)
+    return tokens.shape[1], tokens.shape[2]

@@ -101,22 +101,34 @@ class SAM3Tracker(nnx.Module):
     """
 
     def __init__(
-        self, cfg: TrackerConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat: bool = False
+        self,
+        cfg: TrackerConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        remat: bool = False,
+        teacher_memory: bool = True,
     ):
+        """teacher_memory: hold SAM3's memory attention (`memory_path()`); without it, the steps
+        read a memory path given to them (a student's) and the tracker holds none."""
         d, mem = cfg.D_MODEL, cfg.MEM_DIM
         self.backbone_stride = cfg.BACKBONE_STRIDE
         self.neck = TrackerNeck(cfg.TRUNK_DIM, d, rngs=rngs, dtype=dtype)
         self.memory_encoder = MemoryEncoder(d, mem, rngs=rngs, dtype=dtype)
-        self.memory_attention = MemoryAttention(
-            cfg.MEMORY_ATTENTION_LAYERS,
-            d,
-            mem,
-            cfg.MEMORY_ATTENTION_FFN_DIM,
-            cfg.MEMORY_ATTENTION_HEADS,
-            cfg.ROPE_THETA,
-            rngs=rngs,
-            dtype=dtype,
-            remat=remat,
+        self.memory_attention = (
+            MemoryAttention(
+                cfg.MEMORY_ATTENTION_LAYERS,
+                d,
+                mem,
+                cfg.MEMORY_ATTENTION_FFN_DIM,
+                cfg.MEMORY_ATTENTION_HEADS,
+                cfg.ROPE_THETA,
+                rngs=rngs,
+                dtype=dtype,
+                remat=remat,
+            )
+            if teacher_memory
+            else None
         )
         self.prompt_encoder = PromptEncoder(
             d, cfg.IMAGE_SIZE, cfg.grid, cfg.MASK_IN_CHANS, rngs=rngs, dtype=dtype
@@ -151,6 +163,8 @@ class SAM3Tracker(nnx.Module):
 
     def memory_path(self) -> MemoryPath:
         """The teacher's memory path: raw memory frames, this tracker's memory attention."""
+        if self.memory_attention is None:
+            raise ValueError("this tracker holds no memory attention: its steps read a student's memory path")
         return MemoryPath(self.memory_attention)
 
     def sam_heads(
@@ -442,5 +456,9 @@ def expected_param_shapes(cfg: TrackerConfig) -> dict[str, tuple[int, ...]]:
 def build_tracker(
     cfg: TrackerConfig, params: Mapping, *, dtype: Dtype = jnp.float32, source: str = ""
 ) -> SAM3Tracker:
-    """A `SAM3Tracker` holding `params` (nested dict, e.g. `weights.load(...).tracker`), strictly."""
-    return bind(lambda: SAM3Tracker(cfg, rngs=nnx.Rngs(0), dtype=dtype), params, source)
+    """A `SAM3Tracker` holding `params` (nested dict, e.g. `weights.load(...).tracker`), strictly;
+    with SAM3's memory attention where `params` hold one."""
+    teacher_memory = "memory_attention" in params
+    return bind(
+        lambda: SAM3Tracker(cfg, rngs=nnx.Rngs(0), dtype=dtype, teacher_memory=teacher_memory), params, source
+    )

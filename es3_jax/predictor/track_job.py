@@ -28,7 +28,9 @@ from es3_jax.data.embedding_store import EmbeddingStore
 from es3_jax.data.masks import logits_to_ids, read_palette_png, write_palette_png
 from es3_jax.data.video_file import VideoFile, VideoWriter, stream_frames
 from es3_jax.predictor.frame_sources import FrameFolder, open_frames
-from es3_jax.predictor.video_predictor import PredictorError, State, VideoPredictor
+from es3_jax.predictor.prompts import PredictorError
+from es3_jax.predictor.session import State
+from es3_jax.predictor.video_predictor import VideoPredictor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,9 @@ from es3_jax import config as config_lib
 from es3_jax import weights
 from es3_jax.cli import main
 from es3_jax.deploy.manifest import CONFIG, GRAPHS, INPUTS, OUTPUTS, Manifest, ManifestError
+from es3_jax.deploy.onnx_engine import OnnxShapeError
 from es3_jax.deploy.onnx_export import OnnxExportError, export_onnx
-from es3_jax.deploy.onnx_tracker import OnnxShapeError, OnnxTracker
+from es3_jax.deploy.onnx_tracker import OnnxTracker
 from es3_jax.memory.policy import POLICIES
 from es3_jax.params import param_dict
 from es3_jax.predictor import PredictorError, VideoPredictor

@@ -198,7 +198,7 @@ def test_a_training_run_folder_loads_its_student(tmp_path):
     weights.save(tmp_path / "run" / "weights", trained)
 
     predictor = VideoPredictor.from_checkpoint(tmp_path / "run")
-    memory = nnx.merge(predictor._memory_def, predictor._memory_state)
+    memory = predictor.engine.memory_path()
     assert isinstance(memory, MemoryPath) and memory.spatial_perceiver is not None
     loaded = flatten(param_dict(memory))
     for path, value in flatten(student).items():
@@ -285,6 +285,40 @@ def test_a_stream_tracks_as_propagate_in_video(objects_per_batch):
         predictor.add_new_points_or_box(stream, 3, 1, points=[[5, 5]], labels=[1])
     with pytest.raises(Exception, match="frame by frame"):
         list(predictor.propagate_in_video(stream))
+
+
+@pytest.mark.numerics
+def test_a_pass_reads_a_later_prompt_that_a_stream_has_not_seen():
+    """The other side of `test_a_stream_tracks_as_propagate_in_video`: object 1, prompted on frame 0,
+    gets clicks on frame 8 as well. The pass reads frame 8's conditioning memory from frame 1 on, as
+    upstream's does; the stream has not seen frame 8 yet: frames 1-7 differ far beyond the streams'
+    tolerance, and the prompted frames 0 and 8 are the same prompts' outputs in both."""
+    predictor = _present_objects_predictor(None)
+    frames = _moving_video(10)
+
+    def prompt(state, frame_idx):
+        if frame_idx == 0:
+            predictor.add_new_mask(state, 0, 1, _disk(30, 40, 10, 12, 6))
+        if frame_idx == 8:
+            predictor.add_new_points_or_box(state, 8, 1, points=[[19, 15]], labels=[1])
+
+    offline = predictor.init_state(frames)
+    prompt(offline, 0)
+    prompt(offline, 8)
+    expected = [logits for _, _, logits in predictor.propagate_in_video(offline)]
+    stream = predictor.init_stream()
+    streamed = []
+    for frame_idx, image in enumerate(frames):
+        predictor.add_frame(stream, image)
+        prompt(stream, frame_idx)
+        streamed.append(predictor.track_frame(stream)[2])
+    scale = max(float(np.abs(x).max()) for x in expected[1:8])
+    gaps = [float(np.abs(a - b).max()) / scale for a, b in zip(streamed, expected, strict=True)]
+    print(
+        f"[stream] a later prompt of a tracked object: |Δ logit| / scale per frame {np.round(gaps, 4).tolist()}"
+    )
+    assert gaps[0] == 0 and gaps[8] == 0, "a prompted frame's output is its prompt's"
+    assert min(gaps[1:8]) > 10 * STREAM_TOLERANCE, f"the pass did not read the later prompt: {gaps}"
 
 
 def _batches_against_alone(num_objects: int, objects_per_batch: int, num_frames: int) -> None:
