@@ -95,7 +95,7 @@ class DataConfig:
     FRAME_SKIP: int = 4  # in 24-fps frames: 4 = consecutive annotated SA-V frames
     MAX_OBJECTS: int = 3
     NUM_WORKERS: int = 8
-    # Training clips (es3_jax/data/clips.py, pipeline.py). Annotations: `<video>_manual.json` files in
+    # Training clips (es3_jax/data/clips.py, loading.py). Annotations: `<video>_manual.json` files in
     # ANNOTATION_DIR or its direct subfolders ("" = SAV_ROOT); "manual" | "auto" | "both".
     ANNOTATION_DIR: str = ""
     ANNOTATION: str = "manual"

@@ -1,8 +1,8 @@
 """Prompts on the host: what a user's mask, clicks or box become before the model sees them, and
 what each object's prompt on a frame keeps.
 
-Plain numpy, shared by `VideoPredictor` and the ONNX driver (`es3_jax.deploy.onnx_tracker`), so
-that both turn the same prompt into the same model inputs.
+Plain numpy, the tracking session's (`es3_jax.predictor.session`): every engine gets the same
+model inputs from the same prompt.
 """
 
 from __future__ import annotations

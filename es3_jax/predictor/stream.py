@@ -1,7 +1,7 @@
 """`FrameStream`: frames that arrive one at a time, of which only the newest is kept.
 
-Plain host code, the stream bookkeeping of `VideoPredictor` and of the ONNX driver
-(`es3_jax.deploy.onnx_tracker`) alike: frame indices, the masks' size, one frame shape for the whole
+Plain host code, the stream bookkeeping of the tracking session (`es3_jax.predictor.session`),
+whatever its engine: frame indices, the masks' size, one frame shape for the whole
 stream, and the rule that a frame is prompted on arrival and tracked once.
 """
 
