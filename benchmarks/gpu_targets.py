@@ -26,10 +26,9 @@ Sources of the figures (the vendors' public datasheets and the CUDA programming 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 
-from es3_jax.errors import Es3Error
+from es3_jax.errors import Es3Error, installed
 
 MIB = 2**20
 CUDA_VERSION = (12, 9, 0)
@@ -130,7 +129,7 @@ CUDA_EXTRA = "pip install 'es3-jax[cuda12]'"
 
 def topology(target: GpuTarget, devices: int, hosts: int = 1) -> list:
     """`hosts` × `devices / hosts` GPUs of `target`, for compiling only (nothing runs on them)."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not installed("jax_plugins.xla_cuda12"):
         raise Es3Error(f"compiling for {target.name} needs JAX's CUDA plugin (no GPU needed): {CUDA_EXTRA}")
     if devices < 1 or devices % hosts:
         raise Es3Error(f"{devices} devices do not split evenly over {hosts} hosts")

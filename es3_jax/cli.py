@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import signal
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 
 from es3_jax import __version__
 from es3_jax.commands.common import Formatter, merge_overrides
-from es3_jax.errors import Es3Error
+from es3_jax.errors import Es3Error, installed
 
 # Subcommand name -> module under es3_jax.commands, in the order `es3 --help` lists them.
 COMMANDS = {
@@ -77,19 +76,12 @@ def _drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
-def _cuda_plugin_installed() -> bool:
-    # find_spec imports the parent: JAX's plugins' namespace package exists only with a plugin.
-    return importlib.util.find_spec("jax_plugins") is not None and (
-        importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    )
-
-
 def _cpu_without_nvidia_driver() -> None:
     """Where JAX's CUDA plugin is installed (the `cuda12` extra; the tests install it to compile for
     GPUs that are not there) on a machine without an NVIDIA driver, JAX would try CUDA first and
     print a traceback before falling back to the CPU. Unless JAX_PLATFORMS says otherwise, such a
     machine runs on its CPU."""
-    if "JAX_PLATFORMS" in os.environ or not _cuda_plugin_installed():
+    if "JAX_PLATFORMS" in os.environ or not installed("jax_plugins.xla_cuda12"):
         return
     if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")):
         os.environ["JAX_PLATFORMS"] = "cpu"

@@ -82,7 +82,7 @@ def test_options_may_follow_the_overrides(monkeypatch, tmp_path, capsys):
 
 def test_without_an_nvidia_driver_es3_runs_on_the_cpu_where_the_cuda_plugin_is_installed(monkeypatch):
     """JAX would probe CUDA first and print a traceback; es3 asks for the CPU unless told otherwise."""
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(cli, "installed", lambda module: True)
     monkeypatch.setattr(cli.os.path, "exists", lambda path: False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     cli._cpu_without_nvidia_driver()
