@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from es3_jax.commands.common import add_config_args, load_config
 from es3_jax.data import datasets
@@ -70,51 +71,37 @@ def _sequences(args: argparse.Namespace) -> list[str] | None:
     return [s for s in args.sequences.split(",") if s] if args.sequences else None
 
 
-def _score_only(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from es3_jax.eval import vos
-    from es3_jax.eval.metrics import EvalError
-
-    if not (args.pred_root and args.gt_root and args.layout):
-        raise EvalError("--score_only needs --pred_root, --gt_root and --layout")
-    gt_root = Path(args.gt_root)
-    # A dataset root instead of its annotation folder is accepted, as the sav tool does.
-    for sub in (Path("Annotations") / args.resolution, Path("Annotations_6fps")):
-        if (gt_root / sub).is_dir():
-            gt_root = gt_root / sub
-    results = vos.score(
-        args.pred_root,
-        gt_root,
-        args.layout,
-        _sequences(args),
-        skip_first_and_last=not args.no_skip_first_last,
-    )
-    summary = vos.write_results(args.output_dir, results, args.layout)
-    print(vos.format_summary(summary))
-    print(f"wrote {args.output_dir}/summary.json")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.score_only:
-        return _score_only(args)
-    from pathlib import Path
-
-    from es3_jax.data.videos import DatasetError
+    from es3_jax.eval import job as eval_job
     from es3_jax.eval import vos
+
+    if args.score_only:
+        summary = eval_job.score_predictions(
+            args.pred_root,
+            args.gt_root,
+            args.layout,
+            Path(args.output_dir),
+            sequences=_sequences(args),
+            resolution=args.resolution,
+            skip_first_and_last=not args.no_skip_first_last,
+        )
+        print(vos.format_summary(summary))
+        print(f"wrote {args.output_dir}/summary.json")
+        return 0
     from es3_jax.predictor import VideoPredictor
 
     cfg = load_config(args)
-    dataset = args.dataset or cfg.EVAL.DATASET
-    data_root = args.data_root or cfg.EVAL.DATA_ROOT
-    if not data_root:
-        raise DatasetError("no dataset root: give --data_root (or EVAL.DATA_ROOT)")
-    videos = datasets.open_dataset(
-        dataset, data_root, split=args.split, sequences=_sequences(args), resolution=args.resolution
+    job = eval_job.EvalJob(
+        args.dataset or cfg.EVAL.DATASET,
+        args.data_root or cfg.EVAL.DATA_ROOT,
+        Path(args.output_dir),
+        split=args.split,
+        sequences=_sequences(args),
+        resolution=args.resolution,
+        skip_first_and_last=not args.no_skip_first_last,
     )
-    unprompted = vos.check_videos(videos)
-    for name, objects in unprompted.items():
+    videos, not_scored = eval_job.open_videos(job)
+    for name, objects in not_scored.items():
         print(
             f"es3 eval: {name}: objects {', '.join(objects)} are empty on every annotated frame; "
             "not tracked or scored",
@@ -123,20 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print("no --checkpoint: random weights, the scores are meaningless")
     predictor = VideoPredictor.from_checkpoint(args.checkpoint, config=cfg, seed=args.seed)
-    out = Path(args.output_dir)
-    timing = vos.propagate_dataset(predictor, videos, out / "predictions")
-    _, annotations = datasets.dataset_dirs(dataset, data_root, args.resolution)
-    layout = videos[0].layout
-    results = vos.score(
-        out / "predictions",
-        annotations,
-        layout,
-        [v.name for v in videos],
-        skip_first_and_last=not args.no_skip_first_last,
-        leave_out=unprompted,
-    )
-    extra = {"dataset": dataset, "checkpoint": args.checkpoint, "objects_not_scored": unprompted, **timing}
-    summary = vos.write_results(out, results, layout, extra)
+    summary = eval_job.evaluate(job, predictor, videos, not_scored, {"checkpoint": args.checkpoint})
     print(vos.format_summary(summary))
-    print(f"wrote {out}/summary.json and the predictions under {out}/predictions")
+    print(f"wrote {job.output_dir}/summary.json and the predictions under {job.output_dir}/predictions")
     return 0
