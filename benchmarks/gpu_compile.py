@@ -113,7 +113,8 @@ def tracking_programs(cfg, gpu) -> dict[str, Callable]:
     tracking step), with the teacher's memory and with the student's (the two operations that read
     memory; the others are the tracker's alone, the same program either way), at the shapes a short video
     gives them: 3 frames of trunk features (the trunk is `embed`'s program), a mask on frame 0 and
-    clicks on frame 1, tracked forward on the CPU."""
+    clicks on frame 1, tracked forward on the CPU, each object in a bank of its own (so that the
+    per-pixel top object over several banks, `prompt_top`, runs too)."""
     import jax
     import numpy as np
 
@@ -127,7 +128,7 @@ def tracking_programs(cfg, gpu) -> dict[str, Callable]:
     mask[size // 4 : size // 2, size // 4 : size // 2] = True
     programs = {}
     for memory in ("teacher", "student"):
-        predictor = VideoPredictor.from_checkpoint(None, config=cfg, memory=memory)
+        predictor = VideoPredictor.from_checkpoint(None, config=cfg, memory=memory, objects_per_batch=1)
         seen: dict[str, tuple] = {}
         engine = predictor.engine
         engine.operations = {n: _recording(n, f, seen, one) for n, f in engine.operations.items()}

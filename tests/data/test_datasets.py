@@ -2,10 +2,7 @@
 
 import pytest
 
-from es3_jax import config as config_lib
 from es3_jax.data import datasets
-from es3_jax.data.indexing import index_dataset
-from es3_jax.data.source import PipelineError
 from es3_jax.data.videos import DatasetError
 
 
@@ -24,8 +21,3 @@ def test_layout_errors_name_the_path(tmp_path):
     with pytest.raises(DatasetError, match=r"JPEGImages[/\\]480p not found"):
         datasets.list_sequences("davis", tmp_path)
 
-
-def test_an_unknown_training_source_names_the_formats():
-    cfg = config_lib.load(None, ["DATA.SOURCES", "[sav, youtube]", "DATA.SOURCE_WEIGHTS", "[1, 1]"])
-    with pytest.raises(PipelineError, match=r"DATA\.SOURCES.*youtube.*\['davis', 'sa1b', 'sav'\]"):
-        index_dataset(cfg)

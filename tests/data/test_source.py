@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from es3_jax import config as config_lib
-from es3_jax.data import datasets, loading, pipeline
+from es3_jax.data import datasets, indexing, loading, pipeline
 from es3_jax.data.frames import list_frames
+from es3_jax.data.source import PipelineError
 from es3_jax.data.video_source import VideoSource
 from es3_jax.data.videos import DatasetError, Problem, Prompt, VideoEntry, VosVideo
 
@@ -145,5 +146,8 @@ def test_an_unknown_format_names_the_known_ones(pngs):
         DatasetError, match=r"unknown dataset 'ytvos' \(expected one of davis, pngs, sa1b, sav\)"
     ):
         datasets.source_named("ytvos")
-    with pytest.raises(config_lib.ConfigError, match=r"DATA\.SOURCES \['ytvos'\]"):
-        config_lib.load(overrides=["DATA.SOURCES", "[ytvos]", "DATA.SOURCE_WEIGHTS", "[1]"])
+    cfg = config_lib.load(overrides=["DATA.SOURCES", "[sav, ytvos]", "DATA.SOURCE_WEIGHTS", "[1, 1]"])
+    with pytest.raises(
+        PipelineError, match=r"DATA\.SOURCES.*\['ytvos'\].*\['davis', 'pngs', 'sa1b', 'sav'\]"
+    ):
+        indexing.index_dataset(cfg)
