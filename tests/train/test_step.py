@@ -169,12 +169,13 @@ def test_step_on_frames_equals_step_on_the_store(frames_and_store, tmp_path):
     for name, cfg in (("store", stored), ("frames", on_the_fly)):
         trainer = Trainer(cfg, tmp_path / name)
         batch = trainer._global(next(trainer.train_data.iterator()))
-        templates = trainer.templates
+        learner = trainer.learner
+        templates = learner.templates
 
         def loss(trainable, frozen, batch, templates=templates, cfg=cfg):
             return batch_loss(templates, trainable, frozen, batch, cfg)[0]
 
-        value, grads = jax.jit(jax.value_and_grad(loss))(trainer.trainable, trainer.frozen, batch)
+        value, grads = jax.jit(jax.value_and_grad(loss))(learner.trainable, learner.frozen, batch)
         runs[name] = (float(value), flatten(jax.tree.map(np.asarray, grads)))
         trainer.log.close()
     (loss_store, g_store), (loss_frames, g_frames) = runs["store"], runs["frames"]
