@@ -430,10 +430,9 @@ class TrackingSession:
                     ahead = b_best > best
                     best, top = np.where(ahead, b_best, best), np.where(ahead, b_top, top)
         for i, b in batches:
-            memory.bank(self.engine, i)
             memory.banks[i] = self.engine.prompt_memory(
                 frame,
-                memory.banks[i],
+                memory.bank(self.engine, i),
                 _rows(low, b, rows, NO_OBJ_SCORE),
                 _rows(scores, b, rows),
                 _rows(ptrs, b, rows),
